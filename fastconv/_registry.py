@@ -1,0 +1,144 @@
+"""The backend registry: which module implements the kernel interface now.
+
+Backends are imported lazily, the first time one is asked for, so that
+``import fastconv`` stays cheap. A backend that fails to import is remembered
+with its reason and reported (``available_backends``, ``python -m fastconv
+info``); it is never silently replaced by another one when asked for by name.
+"""
+import contextlib
+import importlib
+import os
+import warnings
+
+ENV_VAR = "FASTCONV_BACKEND"
+
+# Fastest first: with no choice made, the first one that imports runs.
+_MODULES = {
+    "reference": "fastconv.backends.reference",
+}
+_PREFERENCE = ["cython", "numba", "reference"]
+
+_loaded = {}  # name -> module
+_failed = {}  # name -> reason it could not be imported
+_current = None  # name of the active backend, None until first needed
+
+
+def register_backend(name, module_path, preference=None):
+    """Make a backend known by the module that implements the kernel interface.
+
+    ``preference`` is its position in the default order (0 = tried first);
+    by default it goes just before "reference".
+    """
+    _MODULES[name] = module_path
+    _loaded.pop(name, None)
+    _failed.pop(name, None)
+    if name in _PREFERENCE:
+        _PREFERENCE.remove(name)
+    if preference is None:
+        preference = _PREFERENCE.index("reference") if "reference" in _PREFERENCE else len(_PREFERENCE)
+    _PREFERENCE.insert(preference, name)
+
+
+def _ordered_names():
+    known = [n for n in _PREFERENCE if n in _MODULES]
+    return known + [n for n in _MODULES if n not in known]
+
+
+def _load(name):
+    """Import a backend module once; return it, or None and remember why not."""
+    if name in _loaded:
+        return _loaded[name]
+    if name in _failed:
+        return None
+    try:
+        module = importlib.import_module(_MODULES[name])
+    except Exception as exc:  # any import error makes the backend unavailable, with its reason
+        _failed[name] = f"{type(exc).__name__}: {exc}"
+        return None
+    _loaded[name] = module
+    return module
+
+
+def _unknown(name):
+    return ValueError(
+        f"unknown fastconv backend {name!r}; available backends: {', '.join(available_backends())}"
+        + "".join(f"; {n!r} is unavailable ({why})" for n, why in backend_status().items() if why != "ok")
+    )
+
+
+def _require(name):
+    if not isinstance(name, str):
+        raise TypeError(f"backend name must be a str, got {type(name).__name__}")
+    key = name.strip().lower()
+    if key not in _MODULES:
+        raise _unknown(name)
+    if _load(key) is None:
+        raise RuntimeError(f"fastconv backend {key!r} is unavailable: {_failed[key]}")
+    return key
+
+
+def known_backends():
+    """Every registered backend name, available or not, fastest first."""
+    return _ordered_names()
+
+
+def available_backends():
+    """Names of the backends that import on this machine, fastest first."""
+    return [name for name in _ordered_names() if _load(name) is not None]
+
+
+def backend_status():
+    """``{name: "ok" or the reason it is unavailable}`` for every registered backend."""
+    return {name: ("ok" if _load(name) is not None else _failed[name]) for name in _ordered_names()}
+
+
+def _default():
+    chosen = os.environ.get(ENV_VAR, "").strip()
+    if chosen:
+        try:
+            return _require(chosen)
+        except ValueError as exc:
+            raise ValueError(f"{ENV_VAR}={chosen!r}: {exc}") from None
+    for name in _ordered_names():
+        if _load(name) is not None:
+            return name
+        warnings.warn(
+            f"fastconv backend {name!r} failed to import ({_failed[name]}); "
+            "run `python -m fastconv info` for details",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    raise RuntimeError("no fastconv backend could be imported")  # reference is plain NumPy: unreachable
+
+
+def get_backend():
+    """Name of the backend the kernels run on now."""
+    global _current
+    if _current is None:
+        _current = _default()
+    return _current
+
+
+def set_backend(name):
+    """Make ``name`` the backend for every kernel call from now on."""
+    global _current
+    _current = _require(name)
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Run a block on backend ``name``, then restore the previous backend."""
+    global _current
+    previous = get_backend()
+    _current = _require(name)
+    try:
+        yield _loaded[_current]
+    finally:
+        _current = previous
+
+
+def backend_module(name=None):
+    """The module implementing the kernel interface for ``name`` (default: the current backend)."""
+    if name is None:
+        return _loaded[_current if _current is not None else get_backend()]
+    return _loaded[_require(name)]

@@ -1,0 +1,1 @@
+"""Kernel backends: one module each, implementing the interface in ``fastconv.kernels``."""

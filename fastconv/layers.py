@@ -1,0 +1,227 @@
+"""Layers with the book's names, constructors, attributes and semantics.
+
+``from fastconv.layers import *`` replaces ``from common.layers import *``.
+Convolution, Pooling and Relu run their kernels on the active backend (see
+``fastconv.kernels``); the others are plain NumPy. The dtype of the input is
+the dtype of the output: float64 stays float64, float32 stays float32.
+"""
+import numpy as np
+
+from fastconv import kernels
+from fastconv.functions import (  # noqa: F401  (re-exported, as the book's module does)
+    cross_entropy_error,
+    identity_function,
+    relu,
+    sigmoid,
+    softmax,
+    step_function,
+)
+from fastconv.util import col2im, im2col  # noqa: F401
+
+__all__ = [
+    "Relu", "Sigmoid", "Affine", "SoftmaxWithLoss", "Dropout", "BatchNormalization",
+    "Convolution", "Pooling",
+    "softmax", "cross_entropy_error", "sigmoid", "relu", "step_function", "identity_function",
+    "im2col", "col2im",
+]
+
+
+def _as(array, dtype):
+    """``array`` in ``dtype`` without copying when it already is."""
+    return np.asarray(array).astype(dtype, copy=False)
+
+
+class Relu:
+    def __init__(self):
+        self.mask = None
+
+    def forward(self, x):
+        out, self.mask = kernels.relu_forward(x)
+        return out
+
+    def backward(self, dout):
+        return kernels.relu_backward(dout, self.mask)
+
+
+class Sigmoid:
+    def __init__(self):
+        self.out = None
+
+    def forward(self, x):
+        self.out = 1 / (1 + np.exp(-x))
+        return self.out
+
+    def backward(self, dout):
+        return dout * (1.0 - self.out) * self.out
+
+
+class Affine:
+    def __init__(self, W, b):
+        self.W = W
+        self.b = b
+        self.x = None
+        self.original_x_shape = None
+        self.dW = None
+        self.db = None
+
+    def forward(self, x):
+        self.original_x_shape = x.shape
+        self.x = x.reshape(x.shape[0], -1)
+        return np.dot(self.x, _as(self.W, x.dtype)) + _as(self.b, x.dtype)
+
+    def backward(self, dout):
+        dx = np.dot(dout, _as(self.W, dout.dtype).T)
+        self.dW = _as(np.dot(self.x.T, dout), np.asarray(self.W).dtype)
+        self.db = _as(np.sum(dout, axis=0), np.asarray(self.b).dtype)
+        return dx.reshape(*self.original_x_shape)
+
+
+class SoftmaxWithLoss:
+    def __init__(self):
+        self.loss = None
+        self.y = None  # softmax output
+        self.t = None  # labels: one-hot or class indices
+
+    def forward(self, x, t):
+        self.t = t
+        self.y = softmax(x)
+        self.loss = cross_entropy_error(self.y, self.t)
+        return self.loss
+
+    def backward(self, dout=1):
+        batch_size = self.t.shape[0]
+        if self.t.size == self.y.size:  # one-hot labels
+            return (self.y - self.t) / batch_size
+        dx = self.y.copy()
+        dx[np.arange(batch_size), self.t] -= 1
+        return dx / batch_size
+
+
+class Dropout:
+    """Dropout as in the book: the mask is ``np.random.rand(*x.shape) > dropout_ratio``."""
+
+    def __init__(self, dropout_ratio=0.5):
+        self.dropout_ratio = dropout_ratio
+        self.mask = None
+
+    def forward(self, x, train_flg=True):
+        if train_flg:
+            self.mask = np.random.rand(*x.shape) > self.dropout_ratio
+            return x * self.mask
+        return x * (1.0 - self.dropout_ratio)
+
+    def backward(self, dout):
+        return dout * self.mask
+
+
+class BatchNormalization:
+    """Batch normalization (Ioffe & Szegedy) over the features of each sample."""
+
+    def __init__(self, gamma, beta, momentum=0.9, running_mean=None, running_var=None):
+        self.gamma = gamma
+        self.beta = beta
+        self.momentum = momentum
+        self.input_shape = None  # (N, C, H, W) for convolutions, (N, D) for affine layers
+        self.running_mean = running_mean
+        self.running_var = running_var
+        self.batch_size = None
+        self.xc = None
+        self.xn = None
+        self.std = None
+        self.dgamma = None
+        self.dbeta = None
+
+    def forward(self, x, train_flg=True):
+        self.input_shape = x.shape
+        out = self._forward(x.reshape(x.shape[0], -1), train_flg)
+        return out.reshape(*self.input_shape)
+
+    def _forward(self, x, train_flg):
+        if self.running_mean is None:
+            self.running_mean = np.zeros(x.shape[1], dtype=x.dtype)
+            self.running_var = np.zeros(x.shape[1], dtype=x.dtype)
+        if train_flg:
+            mu = x.mean(axis=0)
+            xc = x - mu
+            var = np.mean(xc ** 2, axis=0)
+            std = np.sqrt(var + 10e-7)
+            xn = xc / std
+            self.batch_size = x.shape[0]
+            self.xc = xc
+            self.xn = xn
+            self.std = std
+            self.running_mean = self.momentum * self.running_mean + (1 - self.momentum) * mu
+            self.running_var = self.momentum * self.running_var + (1 - self.momentum) * var
+        else:
+            xc = x - _as(self.running_mean, x.dtype)
+            xn = xc / np.sqrt(_as(self.running_var, x.dtype) + 10e-7)
+        return _as(self.gamma, x.dtype) * xn + _as(self.beta, x.dtype)
+
+    def backward(self, dout):
+        dx = self._backward(dout.reshape(dout.shape[0], -1))
+        return dx.reshape(*self.input_shape)
+
+    def _backward(self, dout):
+        gamma = _as(self.gamma, dout.dtype)
+        self.dbeta = _as(dout.sum(axis=0), np.asarray(self.beta).dtype)
+        self.dgamma = _as(np.sum(self.xn * dout, axis=0), np.asarray(self.gamma).dtype)
+        dxn = gamma * dout
+        dxc = dxn / self.std
+        dstd = -np.sum((dxn * self.xc) / (self.std * self.std), axis=0)
+        dvar = 0.5 * dstd / self.std
+        dxc += (2.0 / self.batch_size) * self.xc * dvar
+        dmu = np.sum(dxc, axis=0)
+        return dxc - dmu / self.batch_size
+
+
+class Convolution:
+    """2-D convolution layer. ``W``: (FN, C, FH, FW), ``b``: (FN,)."""
+
+    def __init__(self, W, b, stride=1, pad=0):
+        self.W = W
+        self.b = b
+        self.stride = stride
+        self.pad = pad
+        self.x = None
+        self.dW = None
+        self.db = None
+        self._cache = None  # the backend's forward state (and its reusable buffers)
+
+    # The book's intermediate arrays, when the backend keeps them (the reference does).
+    col = property(lambda self: getattr(self._cache, "col", None))
+    col_W = property(lambda self: getattr(self._cache, "col_W", None))
+
+    def forward(self, x):
+        out, self._cache = kernels.conv_forward(x, self.W, self.b, self.stride, self.pad, workspace=self._cache)
+        self.x = x
+        return out
+
+    def backward(self, dout):
+        dx, dW, db = kernels.conv_backward(dout, self._cache, self.W)
+        self.dW = _as(dW, np.asarray(self.W).dtype)
+        self.db = _as(db, np.asarray(self.b).dtype)
+        return dx
+
+
+class Pooling:
+    """Max pooling. With ``pad > 0`` the border is padded with -inf and counted in the output size."""
+
+    def __init__(self, pool_h, pool_w, stride=2, pad=0):
+        self.pool_h = pool_h
+        self.pool_w = pool_w
+        self.stride = stride
+        self.pad = pad
+        self.x = None
+        self._cache = None
+
+    arg_max = property(lambda self: getattr(self._cache, "arg_max", None))
+
+    def forward(self, x):
+        out, self._cache = kernels.maxpool_forward(
+            x, self.pool_h, self.pool_w, self.stride, self.pad, workspace=self._cache
+        )
+        self.x = x
+        return out
+
+    def backward(self, dout):
+        return kernels.maxpool_backward(dout, self._cache)

@@ -1,0 +1,58 @@
+"""Shared fixtures: every kernel and layer test runs on every available backend."""
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fastconv
+
+BACKENDS = fastconv.available_backends()
+MNIST_DIR = Path(os.environ.get("FASTCONV_TEST_MNIST", Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mnist"))
+
+
+def pytest_report_header(config):
+    status = fastconv.backend_status()
+    return "fastconv backends: " + ", ".join(f"{k}={'ok' if v == 'ok' else 'UNAVAILABLE (' + v + ')'}" for k, v in status.items())
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Run the test with each available backend active; yields its name."""
+    with fastconv.use_backend(request.param):
+        yield request.param
+
+
+@pytest.fixture(params=[np.float64, np.float32], ids=["float64", "float32"])
+def dtype(request):
+    return np.dtype(request.param)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)
+
+
+def tolerance(dtype):
+    """(rtol, atol) for comparing a backend with the reference in ``dtype``."""
+    return (1e-12, 1e-12) if np.dtype(dtype) == np.float64 else (1e-5, 1e-5)
+
+
+def assert_close_to_reference(actual, expected, dtype=None):
+    """Relative max-norm check: max|a - e| <= rtol * max(1, max|e|)."""
+    actual = np.asarray(actual)
+    expected = np.asarray(expected)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    dtype = dtype or expected.dtype
+    assert actual.dtype == dtype, (actual.dtype, dtype)
+    rtol, _ = tolerance(dtype)
+    scale = max(1.0, float(np.max(np.abs(expected))) if expected.size else 1.0)
+    err = float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64)))) if expected.size else 0.0
+    assert err <= rtol * scale, f"max abs error {err:.3g} > {rtol:g} * {scale:.3g}"
+
+
+@pytest.fixture(scope="session")
+def mnist_dir():
+    if not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"MNIST files not found in {MNIST_DIR} (set FASTCONV_TEST_MNIST to a folder with the IDX .gz files)")
+    return MNIST_DIR
