@@ -14,6 +14,8 @@ ENV_VAR = "FASTCONV_BACKEND"
 
 # Fastest first: with no choice made, the first one that imports runs.
 _MODULES = {
+    "cython": "fastconv.backends.cython",
+    "numba": "fastconv.backends.numba",
     "reference": "fastconv.backends.reference",
 }
 _PREFERENCE = ["cython", "numba", "reference"]
