@@ -1,0 +1,154 @@
+"""The backend switch: listing, setter, context manager, environment variable, failures reported."""
+import os
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+import fastconv
+from fastconv import _registry, kernels
+
+
+def run_python(code, **env):
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("FASTCONV_")}
+    full_env.update(env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=300)
+
+
+def test_reference_is_always_available():
+    assert "reference" in fastconv.available_backends()
+    assert fastconv.backend_status()["reference"] == "ok"
+
+
+def test_known_backends_are_listed_fastest_first():
+    assert fastconv.known_backends()[:3] == ["cython", "numba", "reference"]
+
+
+def test_set_backend_and_get_backend():
+    previous = fastconv.get_backend()
+    try:
+        fastconv.set_backend("reference")
+        assert fastconv.get_backend() == "reference"
+        assert _registry.backend_module().NAME == "reference"
+    finally:
+        fastconv.set_backend(previous)
+
+
+def test_use_backend_restores_the_previous_one_even_on_error():
+    previous = fastconv.get_backend()
+    with pytest.raises(RuntimeError, match="boom"):
+        with fastconv.use_backend("reference"):
+            assert fastconv.get_backend() == "reference"
+            raise RuntimeError("boom")
+    assert fastconv.get_backend() == previous
+
+
+def test_use_backend_nests():
+    names = fastconv.available_backends()
+    with fastconv.use_backend(names[-1]):
+        with fastconv.use_backend(names[0]):
+            assert fastconv.get_backend() == names[0]
+        assert fastconv.get_backend() == names[-1]
+
+
+def test_unknown_name_lists_the_available_ones():
+    with pytest.raises(ValueError, match="unknown fastconv backend 'fortran'; available backends: .*reference"):
+        fastconv.set_backend("fortran")
+    with pytest.raises(TypeError):
+        fastconv.set_backend(3)
+
+
+def test_names_are_case_insensitive():
+    with fastconv.use_backend(" Reference "):
+        assert fastconv.get_backend() == "reference"
+
+
+@pytest.fixture
+def broken_backend(monkeypatch):
+    """A registered backend whose module raises on import."""
+    module_name = "fastconv_test_broken_backend"
+    monkeypatch.setitem(_registry._MODULES, "broken", module_name)
+    monkeypatch.setattr(_registry, "_PREFERENCE", ["broken"] + _registry._PREFERENCE)
+    monkeypatch.setitem(sys.modules, module_name, None)  # makes `import` raise ImportError
+    yield "broken"
+    _registry._failed.pop("broken", None)
+
+
+def test_a_failed_backend_is_reported_with_its_reason(broken_backend):
+    assert "broken" not in fastconv.available_backends()
+    assert "import of fastconv_test_broken_backend halted" in fastconv.backend_status()["broken"]
+    with pytest.raises(RuntimeError, match="backend .broken. is unavailable: ModuleNotFoundError: import of"):
+        fastconv.set_backend("broken")
+
+
+def test_a_failed_backend_is_not_silently_skipped_by_default(broken_backend, monkeypatch):
+    monkeypatch.setattr(_registry, "_current", None)
+    monkeypatch.delenv("FASTCONV_BACKEND", raising=False)
+    with pytest.warns(RuntimeWarning, match="fastconv backend 'broken' failed to import"):
+        chosen = fastconv.get_backend()
+    assert chosen != "broken"
+
+
+def test_register_backend_adds_a_backend_without_touching_layers(monkeypatch):
+    reference = _registry.backend_module("reference")
+    calls = []
+    module = types.ModuleType("fastconv_test_counting_backend")
+    for name in ("im2col", "col2im", "conv_forward", "conv_backward", "maxpool_forward",
+                 "maxpool_backward", "relu_forward", "relu_backward"):
+        def counted(*args, _name=name):
+            calls.append(_name)
+            return getattr(reference, _name)(*args)
+        setattr(module, name, counted)
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setattr(_registry, "_MODULES", dict(_registry._MODULES))
+    monkeypatch.setattr(_registry, "_PREFERENCE", list(_registry._PREFERENCE))
+    fastconv.register_backend("counting", module.__name__)
+    from fastconv.layers import Convolution, Pooling, Relu
+    with fastconv.use_backend("counting"):
+        x = np.ones((1, 1, 4, 4))
+        out = Pooling(2, 2).forward(Relu().forward(Convolution(np.ones((1, 1, 3, 3)), np.zeros(1), pad=1).forward(x)))
+    assert out.shape == (1, 1, 2, 2)
+    assert calls == ["conv_forward", "relu_forward", "maxpool_forward"]
+    _registry._loaded.pop("counting", None)
+
+
+def test_environment_variable_selects_the_backend():
+    result = run_python("import fastconv; print(fastconv.get_backend())", FASTCONV_BACKEND="reference")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "reference"
+
+
+def test_environment_variable_with_unknown_name_fails_clearly():
+    result = run_python("import fastconv; fastconv.get_backend()", FASTCONV_BACKEND="nope")
+    assert result.returncode != 0
+    assert "FASTCONV_BACKEND='nope'" in result.stderr and "available backends" in result.stderr
+
+
+def test_default_is_the_fastest_available():
+    result = run_python("import fastconv; print(fastconv.get_backend(), fastconv.available_backends()[0])")
+    assert result.returncode == 0, result.stderr
+    chosen, fastest = result.stdout.split()
+    assert chosen == fastest
+
+
+def test_import_is_lazy():
+    """Importing fastconv loads no backend and no numba."""
+    result = run_python("import sys, fastconv, fastconv.layers; "
+                        "print([m for m in sys.modules if m.startswith(('numba', 'fastconv.backends.'))])")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_kernels_dispatch_to_the_active_backend(backend):
+    assert _registry.backend_module().NAME == backend
+    x = np.arange(16.0).reshape(1, 1, 4, 4)
+    assert kernels.im2col(x, 2, 2, 2, 0).shape == (4, 4)
+
+
+def test_num_threads_from_environment():
+    result = run_python("import fastconv; print(fastconv.get_num_threads())", FASTCONV_NUM_THREADS="3")
+    assert result.stdout.strip() == "3"
+    result = run_python("import fastconv; fastconv.get_num_threads()", FASTCONV_NUM_THREADS="zero")
+    assert "FASTCONV_NUM_THREADS must be a positive integer" in result.stderr
