@@ -18,8 +18,9 @@ Conventions (the book's):
 - ``col`` has shape (N*out_h*out_w, C*filter_h*filter_w): rows ordered by
   (n, y, x), columns by (c, ky, kx). ``col2im`` is the adjoint of ``im2col``
   (overlapping windows are summed).
-- The compute dtype is the dtype of ``x`` (float32 or float64); ``W`` and ``b``
-  are cast to it. Outputs have that dtype.
+- The compute dtype is the dtype of ``x`` (float32 or float64); for a
+  convolution it is NumPy's promotion of ``x`` and ``W`` (float32 images with
+  float64 weights compute in float64, as the book does). Outputs have that dtype.
 - ``cache`` is whatever the backend needs for backward, with at least the
   attributes ``x_shape``, ``dtype`` and ``out_hw`` (the forward input's shape
   and dtype, the output's (out_h, out_w)); the previous cache of
@@ -32,6 +33,8 @@ Conventions (the book's):
 - ``mask`` is the boolean array ``x <= 0``; ``relu_backward`` zeroes ``dout``
   where ``mask`` is set, in place, and returns it.
 """
+import numpy as np
+
 from fastconv import _checks
 from fastconv._registry import backend_module
 
@@ -58,7 +61,10 @@ def col2im(col, input_shape, filter_h, filter_w, stride=1, pad=0):
 def conv_forward(x, W, b, stride=1, pad=0, workspace=None):
     """Convolution (cross-correlation) of NCHW ``x`` with filters ``W`` (FN, C, FH, FW) plus bias ``b``."""
     x = _checks.float_array("x", x, ndim=4)
-    W = _checks.float_array("W", W, ndim=4, dtype=x.dtype)
+    W = _checks.float_array("W", W, ndim=4)
+    if W.dtype != x.dtype:  # NumPy promotion, as the book's np.dot(col, col_W) does
+        dtype = np.promote_types(x.dtype, W.dtype)
+        x, W = x.astype(dtype), W.astype(dtype)
     b = _checks.float_array("b", b, dtype=x.dtype)
     if W.shape[1] != x.shape[1]:
         raise ValueError(f"W has {W.shape[1]} input channels but x has {x.shape[1]} (x.shape={x.shape}, W.shape={W.shape})")

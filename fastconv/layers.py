@@ -2,8 +2,13 @@
 
 ``from fastconv.layers import *`` replaces ``from common.layers import *``.
 Convolution, Pooling and Relu run their kernels on the active backend (see
-``fastconv.kernels``); the others are plain NumPy. The dtype of the input is
-the dtype of the output: float64 stays float64, float32 stays float32.
+``fastconv.kernels``); the others are plain NumPy.
+
+dtypes follow NumPy's promotion of the input and the parameters: float32
+images through float64 weights give float64, exactly as in the book, and a
+network whose parameters are float32 (``DeepConvNet(dtype=np.float32)``)
+stays float32 from end to end. Unlike the book, layers without float64
+operands never upcast float32 on their own (the book's im2col and pooling do).
 """
 import numpy as np
 
@@ -67,10 +72,10 @@ class Affine:
     def forward(self, x):
         self.original_x_shape = x.shape
         self.x = x.reshape(x.shape[0], -1)
-        return np.dot(self.x, _as(self.W, x.dtype)) + _as(self.b, x.dtype)
+        return np.dot(self.x, self.W) + self.b
 
     def backward(self, dout):
-        dx = np.dot(dout, _as(self.W, dout.dtype).T)
+        dx = np.dot(dout, self.W.T)
         self.dW = _as(np.dot(self.x.T, dout), np.asarray(self.W).dtype)
         self.db = _as(np.sum(dout, axis=0), np.asarray(self.b).dtype)
         return dx.reshape(*self.original_x_shape)
@@ -153,19 +158,18 @@ class BatchNormalization:
             self.running_mean = self.momentum * self.running_mean + (1 - self.momentum) * mu
             self.running_var = self.momentum * self.running_var + (1 - self.momentum) * var
         else:
-            xc = x - _as(self.running_mean, x.dtype)
-            xn = xc / np.sqrt(_as(self.running_var, x.dtype) + 10e-7)
-        return _as(self.gamma, x.dtype) * xn + _as(self.beta, x.dtype)
+            xc = x - self.running_mean
+            xn = xc / np.sqrt(self.running_var + 10e-7)
+        return self.gamma * xn + self.beta
 
     def backward(self, dout):
         dx = self._backward(dout.reshape(dout.shape[0], -1))
         return dx.reshape(*self.input_shape)
 
     def _backward(self, dout):
-        gamma = _as(self.gamma, dout.dtype)
         self.dbeta = _as(dout.sum(axis=0), np.asarray(self.beta).dtype)
         self.dgamma = _as(np.sum(self.xn * dout, axis=0), np.asarray(self.gamma).dtype)
-        dxn = gamma * dout
+        dxn = self.gamma * dout
         dxc = dxn / self.std
         dstd = -np.sum((dxn * self.xc) / (self.std * self.std), axis=0)
         dvar = 0.5 * dstd / self.std

@@ -4,7 +4,9 @@ import inspect
 import numpy as np
 import pytest
 
+import fastconv
 import fastconv.layers as layers
+from conftest import assert_close_to_reference
 from fastconv import kernels
 from fastconv.layers import Affine, BatchNormalization, Convolution, Dropout, Pooling, Relu, Sigmoid, SoftmaxWithLoss
 
@@ -90,24 +92,40 @@ def test_layers_survive_batch_size_changes(backend, rng):
 
 def test_dtype_in_is_dtype_out(backend, dtype, rng):
     x = rng.standard_normal((2, 3, 6, 6)).astype(dtype)
-    conv = _conv(rng)  # float64 parameters: float32 input still gives float32
+    conv = _conv(rng, dtype)
     chain = [conv, Relu(), Pooling(2, 2)]
     h = x
     for layer in chain:
         h = layer.forward(h)
         assert h.dtype == dtype, type(layer).__name__
-    affine = Affine(rng.standard_normal((4 * 3 * 3, 5)), np.zeros(5))
+    affine = Affine(rng.standard_normal((4 * 3 * 3, 5)).astype(dtype), np.zeros(5, dtype))
     scores = affine.forward(h)
     assert scores.dtype == dtype
     dout = affine.backward(np.ones_like(scores))
     for layer in reversed(chain):
         dout = layer.backward(dout)
         assert dout.dtype == dtype, type(layer).__name__
-    assert conv.dW.dtype == np.float64 and affine.dW.dtype == np.float64  # gradients follow the parameters
+    assert conv.dW.dtype == dtype and affine.dW.dtype == dtype
     for layer in (Sigmoid(), Dropout()):
         assert layer.forward(x).dtype == dtype and layer.backward(np.ones_like(x)).dtype == dtype
-    bn = BatchNormalization(np.ones(3 * 36), np.zeros(3 * 36))
+    bn = BatchNormalization(np.ones(3 * 36, dtype), np.zeros(3 * 36, dtype))
     assert bn.forward(x).dtype == dtype and bn.backward(np.ones_like(x)).dtype == dtype
+
+
+def test_float32_images_through_float64_weights_compute_in_float64(backend, rng):
+    """NumPy promotion, as in the book: the book's MNIST loader gives float32 images, its weights are float64."""
+    x = rng.standard_normal((2, 3, 6, 6)).astype(np.float32)
+    conv = _conv(rng, np.float64)
+    out = conv.forward(x)
+    assert out.dtype == np.float64
+    with fastconv.use_backend("reference"):
+        expected = _conv(np.random.default_rng(12345), np.float64)
+    expected.W, expected.b = conv.W, conv.b
+    with fastconv.use_backend("reference"):
+        assert_close_to_reference(out, expected.forward(x.astype(np.float64)))
+    conv.backward(np.ones_like(out))
+    assert conv.dW.dtype == np.float64
+    assert Affine(np.ones((3, 2)), np.zeros(2)).forward(np.ones((1, 3), np.float32)).dtype == np.float64
 
 
 @pytest.mark.parametrize("bad", [np.float16, np.int64, np.uint8, np.complex128])
