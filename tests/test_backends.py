@@ -14,7 +14,9 @@ from fastconv import _registry, kernels
 def run_python(code, **env):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("FASTCONV_")}
     full_env.update(env)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=300)
+    # run from tests/ so that the installed fastconv is imported, not the source tree
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=300,
+                          cwd=os.path.dirname(__file__))
 
 
 def test_reference_is_always_available():

@@ -1,4 +1,5 @@
 """`python -m fastconv info` tells versions, backends, OpenMP and threads."""
+import os
 import subprocess
 import sys
 
@@ -7,7 +8,8 @@ from fastconv import info
 
 
 def test_info_command_prints_the_facts():
-    result = subprocess.run([sys.executable, "-m", "fastconv", "info"], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-m", "fastconv", "info"], capture_output=True, text=True, timeout=300,
+                            cwd=os.path.dirname(__file__))
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert f"fastconv {fastconv.__version__}" in out
