@@ -18,6 +18,11 @@ from setuptools.command.build_ext import build_ext
 # module name -> source, relative to the repository root
 EXTENSIONS = {
     "fastconv._ext._buildinfo": "fastconv/_ext/_buildinfo.pyx",
+    "fastconv._ext._im2col": "fastconv/_ext/_im2col.pyx",
+    "fastconv._ext._conv": "fastconv/_ext/_conv.pyx",
+    "fastconv._ext._pool": "fastconv/_ext/_pool.pyx",
+    "fastconv._ext._relu": "fastconv/_ext/_relu.pyx",
+    "fastconv._ext._parallel": "fastconv/_ext/_parallel.pyx",
 }
 
 CYTHON_DIRECTIVES = {

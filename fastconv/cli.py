@@ -1,23 +1,131 @@
-"""The ``fastconv`` command line."""
+"""The ``fastconv`` command line.
+
+Exit codes: 0 success, 1 unexpected failure, 2 bad arguments (or an output
+folder that does not fit them), 3 MNIST missing (and not downloadable) or unreadable,
+130 interrupted by Ctrl-C (a checkpoint is saved; continue with --resume).
+"""
 import argparse
+import contextlib
 import sys
+import time
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_NO_DATA, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+# TrainConfig settings that have a command-line option; None means "not given".
+_TRAIN_SETTINGS = ("recipe", "epochs", "batch_size", "optimizer", "lr", "lr_schedule", "lr_min", "augment",
+                   "dtype", "seed", "ensemble", "limit_train", "limit_test", "eval_train_size")
+
+
+def _add_train_parser(commands):
+    from fastconv.schedules import SCHEDULES
+    from fastconv.trainer import OPTIMIZERS
+    from fastconv.training import RECIPES
+
+    train = commands.add_parser(
+        "train", help="train the book's DeepConvNet on MNIST and evaluate it",
+        description="Train the book's DeepConvNet on MNIST, evaluate it on the test set and write parameters, "
+                    "history (JSON) and figures (PNG) to --out. Options not given come from --recipe.")
+    recipe = ", ".join(f"{name}: " + " ".join(f"{k}={v}" for k, v in values.items()) for name, values in RECIPES.items())
+    train.add_argument("--recipe", choices=sorted(RECIPES), help=f"base settings (default book; {recipe})")
+    train.add_argument("--epochs", type=int, help="passes over the training set")
+    train.add_argument("--batch-size", type=int, help="images per mini-batch")
+    train.add_argument("--optimizer", choices=sorted(OPTIMIZERS), help="the book's optimizers")
+    train.add_argument("--lr", type=float, help="learning rate (the initial one with a schedule)")
+    train.add_argument("--lr-schedule", choices=SCHEDULES,
+                       help="none; step: x0.1 at 1/2 and 3/4 of the steps; cosine: down to --lr-min")
+    train.add_argument("--lr-min", type=float, help="final learning rate of the cosine schedule (default lr/100)")
+    train.add_argument("--augment", action=argparse.BooleanOptionalAction,
+                       help="random shifts (+-2 px), rotations (+-10 deg) and scaling (0.9-1.1) of training images")
+    train.add_argument("--dtype", choices=("float64", "float32"), help="float64 (default, the book's) or float32")
+    train.add_argument("--seed", type=int, help="seed of the weights, dropout, shuffling and augmentation (default 0)")
+    train.add_argument("--ensemble", type=int, metavar="N",
+                       help="train N models (seeds seed..seed+N-1) and average their softmax outputs")
+    train.add_argument("--limit-train", type=int, metavar="N", help="use only the first N training images")
+    train.add_argument("--limit-test", type=int, metavar="N", help="use only the first N test images")
+    train.add_argument("--eval-train-size", type=int, metavar="N",
+                       help="training images scored after each epoch (default 10000)")
+    train.add_argument("--backend", help="kernel backend (default: the fastest available; see `fastconv info`)")
+    train.add_argument("--data-dir", help="folder with the four MNIST .gz files (else $FASTCONV_DATA, "
+                                          "the user cache, or a download)")
+    train.add_argument("--no-download", action="store_true", help="fail instead of downloading missing MNIST files")
+    train.add_argument("--out", help="output folder (default runs/train-YYYYmmdd-HHMMSS)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the interrupted run in --out from its checkpoint, with its settings")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="fastconv", description="Fast convolution layers for NumPy deep learning.")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, backends, OpenMP and threads on this machine")
+    _add_train_parser(commands)
     return parser
+
+
+def _error(message):
+    print(f"fastconv train: error: {message}", file=sys.stderr)
+
+
+def _train(args):
+    import fastconv
+    from fastconv import runs
+    from fastconv.datasets import MNISTFormatError, MNISTNotFoundError
+    from fastconv.training import TrainConfig
+
+    given = {name: getattr(args, name) for name in _TRAIN_SETTINGS if getattr(args, name) is not None}
+    out = args.out or time.strftime("runs/train-%Y%m%d-%H%M%S")
+    try:
+        if args.resume:
+            if not args.out:
+                raise runs.RunError("--resume needs --out, the folder of the run to continue")
+            saved = runs.saved_config(out)
+            conflicts = [f"--{k.replace('_', '-')} {v} (the run has {getattr(saved, k)})"
+                         for k, v in given.items() if getattr(saved, k) != v]
+            if conflicts:
+                raise runs.RunError("a resumed run keeps its settings; drop " + ", ".join(conflicts))
+            config = None
+        else:
+            config = TrainConfig.from_recipe(given.pop("recipe", "book"), **given)
+        if args.backend and args.backend.strip().lower() not in fastconv.available_backends():
+            status = fastconv.backend_status().get(args.backend.strip().lower(), "unknown backend")
+            raise runs.RunError(f"backend {args.backend!r} cannot be used ({status}); "
+                                f"available: {', '.join(fastconv.available_backends())}")
+    except (ValueError, runs.RunError) as exc:
+        _error(exc)
+        return EXIT_USAGE
+
+    backend = fastconv.use_backend(args.backend) if args.backend else contextlib.nullcontext()
+    try:
+        with backend:
+            runs.run(config, out, resume=args.resume, data_dir=args.data_dir, download=not args.no_download,
+                     progress=not args.quiet)
+    except runs.RunError as exc:
+        _error(exc)
+        return EXIT_USAGE
+    except (MNISTNotFoundError, MNISTFormatError) as exc:
+        _error(exc)
+        return EXIT_NO_DATA
+    except KeyboardInterrupt:
+        saved = runs.checkpoints(out)
+        where = f"a checkpoint is saved in {saved[0].parent}" if saved else "no checkpoint was written yet"
+        print(f"\ninterrupted: {where}; continue with\n  fastconv train --resume --out {out}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_OK
 
 
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on bad arguments, 0 after --help
+        return exc.code
     if args.command == "info":
         from fastconv.info import main as info_main
         return info_main()
+    if args.command == "train":
+        return _train(args)
     parser.error(f"unknown command {args.command!r}")
-    return 2
+    return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -99,7 +99,15 @@ class DeepConvNet:
 
     def gradient(self, x, t):
         self.loss(x, t)
-        dout = self.last_layer.backward(1)
+        return self.backward()
+
+    def backward(self, dout=1):
+        """Gradients (``W1..W8``, ``b1..b8``) of the loss computed by the last ``loss`` call.
+
+        ``gradient(x, t)`` is ``loss(x, t)`` followed by ``backward()``; calling
+        the two separately lets a training loop time them apart.
+        """
+        dout = self.last_layer.backward(dout)
         for layer in reversed(self.layers):
             dout = layer.backward(dout)
         grads = {}

@@ -1,0 +1,1 @@
+"""airspeed velocity (asv) benchmarks; configuration in ``asv.conf.json`` at the repository root."""

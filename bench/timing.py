@@ -1,0 +1,124 @@
+"""Interleaved timing of one benchmark on several implementations.
+
+For each implementation the operation is built, called once on fresh state
+(the *first call*: JIT compilation, first-touch allocation, thread-pool
+start-up; reported on its own) and once more to choose how many calls make one
+sample. Samples are then taken in rounds, one sample per implementation per
+round, with the order rotated every round, so that noise from other processes
+hits every implementation alike. Only these samples enter the statistics.
+"""
+import contextlib
+import gc
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import fastconv
+
+
+@dataclass(frozen=True)
+class Impl:
+    """Something to time: a fastconv backend, or the PyTorch yardstick."""
+
+    name: str
+    is_backend: bool = True
+
+    def active(self):
+        return fastconv.use_backend(self.name) if self.is_backend else contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class Settings:
+    repeat: int = 7  # samples per implementation ...
+    min_repeat: int = 3  # ... but no fewer than this ...
+    max_time: float = 5.0  # ... once its samples of one benchmark took this many seconds
+    sample_time: float = 0.01  # calls are grouped so that a sample lasts at least this long
+    max_number: int = 10_000
+
+
+@dataclass
+class Measurement:
+    impl: str
+    first_call_s: float
+    number: int
+    samples_s: list = field(default_factory=list)  # seconds per call, one entry per sample
+    spent_s: float = 0.0
+    error: Optional[str] = None  # why the implementation failed; it is then left out of later rounds
+
+    def done(self, settings):
+        if self.error is not None:
+            return True
+        n = len(self.samples_s)
+        return n >= settings.repeat or (n >= settings.min_repeat and self.spent_s >= settings.max_time)
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _seconds_per_call(fn, number):
+    with _gc_paused():
+        start = time.perf_counter()
+        for _ in range(number):
+            fn()
+        return (time.perf_counter() - start) / number
+
+
+def _failure(exc):
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _prepare(case, impl, settings):
+    try:
+        return _calibrate(case, impl, settings)
+    except Exception as exc:  # a broken implementation is reported, and the others are still measured
+        return None, Measurement(impl.name, math.nan, 0, error=_failure(exc))
+
+
+def _calibrate(case, impl, settings):
+    with impl.active():
+        run, warmup = case.make(impl)
+        first = _seconds_per_call(warmup or run, 1)
+        if case.fixed_number is not None:
+            number = case.fixed_number
+        elif settings.sample_time <= 0:
+            number = 1
+        else:
+            once = _seconds_per_call(run, 1)
+            number = min(settings.max_number, max(1, math.ceil(settings.sample_time / max(once, 1e-9))))
+    return run, Measurement(impl.name, first, number)
+
+
+def measure(case, impls, settings):
+    """Time ``case`` on every implementation; returns one Measurement per implementation, in order."""
+    prepared = [(impl,) + _prepare(case, impl, settings) for impl in impls]
+    for round_index in range(settings.repeat):
+        shift = round_index % len(prepared)
+        for impl, run, m in prepared[shift:] + prepared[:shift]:
+            if m.done(settings):
+                continue
+            try:
+                with impl.active():
+                    seconds = _seconds_per_call(run, m.number)
+            except Exception as exc:  # as in _prepare
+                m.error = _failure(exc)
+                continue
+            m.samples_s.append(seconds)
+            m.spent_s += seconds * m.number
+        if all(m.done(settings) for _, _, m in prepared):
+            break
+    return [m for _, _, m in prepared]
+
+
+def summary(samples, scale=1.0):
+    """(median, min, max) of samples, times ``scale``."""
+    return (statistics.median(samples) * scale, min(samples) * scale, max(samples) * scale)

@@ -1,0 +1,291 @@
+"""Jitted loops of the numba backend.
+
+Every kernel is serial and releases the GIL (``nogil=True``); the backend
+runs several calls at once on disjoint ranges ``[n0, n1)`` of images (or of
+elements), and a call writes only the part of its outputs that belongs to
+its range. Kernels never validate: ``fastconv.kernels`` has done that. Arrays
+arrive C-contiguous; the loops work on flat views of them.
+
+Indices are converted to unsigned (``_ix``) where arrays are read or written:
+a signed index makes Numba emit negative-index wraparound code, which stops
+LLVM from vectorizing the loop (measured: 5 to 8 times slower copies).
+
+Compiled code is cached on disk (``cache=True``); each kernel is compiled
+for a dtype the first time it is called with it.
+
+Two layouts of the window matrix appear here:
+
+- the book's ``col``: shape (N*out_h*out_w, C*fh*fw), one window per row;
+- ``colT``, the transpose for images [n0, n1): shape
+  (C*fh*fw, (n1-n0)*out_h*out_w). Its row for one filter tap (c, ky, kx)
+  holds what that tap sees in every window: for stride 1 a sequence of
+  shifted image rows, cheap to fill and to fold back.
+"""
+import numpy as np
+from numba import njit
+from numba import uint64 as _ix
+
+_JIT = {"cache": True, "nogil": True, "error_model": "numpy"}
+
+
+@njit(**_JIT)
+def _valid_span(out_w, width, k, stride, pad):
+    """Window columns [lo, hi) whose tap at offset ``k`` falls inside ``[0, width)`` (not in the padding)."""
+    lo = 0
+    if pad > k:
+        lo = (pad - k + stride - 1) // stride
+    hi = (width - 1 + pad - k) // stride + 1
+    hi = min(hi, out_w)
+    return lo, max(hi, lo)
+
+
+@njit(**_JIT)
+def im2col_t(x, fh, fw, stride, pad, colT, n0, n1):
+    """colT[(c, ky, kx), (n - n0, oy, ox)] = x[n, c, oy*stride - pad + ky, ox*stride - pad + kx], 0 in the padding."""
+    _, C, H, W = x.shape
+    images = n1 - n0
+    width = colT.shape[1]
+    out_w = (W + 2 * pad - fw) // stride + 1
+    out_h = width // images // out_w
+    src = x.reshape(-1)
+    dst = colT.reshape(-1)
+    for c in range(C):
+        for ky in range(fh):
+            for kx in range(fw):
+                row = ((c * fh + ky) * fw + kx) * width
+                lo, hi = _valid_span(out_w, W, kx, stride, pad)
+                for i in range(images):
+                    plane = ((n0 + i) * C + c) * H * W
+                    for oy in range(out_h):
+                        d = row + (i * out_h + oy) * out_w
+                        y = oy * stride - pad + ky
+                        if y < 0 or y >= H:
+                            for j in range(out_w):
+                                dst[_ix(d + j)] = 0
+                            continue
+                        for j in range(lo):
+                            dst[_ix(d + j)] = 0
+                        s = plane + y * W + lo * stride + kx - pad
+                        if stride == 1:
+                            for j in range(hi - lo):
+                                dst[_ix(d + lo + j)] = src[_ix(s + j)]
+                        else:
+                            for j in range(hi - lo):
+                                dst[_ix(d + lo + j)] = src[_ix(s + j * stride)]
+                        for j in range(hi, out_w):
+                            dst[_ix(d + j)] = 0
+
+
+@njit(**_JIT)
+def col2im_t(colT, fh, fw, stride, pad, dx, n0, n1):
+    """dx[n0:n1] = the adjoint of ``im2col_t``: every tap added back to its pixel, padding dropped."""
+    _, C, H, W = dx.shape
+    images = n1 - n0
+    width = colT.shape[1]
+    out_w = (W + 2 * pad - fw) // stride + 1
+    out_h = width // images // out_w
+    src = colT.reshape(-1)
+    dst = dx.reshape(-1)
+    first = n0 * C * H * W
+    for j in range(images * C * H * W):
+        dst[_ix(first + j)] = 0
+    for c in range(C):
+        for ky in range(fh):
+            for kx in range(fw):
+                row = ((c * fh + ky) * fw + kx) * width
+                lo, hi = _valid_span(out_w, W, kx, stride, pad)
+                for i in range(images):
+                    plane = ((n0 + i) * C + c) * H * W
+                    for oy in range(out_h):
+                        y = oy * stride - pad + ky
+                        if y < 0 or y >= H:
+                            continue
+                        s = row + (i * out_h + oy) * out_w + lo
+                        d = plane + y * W + lo * stride + kx - pad
+                        if stride == 1:
+                            for j in range(hi - lo):
+                                dst[_ix(d + j)] += src[_ix(s + j)]
+                        else:
+                            for j in range(hi - lo):
+                                dst[_ix(d + j * stride)] += src[_ix(s + j)]
+
+
+@njit(**_JIT)
+def im2col_rows(x, fh, fw, stride, pad, col, n0, n1):
+    """The book's ``col`` rows of images [n0, n1): col[(n, oy, ox), (c, ky, kx)]."""
+    _, C, H, W = x.shape
+    out_h = (H + 2 * pad - fh) // stride + 1
+    out_w = (W + 2 * pad - fw) // stride + 1
+    src = x.reshape(-1)
+    dst = col.reshape(-1)
+    taps = C * fh * fw
+    for n in range(n0, n1):
+        for oy in range(out_h):
+            for ox in range(out_w):
+                d = ((n * out_h + oy) * out_w + ox) * taps
+                lo = min(max(pad - ox * stride, 0), fw)  # taps kx in [lo, hi) fall inside the image
+                hi = max(min(W + pad - ox * stride, fw), lo)
+                for c in range(C):
+                    for ky in range(fh):
+                        y = oy * stride - pad + ky
+                        e = d + (c * fh + ky) * fw
+                        if y < 0 or y >= H:
+                            for kx in range(fw):
+                                dst[_ix(e + kx)] = 0
+                            continue
+                        s = ((n * C + c) * H + y) * W + ox * stride - pad
+                        for kx in range(lo):
+                            dst[_ix(e + kx)] = 0
+                        for kx in range(lo, hi):
+                            dst[_ix(e + kx)] = src[_ix(s + kx)]
+                        for kx in range(hi, fw):
+                            dst[_ix(e + kx)] = 0
+
+
+@njit(**_JIT)
+def col2im_rows(col, fh, fw, stride, pad, dx, n0, n1):
+    """dx[n0:n1] = the adjoint of ``im2col_rows`` (taps of overlapping windows are summed)."""
+    _, C, H, W = dx.shape
+    out_h = (H + 2 * pad - fh) // stride + 1
+    out_w = (W + 2 * pad - fw) // stride + 1
+    src = col.reshape(-1)
+    dst = dx.reshape(-1)
+    taps = C * fh * fw
+    first = n0 * C * H * W
+    for j in range((n1 - n0) * C * H * W):
+        dst[_ix(first + j)] = 0
+    for n in range(n0, n1):
+        for oy in range(out_h):
+            for ox in range(out_w):
+                s = ((n * out_h + oy) * out_w + ox) * taps
+                lo = max(pad - ox * stride, 0)
+                hi = min(W + pad - ox * stride, fw)
+                for c in range(C):
+                    for ky in range(fh):
+                        y = oy * stride - pad + ky
+                        if y < 0 or y >= H:
+                            continue
+                        e = s + (c * fh + ky) * fw
+                        d = ((n * C + c) * H + y) * W + ox * stride - pad
+                        for kx in range(lo, hi):
+                            dst[_ix(d + kx)] += src[_ix(e + kx)]
+
+
+@njit(**_JIT)
+def add_bias_to_nchw(rows, b, out, n0, n1):
+    """out[n, f, :] = rows[f, (n - n0) block] + b[f] for images [n0, n1); ``rows`` is (F, (n1-n0)*hw)."""
+    _, F, hw = out.shape
+    width = rows.shape[1]
+    src = rows.reshape(-1)
+    dst = out.reshape(-1)
+    for i in range(n1 - n0):
+        for f in range(F):
+            s = f * width + i * hw
+            d = ((n0 + i) * F + f) * hw
+            bias = b[f]
+            for p in range(hw):
+                dst[_ix(d + p)] = src[_ix(s + p)] + bias
+
+
+@njit(**_JIT)
+def nchw_to_rows(dout, rows, db, n0, n1):
+    """rows[f, (n - n0) block] = dout[n, f, :] for images [n0, n1), and db[f] += their sum.
+
+    ``db`` is float64: the bias gradient then barely depends on how the batch
+    is cut, and is at least as accurate as the reference's.
+    """
+    _, F, hw = dout.shape
+    width = rows.shape[1]
+    src = dout.reshape(-1)
+    dst = rows.reshape(-1)
+    for i in range(n1 - n0):
+        for f in range(F):
+            s = ((n0 + i) * F + f) * hw
+            d = f * width + i * hw
+            total = 0.0
+            for p in range(hw):
+                v = src[_ix(s + p)]
+                dst[_ix(d + p)] = v
+                total += v
+            db[f] += total
+
+
+@njit(**_JIT)
+def maxpool_forward(x, ph, pw, stride, pad, out, argmax, n0, n1):
+    """Window maxima of images [n0, n1) and where they are: k = ky*pw + kx of the first maximum.
+
+    Padded cells count as -inf. The search is np.argmax's: the first cell
+    starts it, then only a strictly larger value or the first NaN takes
+    over. ``argmax`` is (N, out_h, out_w, C), the order of the book's flat
+    ``arg_max``.
+    """
+    _, C, H, W = x.shape
+    out_h, out_w = out.shape[2], out.shape[3]
+    src = x.reshape(-1)
+    dst = out.reshape(-1)
+    where = argmax.reshape(-1)
+    for n in range(n0, n1):
+        for c in range(C):
+            plane = (n * C + c) * H * W
+            for oy in range(out_h):
+                for ox in range(out_w):
+                    best = -np.inf
+                    best_k = 0
+                    for ky in range(ph):
+                        y = oy * stride - pad + ky
+                        for kx in range(pw):
+                            xx = ox * stride - pad + kx
+                            v = -np.inf
+                            if 0 <= y < H and 0 <= xx < W:
+                                v = src[_ix(plane + y * W + xx)]
+                            k = ky * pw + kx
+                            if k == 0:
+                                best = v
+                            elif best == best and (v > best or v != v):
+                                best = v
+                                best_k = k
+                    dst[_ix(((n * C + c) * out_h + oy) * out_w + ox)] = best
+                    where[_ix(((n * out_h + oy) * out_w + ox) * C + c)] = best_k
+
+
+@njit(**_JIT)
+def maxpool_backward(dout, argmax, ph, pw, stride, pad, dx, n0, n1):
+    """dx[n0:n1]: each output gradient added to the cell ``argmax`` points at (dropped if padding)."""
+    _, C, H, W = dx.shape
+    out_h, out_w = dout.shape[2], dout.shape[3]
+    src = dout.reshape(-1)
+    where = argmax.reshape(-1)
+    dst = dx.reshape(-1)
+    first = n0 * C * H * W
+    for j in range((n1 - n0) * C * H * W):
+        dst[_ix(first + j)] = 0
+    for n in range(n0, n1):
+        for c in range(C):
+            plane = (n * C + c) * H * W
+            for oy in range(out_h):
+                for ox in range(out_w):
+                    k = where[_ix(((n * out_h + oy) * out_w + ox) * C + c)]
+                    y = oy * stride - pad + k // pw
+                    xx = ox * stride - pad + k % pw
+                    if 0 <= y < H and 0 <= xx < W:
+                        dst[_ix(plane + y * W + xx)] += src[_ix(((n * C + c) * out_h + oy) * out_w + ox)]
+
+
+@njit(**_JIT)
+def relu_forward(x, out, mask, i0, i1):
+    """out = x where x > 0, else 0; mask = x <= 0; on the flat range [i0, i1)."""
+    for j in range(i1 - i0):
+        i = _ix(i0 + j)
+        v = x[i]
+        m = v <= 0
+        mask[i] = m
+        out[i] = 0 if m else v
+
+
+@njit(**_JIT)
+def relu_backward(dout, mask, i0, i1):
+    """dout = 0 where mask, in place, on the flat range [i0, i1)."""
+    for j in range(i1 - i0):
+        i = _ix(i0 + j)
+        if mask[i]:
+            dout[i] = 0

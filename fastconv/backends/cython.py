@@ -1,0 +1,218 @@
+"""The compiled backend: Cython kernels with OpenMP, GEMMs through SciPy's BLAS.
+
+Every kernel works directly in NCHW; convolutions unfold one image at a time
+into a cache-sized buffer and multiply it with the filters there (see
+``fastconv/_ext/_conv.pyx``), so neither the book's batch-sized ``col`` nor
+any transpose of the output is ever made.
+
+Threading: one thread pool is busy at a time. The kernels split their work
+over images (or image planes) in an OpenMP region of ``get_num_threads()``
+threads, and the GEMMs run inside that region, one per image, on a BLAS held
+to a single thread for the duration of the call (its previous setting is
+restored afterwards). An OpenMP pool and a multi-threaded BLAS pool taking
+turns would otherwise spin-wait against each other.
+
+Buffers: outputs (``out``, ``dx``, ``dW``, ``db``, ``mask``) are always new
+arrays, since the caller may keep them. Scratch buffers and the pooling
+indices live in the cache and are taken over by the next forward call of the
+same layer (its previous cache comes back as ``workspace``) when their dtype
+matches and they are large enough; anything else is allocated anew, so batch
+size and dtype may change between calls.
+
+Results do not depend on the number of threads, bit for bit: convolution
+backward sums dW and db over a fixed number of image groups (``DW_GROUPS``),
+in order, whatever the number of threads.
+"""
+import numpy as np
+from threadpoolctl import ThreadpoolController
+
+from fastconv._threads import get_num_threads
+
+try:
+    from fastconv._ext import _conv
+except ModuleNotFoundError as exc:
+    if exc.name and exc.name.split(".")[0] == "scipy":
+        raise ImportError("the cython backend needs SciPy for its BLAS: pip install scipy") from exc
+    raise
+from fastconv._ext import _im2col, _parallel, _pool, _relu  # noqa: E402
+
+NAME = "cython"
+
+# Convolution backward sums dW over this many groups of images (fewer for
+# smaller batches): it is also the most threads that pass can use.
+DW_GROUPS = 16
+
+# Elements per ReLU work item; must match BLOCK in _relu.pyx.
+_RELU_BLOCK = 1 << 15
+
+
+class ConvCache:
+    """What convolution backward needs, and the scratch the next forward may reuse."""
+
+    __slots__ = ("x", "stride", "pad", "x_shape", "dtype", "out_hw", "scratch", "dw_groups")
+
+    def __init__(self, x, stride, pad, out_hw, scratch, dw_groups):
+        self.x = x  # backward unfolds the input again (the layer keeps it as well)
+        self.stride = stride
+        self.pad = pad
+        self.x_shape = x.shape
+        self.dtype = x.dtype
+        self.out_hw = out_hw
+        self.scratch = scratch
+        self.dw_groups = dw_groups
+
+
+class PoolCache:
+    """Where each pooling output took its maximum from (see ``_pool.pyx``)."""
+
+    __slots__ = ("source", "pool_h", "pool_w", "stride", "pad", "x_shape", "dtype", "out_hw")
+
+    def __init__(self, source, pool_h, pool_w, stride, pad, x_shape, dtype, out_hw):
+        self.source = source
+        self.pool_h = pool_h
+        self.pool_w = pool_w
+        self.stride = stride
+        self.pad = pad
+        self.x_shape = x_shape
+        self.dtype = dtype
+        self.out_hw = out_hw
+
+
+class _SingleThreadedBlas:
+    """Context manager: BLAS libraries run on one thread inside, as they were outside.
+
+    OpenBLAS built on OpenMP is left alone: it already runs serially when
+    called from an OpenMP region, and limiting it would limit that region too.
+    """
+
+    def __init__(self):
+        self._libraries = None  # found on first use, once SciPy's BLAS is loaded
+        self._restore = []
+
+    def _find(self):
+        controller = ThreadpoolController().select(user_api="blas")
+        return [lib for lib in controller.lib_controllers
+                if not (lib.internal_api == "openblas" and getattr(lib, "threading_layer", "") == "openmp")]
+
+    def __enter__(self):
+        if self._libraries is None:
+            self._libraries = self._find()
+        self._restore = []
+        for lib in self._libraries:
+            threads = lib.num_threads
+            if threads != 1:
+                lib.set_num_threads(1)
+                self._restore.append((lib, threads))
+        return self
+
+    def __exit__(self, *exc_info):
+        for lib, threads in self._restore:
+            lib.set_num_threads(threads)
+        self._restore = []
+
+
+_single_threaded_blas = _SingleThreadedBlas()
+
+
+def _threads(work_items):
+    """Threads for ``work_items`` independent pieces of work: never more threads than pieces."""
+    return max(1, min(get_num_threads(), work_items))
+
+
+def parallel_threads():
+    """Threads the kernels run on now: ``get_num_threads()``, or 1 in a build without OpenMP."""
+    return _parallel.team_size(get_num_threads())
+
+
+def _out_size(size, window, stride, pad):
+    return (size + 2 * pad - window) // stride + 1
+
+
+def _buffer(owner, name, size, dtype):
+    """``owner.name`` as a flat array of ``size`` elements if it can hold them, else a new one."""
+    previous = getattr(owner, name, None)
+    if isinstance(previous, np.ndarray) and previous.dtype == dtype and previous.size >= size:
+        return previous[:size]
+    return np.empty(size, dtype=dtype)
+
+
+def im2col(x, filter_h, filter_w, stride, pad):
+    N, C, H, W = x.shape
+    out_h = _out_size(H, filter_h, stride, pad)
+    out_w = _out_size(W, filter_w, stride, pad)
+    col = np.empty((N * out_h * out_w, C * filter_h * filter_w), dtype=x.dtype)
+    _im2col.im2col(x, col, filter_h, filter_w, stride, pad, _threads(N))
+    return col
+
+
+def col2im(col, x_shape, filter_h, filter_w, stride, pad):
+    x = np.empty(x_shape, dtype=col.dtype)
+    _im2col.col2im(col, x, filter_h, filter_w, stride, pad, _threads(x_shape[0]))
+    return x
+
+
+def conv_forward(x, W, b, stride, pad, workspace):
+    FN, C, FH, FW = W.shape
+    N, _, H, Wd = x.shape
+    out_h = _out_size(H, FH, stride, pad)
+    out_w = _out_size(Wd, FW, stride, pad)
+    threads = _threads(N)
+    # sized for backward too (two buffers per thread), so one allocation serves both
+    scratch = _buffer(workspace, "scratch", 2 * threads * C * FH * FW * out_h * out_w, x.dtype)
+    out = np.empty((N, FN, out_h, out_w), dtype=x.dtype)
+    with _single_threaded_blas:
+        _conv.conv_forward(x, W.reshape(FN, -1), b, out.reshape(N, FN, out_h * out_w), scratch,
+                           FH, FW, stride, pad, threads)
+    dw_groups = getattr(workspace, "dw_groups", None)
+    return out, ConvCache(x, stride, pad, (out_h, out_w), scratch, dw_groups)
+
+
+def conv_backward(dout, cache, W):
+    FN, C, FH, FW = W.shape
+    x = cache.x
+    N = x.shape[0]
+    out_h, out_w = cache.out_hw
+    groups = min(N, DW_GROUPS)
+    threads = _threads(groups)
+    cache.scratch = _buffer(cache, "scratch", 2 * threads * C * FH * FW * out_h * out_w, x.dtype)
+    cache.dw_groups = _buffer(cache, "dw_groups", groups * W.size, x.dtype)
+    db_groups = np.empty((groups, FN), dtype=np.float64)
+    dx = np.empty(cache.x_shape, dtype=x.dtype)
+    dW = np.empty(W.shape, dtype=x.dtype)
+    db = np.empty(FN, dtype=x.dtype)
+    with _single_threaded_blas:
+        _conv.conv_backward(x, W.reshape(FN, -1), dout.reshape(N, FN, out_h * out_w),
+                            dx, dW.reshape(FN, -1), db, cache.dw_groups.reshape(groups, -1), db_groups,
+                            cache.scratch, FH, FW, cache.stride, cache.pad, threads)
+    return dx, dW, db
+
+
+def maxpool_forward(x, pool_h, pool_w, stride, pad, workspace):
+    N, C, H, W = x.shape
+    out_h = _out_size(H, pool_h, stride, pad)
+    out_w = _out_size(W, pool_w, stride, pad)
+    out = np.empty((N, C, out_h, out_w), dtype=x.dtype)
+    source = _buffer(workspace, "source", N * C * out_h * out_w, np.dtype(np.intc))
+    _pool.maxpool_forward(x, out, source, pool_h, pool_w, stride, pad, _threads(N * C))
+    return out, PoolCache(source, pool_h, pool_w, stride, pad, x.shape, x.dtype, (out_h, out_w))
+
+
+def maxpool_backward(dout, cache):
+    N, C = cache.x_shape[:2]
+    dx = np.empty(cache.x_shape, dtype=cache.dtype)
+    _pool.maxpool_backward(dout, cache.source, dx, _threads(N * C))
+    return dx
+
+
+def relu_forward(x):
+    out = np.empty_like(x)
+    mask = np.empty(x.shape, dtype=np.bool_)
+    blocks = -(-x.size // _RELU_BLOCK)
+    _relu.relu_forward(x.reshape(-1), out.reshape(-1), mask.reshape(-1).view(np.uint8), _threads(blocks))
+    return out, mask
+
+
+def relu_backward(dout, mask):
+    blocks = -(-dout.size // _RELU_BLOCK)
+    _relu.relu_backward(dout.reshape(-1), mask.reshape(-1).view(np.uint8), _threads(blocks))
+    return dout

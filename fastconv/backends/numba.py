@@ -1,0 +1,325 @@
+"""The numba backend: jitted loops for unfolding, pooling and ReLU, NumPy's BLAS for the products.
+
+Threading: the jitted kernels are serial and release the GIL; this module
+splits the batch into contiguous sample ranges and runs one kernel call per
+range on a small pool of Python threads (``get_num_threads()`` in all, the
+calling thread included). Every range writes only its own samples, so no two
+threads ever add into the same memory. Convolutions run their matrix products
+inside those threads with the BLAS held to one thread (restored afterwards):
+two thread pools taking turns, a multi-threaded BLAS and a parallel kernel
+runtime, spin-wait against each other and lose several times their speed.
+
+Convolution never builds the book's batch-sized ``col``: each thread unfolds
+a few images at a time into a buffer sized for the CPU cache, multiplies it
+there, and the backward pass unfolds the input again rather than reading a
+stored copy. The book's ``col`` and ``col_W`` stay available as cache
+attributes computed on first access.
+
+Buffers: outputs (``out``, ``dx``, ``dW``, ``db``, ``mask``, ``col``) are
+always new arrays, since the caller may keep them. Scratch buffers and the
+pooling indices live in the cache and are taken over by the next forward
+call of the same layer (its previous cache comes back as ``workspace``) when
+their shapes and dtype still fit; otherwise they are allocated anew.
+
+Results do not depend on the number of threads: the images are cut into
+chunks by a rule that ignores the thread count, and the convolution
+gradients are summed over a fixed sequence of chunk groups, in order.
+"""
+from concurrent.futures import ThreadPoolExecutor, wait
+
+import numpy as np
+
+try:
+    import numba  # noqa: F401  (the kernels module needs it; fail here with a clear reason)
+except Exception as exc:  # a broken install can raise more than ImportError
+    raise ImportError(f"the numba backend needs a working numba (pip install numba): {exc}") from exc
+
+from fastconv._threads import get_num_threads
+from fastconv.backends import _numba_kernels as _k
+
+NAME = "numba"
+
+# Bytes of unfolded windows one thread handles at a time: with the product's
+# output and gradient buffers this stays within a per-core L2 cache.
+CHUNK_BYTES = 1 << 18
+
+# Convolution backward sums dW and db over at most this many chunk groups.
+SUM_GROUPS = 16
+
+# Below this many elements per thread a kernel runs on the calling thread only.
+MIN_ELEMENTS_PER_THREAD = 1 << 15
+
+
+# --------------------------------------------------------------------------- threads
+
+_executor = None
+_executor_workers = 0
+_blas = None
+
+
+def _pool(workers):
+    """A thread pool with at least ``workers`` threads (grown when asked for more)."""
+    global _executor, _executor_workers
+    if _executor is None or _executor_workers < workers:
+        if _executor is not None:
+            _executor.shutdown(wait=True)
+        _executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fastconv-numba")
+        _executor_workers = workers
+    return _executor
+
+
+def _run(tasks):
+    """Call every task, the first on this thread and the others on the pool; re-raise the first error."""
+    if len(tasks) == 1:
+        tasks[0]()
+        return
+    pool = _pool(len(tasks) - 1)
+    futures = [pool.submit(task) for task in tasks[1:]]
+    try:
+        tasks[0]()
+    finally:
+        wait(futures)  # the other tasks write into arrays this call returns
+    for future in futures:
+        future.result()
+
+
+def _spans(count, parts):
+    """``parts`` contiguous, balanced [start, stop) ranges covering range(count)."""
+    return [(count * i // parts, count * (i + 1) // parts) for i in range(parts)]
+
+
+def _thread_count(items, elements_per_item):
+    """Threads worth using for ``items`` independent pieces of ``elements_per_item`` each."""
+    by_work = max(1, items * elements_per_item // MIN_ELEMENTS_PER_THREAD)
+    return max(1, min(get_num_threads(), items, by_work))
+
+
+def _split(kernel, count, elements_per_item, *args):
+    """Run ``kernel(*args, start, stop)`` over contiguous ranges of range(count), in parallel."""
+    spans = _spans(count, _thread_count(count, elements_per_item))
+    _run([lambda a=a, z=z: kernel(*args, a, z) for a, z in spans])
+
+
+def _single_threaded_blas():
+    """A context in which the BLAS uses one thread (each of our threads runs its own products)."""
+    global _blas
+    if _blas is None:
+        from threadpoolctl import ThreadpoolController
+        _blas = ThreadpoolController().select(user_api="blas")
+    return _blas.limit(limits=1)
+
+
+def _out_size(size, window, stride, pad):
+    return (size + 2 * pad - window) // stride + 1
+
+
+# --------------------------------------------------------------------------- im2col / col2im
+
+def im2col(x, filter_h, filter_w, stride, pad):
+    N, C, H, W = x.shape
+    out_hw = _out_size(H, filter_h, stride, pad) * _out_size(W, filter_w, stride, pad)
+    col = np.empty((N * out_hw, C * filter_h * filter_w), dtype=x.dtype)
+    _split(_k.im2col_rows, N, col.size // max(N, 1), x, filter_h, filter_w, stride, pad, col)
+    return col
+
+
+def col2im(col, x_shape, filter_h, filter_w, stride, pad):
+    N = x_shape[0]
+    x = np.empty(x_shape, dtype=col.dtype)
+    _split(_k.col2im_rows, N, col.size // max(N, 1), col, filter_h, filter_w, stride, pad, x)
+    return x
+
+
+# --------------------------------------------------------------------------- convolution
+
+class _ConvPlan:
+    """How a batch is cut: chunks of images (cache-sized), groups of chunks, threads over groups."""
+
+    def __init__(self, n_images, bytes_per_image, threads):
+        self.images_per_chunk = max(1, min(n_images, CHUNK_BYTES // max(bytes_per_image, 1)))
+        chunks = [(s, min(s + self.images_per_chunk, n_images))
+                  for s in range(0, n_images, self.images_per_chunk)]
+        n_groups = min(len(chunks), SUM_GROUPS)
+        self.groups = [chunks[a:z] for a, z in _spans(len(chunks), n_groups)]
+        n_threads = max(1, min(threads, n_groups))
+        self.groups_by_thread = [list(range(a, z)) for a, z in _spans(n_groups, n_threads)]
+
+
+class _ConvScratch:
+    """One thread's buffers: unfolded windows, product rows, folded gradient, a dW term."""
+
+    __slots__ = ("key", "col", "rows", "dcol", "dW")
+
+    def __init__(self, key, dtype, ckk, n_filters, width):
+        self.key = key
+        self.col = np.empty(ckk * width, dtype=dtype)
+        self.rows = np.empty(n_filters * width, dtype=dtype)
+        self.dcol = None  # backward only
+        self.dW = None
+
+    def views(self, ckk, n_filters, width):
+        return (self.col[:ckk * width].reshape(ckk, width),
+                self.rows[:n_filters * width].reshape(n_filters, width))
+
+    def backward_views(self, ckk, n_filters, width):
+        if self.dcol is None:
+            self.dcol = np.empty_like(self.col)
+            self.dW = np.empty((n_filters, ckk), dtype=self.col.dtype)
+        return self.dcol[:ckk * width].reshape(ckk, width), self.dW
+
+
+class ConvCache:
+    """What convolution backward needs, the scratch the next forward may reuse, and the book's views."""
+
+    __slots__ = ("x", "W", "stride", "pad", "x_shape", "dtype", "out_hw", "plan", "scratch", "_col")
+
+    def __init__(self, x, W, stride, pad, out_hw, plan, scratch):
+        self.x = x  # backward unfolds the input again (the layer keeps it as well)
+        self.W = W
+        self.stride = stride
+        self.pad = pad
+        self.x_shape = x.shape
+        self.dtype = x.dtype
+        self.out_hw = out_hw
+        self.plan = plan
+        self.scratch = scratch
+        self._col = None
+
+    @property
+    def col(self):
+        """The book's ``col`` of the forward input, made on first access."""
+        if self._col is None:
+            self._col = im2col(self.x, self.W.shape[2], self.W.shape[3], self.stride, self.pad)
+        return self._col
+
+    @property
+    def col_W(self):
+        """The book's ``col_W``: the filters as columns, (C*FH*FW, FN)."""
+        return self.W.reshape(self.W.shape[0], -1).T
+
+
+def _conv_scratch(workspace, threads, dtype, ckk, n_filters, width):
+    """One scratch per thread, taken from the previous cache when it fits."""
+    key = (np.dtype(dtype), ckk, n_filters, width)
+    previous = getattr(workspace, "scratch", None) or []
+    return [s if s.key == key else _ConvScratch(key, dtype, ckk, n_filters, width)
+            for s in previous[:threads]] + [
+        _ConvScratch(key, dtype, ckk, n_filters, width) for _ in range(threads - len(previous))]
+
+
+def conv_forward(x, W, b, stride, pad, workspace):
+    N, C, H, Wd = x.shape
+    FN, _, FH, FW = W.shape
+    out_h, out_w = _out_size(H, FH, stride, pad), _out_size(Wd, FW, stride, pad)
+    hw, ckk = out_h * out_w, C * FH * FW
+    plan = _ConvPlan(N, ckk * hw * x.dtype.itemsize, get_num_threads())
+    width = plan.images_per_chunk * hw
+    scratch = _conv_scratch(workspace, len(plan.groups_by_thread), x.dtype, ckk, FN, width)
+    W_rows = W.reshape(FN, ckk)
+    out = np.empty((N, FN, hw), dtype=x.dtype)
+
+    def work(group_ids, buffers):
+        for g in group_ids:
+            for start, stop in plan.groups[g]:
+                m = (stop - start) * hw
+                col, rows = buffers.views(ckk, FN, m)
+                _k.im2col_t(x, FH, FW, stride, pad, col, start, stop)
+                np.matmul(W_rows, col, out=rows)
+                _k.add_bias_to_nchw(rows, b, out, start, stop)
+
+    with _single_threaded_blas():
+        _run([lambda g=g, s=s: work(g, s) for g, s in zip(plan.groups_by_thread, scratch)])
+    cache = ConvCache(x, W, stride, pad, (out_h, out_w), plan, scratch)
+    return out.reshape(N, FN, out_h, out_w), cache
+
+
+def conv_backward(dout, cache, W):
+    x, stride, pad, plan = cache.x, cache.stride, cache.pad, cache.plan
+    N, C = x.shape[:2]
+    FN, _, FH, FW = W.shape
+    hw, ckk = dout.shape[2] * dout.shape[3], C * FH * FW
+    dout = dout.reshape(N, FN, hw)
+    W_rows = W.reshape(FN, ckk)
+    dx = np.empty(x.shape, dtype=x.dtype)
+    dW_parts = np.empty((len(plan.groups), FN, ckk), dtype=x.dtype)
+    db_parts = np.zeros((len(plan.groups), FN), dtype=np.float64)
+
+    def work(group_ids, buffers):
+        for g in group_ids:
+            for i, (start, stop) in enumerate(plan.groups[g]):
+                m = (stop - start) * hw
+                col, rows = buffers.views(ckk, FN, m)
+                dcol, dW_term = buffers.backward_views(ckk, FN, m)
+                _k.im2col_t(x, FH, FW, stride, pad, col, start, stop)
+                _k.nchw_to_rows(dout, rows, db_parts[g], start, stop)
+                if i == 0:
+                    np.matmul(rows, col.T, out=dW_parts[g])
+                else:
+                    np.matmul(rows, col.T, out=dW_term)
+                    dW_parts[g] += dW_term
+                np.matmul(W_rows.T, rows, out=dcol)
+                _k.col2im_t(dcol, FH, FW, stride, pad, dx, start, stop)
+
+    with _single_threaded_blas():
+        _run([lambda g=g, s=s: work(g, s) for g, s in zip(plan.groups_by_thread, cache.scratch)])
+    dW = dW_parts.sum(axis=0).reshape(W.shape)
+    db = db_parts.sum(axis=0).astype(x.dtype)
+    return dx, dW, db
+
+
+# --------------------------------------------------------------------------- max pooling
+
+class PoolCache:
+    """Where each pooling output took its maximum from, in the book's ``arg_max`` order."""
+
+    __slots__ = ("argmax", "pool_h", "pool_w", "stride", "pad", "x_shape", "dtype", "out_hw")
+
+    def __init__(self, argmax, pool_h, pool_w, stride, pad, x_shape, dtype, out_hw):
+        self.argmax = argmax  # (N, out_h, out_w, C): k = ky * pool_w + kx of the first maximum
+        self.pool_h = pool_h
+        self.pool_w = pool_w
+        self.stride = stride
+        self.pad = pad
+        self.x_shape = x_shape
+        self.dtype = dtype
+        self.out_hw = out_hw
+
+    @property
+    def arg_max(self):
+        """The book's flat ``arg_max``: one window index per (n, y, x, c)."""
+        return self.argmax.reshape(-1)
+
+
+def maxpool_forward(x, pool_h, pool_w, stride, pad, workspace):
+    N, C, H, W = x.shape
+    out_h, out_w = _out_size(H, pool_h, stride, pad), _out_size(W, pool_w, stride, pad)
+    shape = (N, out_h, out_w, C)
+    argmax = getattr(workspace, "argmax", None)
+    if argmax is None or argmax.shape != shape:
+        argmax = np.empty(shape, dtype=np.intp)
+    out = np.empty((N, C, out_h, out_w), dtype=x.dtype)
+    _split(_k.maxpool_forward, N, C * H * W, x, pool_h, pool_w, stride, pad, out, argmax)
+    cache = PoolCache(argmax, pool_h, pool_w, stride, pad, x.shape, x.dtype, (out_h, out_w))
+    return out, cache
+
+
+def maxpool_backward(dout, cache):
+    N, C, H, W = cache.x_shape
+    dx = np.empty(cache.x_shape, dtype=cache.dtype)
+    _split(_k.maxpool_backward, N, C * H * W, dout, cache.argmax,
+           cache.pool_h, cache.pool_w, cache.stride, cache.pad, dx)
+    return dx
+
+
+# --------------------------------------------------------------------------- ReLU
+
+def relu_forward(x):
+    out = np.empty_like(x)
+    mask = np.empty(x.shape, dtype=np.bool_)
+    _split(_k.relu_forward, x.size, 1, x.reshape(-1), out.reshape(-1), mask.reshape(-1))
+    return out, mask
+
+
+def relu_backward(dout, mask):
+    _split(_k.relu_backward, dout.size, 1, dout.reshape(-1), mask.reshape(-1))
+    return dout

@@ -1,0 +1,59 @@
+"""PNG figures of a training run, drawn with matplotlib's Agg canvas (no display, no pyplot state)."""
+import numpy as np
+
+from fastconv.util import smooth_curve
+
+__all__ = ["plot_learning_curves", "plot_misclassified"]
+
+
+def _figure(width, height):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height))
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def plot_learning_curves(history, path):
+    """Loss per step (raw and smoothed) and train/test accuracy per epoch, side by side."""
+    figure = _figure(11, 4)
+    loss_axes, accuracy_axes = figure.subplots(1, 2)
+
+    step_loss = np.asarray(history["step_loss"], dtype=np.float64)
+    steps = np.arange(1, step_loss.size + 1)
+    loss_axes.plot(steps, step_loss, color="0.75", linewidth=0.5, label="per step")
+    if step_loss.size >= 11:
+        loss_axes.plot(steps, smooth_curve(step_loss), color="C0", label="smoothed")
+    loss_axes.set(xlabel="step", ylabel="training loss", yscale="log" if step_loss.size and step_loss.min() > 0 else "linear")
+    loss_axes.legend()
+
+    records = history["epochs"]
+    epochs = [r["epoch"] for r in records]
+    accuracy_axes.plot(epochs, [100 * r["train_acc"] for r in records], "o-", label="train")
+    accuracy_axes.plot(epochs, [100 * r["test_acc"] for r in records], "s-", label="test")
+    accuracy_axes.set(xlabel="epoch", ylabel="accuracy (%)")
+    accuracy_axes.grid(alpha=0.3)
+    accuracy_axes.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def plot_misclassified(images, labels, predicted, path, limit=100, columns=10):
+    """A grid of the first ``limit`` misclassified images, each titled with its true and predicted label."""
+    labels = np.asarray(labels)
+    predicted = np.asarray(predicted)
+    wrong = np.flatnonzero(labels != predicted)
+    shown = wrong[:limit]
+    rows = max(1, -(-shown.size // columns))
+    figure = _figure(columns * 1.1, rows * 1.25 + 0.4)
+    figure.suptitle(f"{wrong.size} of {labels.size} test images misclassified"
+                    + (f" (first {shown.size} shown)" if wrong.size > shown.size else "") + ": true / predicted")
+    for slot, index in enumerate(shown):
+        axes = figure.add_subplot(rows, columns, slot + 1)
+        axes.imshow(np.asarray(images[index]).reshape(28, 28), cmap="gray_r", vmin=0, vmax=1)
+        axes.set_title(f"{labels[index]} / {predicted[index]}", fontsize=9, color="C3")
+        axes.set_xticks([])
+        axes.set_yticks([])
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)

@@ -1,0 +1,299 @@
+"""The training loop of ``fastconv train``: one DeepConvNet, interruptible and resumable.
+
+``Training`` runs epochs of shuffled mini-batches (every image once per
+epoch), with optional augmentation and learning-rate decay, evaluates after
+each epoch, and records a history with the time spent in each phase. It
+keeps the point to continue from current after every step, so Ctrl-C or a
+``KeyboardInterrupt`` raised anywhere saves a checkpoint from which
+``Training.resume`` takes exactly the steps the uninterrupted run would
+have taken.
+"""
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from fastconv._interrupts import deferred_interrupts
+from fastconv.augment import RandomAffine
+from fastconv.checkpoint import capture_rng, load_checkpoint, restore_state, save_checkpoint
+from fastconv.functions import softmax
+from fastconv.models import DeepConvNet
+from fastconv.schedules import SCHEDULES, make_schedule
+from fastconv.trainer import OPTIMIZERS
+
+__all__ = ["TrainConfig", "RECIPES", "Training", "predict_proba", "PHASES"]
+
+# Training recipes; options given explicitly override them.
+RECIPES = {
+    # The book's chapter-8 run (train_deepnet.py).
+    "book": {"epochs": 20, "batch_size": 100, "optimizer": "adam", "lr": 0.001,
+             "lr_schedule": "none", "lr_min": None, "augment": False},
+    # The book's network and optimizer, trained longer on shifted, rotated and
+    # scaled digits with the learning rate decayed to 1/100.
+    "best": {"epochs": 30, "batch_size": 100, "optimizer": "adam", "lr": 0.001,
+             "lr_schedule": "cosine", "lr_min": 1e-5, "augment": True},
+}
+
+# Where the time of an epoch goes; recorded per epoch in the history.
+PHASES = ("data", "augment", "forward", "backward", "update", "evaluate")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything that determines what a training run computes."""
+
+    recipe: str = "book"
+    epochs: int = 20
+    batch_size: int = 100
+    optimizer: str = "adam"
+    lr: float = 0.001
+    lr_schedule: str = "none"
+    lr_min: Optional[float] = None  # cosine schedule's final rate; None: lr / 100
+    augment: bool = False
+    shift: float = 2.0  # augmentation: largest shift (pixels),
+    rotation: float = 10.0  # largest rotation (degrees),
+    scale_min: float = 0.9  # and zoom range
+    scale_max: float = 1.1
+    dtype: str = "float64"
+    seed: int = 0
+    ensemble: int = 1
+    limit_train: Optional[int] = None  # use only the first N training images
+    limit_test: Optional[int] = None  # use only the first N test images
+    eval_train_size: int = 10000  # training images scored after each epoch
+
+    @classmethod
+    def from_recipe(cls, recipe="book", **overrides):
+        """The recipe's settings, then ``overrides`` (None values are ignored)."""
+        if recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {recipe!r}; choose one of {sorted(RECIPES)}")
+        values = dict(RECIPES[recipe], recipe=recipe)
+        values.update({key: value for key, value in overrides.items() if value is not None})
+        return cls(**values).validated()
+
+    def validated(self):
+        """Return self, or raise ``ValueError`` naming the first setting that makes no sense."""
+        positive = ["epochs", "batch_size", "ensemble", "eval_train_size"]
+        positive += [name for name in ("limit_train", "limit_test") if getattr(self, name) is not None]
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not self.lr > 0 or (self.lr_min is not None and not 0 <= self.lr_min <= self.lr):
+            raise ValueError(f"need lr > 0 and 0 <= lr_min <= lr, got lr={self.lr}, lr_min={self.lr_min}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {sorted(OPTIMIZERS)}")
+        if self.lr_schedule not in SCHEDULES:
+            raise ValueError(f"unknown learning-rate schedule {self.lr_schedule!r}; choose one of {SCHEDULES}")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
+        if self.shift < 0 or self.rotation < 0 or not 0 < self.scale_min <= self.scale_max:
+            raise ValueError("augmentation needs shift >= 0, rotation >= 0 and 0 < scale_min <= scale_max")
+        return self
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values):
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training settings {unknown}")
+        return cls(**values).validated()
+
+
+def predict_proba(network, x, batch_size=100):
+    """Softmax outputs of ``network`` (inference mode) for all of ``x``, in batches."""
+    chunks = [softmax(network.predict(x[start:start + batch_size], train_flg=False))
+              for start in range(0, x.shape[0], batch_size)]
+    return np.concatenate(chunks)
+
+
+def _fresh_epoch_totals():
+    return {"seconds": {phase: 0.0 for phase in PHASES}, "train_seconds": 0.0, "loss_sum": 0.0, "images": 0}
+
+
+class Training:
+    """Train one ``DeepConvNet`` on ``(x_train, t_train)``, scoring it on ``(x_test, t_test)``.
+
+    ``seed`` seeds ``np.random`` before the network is built (so its
+    initial weights are the book's for that seed; dropout draws from it too)
+    and a separate ``numpy.random.Generator`` for shuffling and augmentation.
+    Images are (N, 1, 28, 28) floats, labels class indices.
+    """
+
+    def __init__(self, config, seed, data, checkpoint_path=None, progress=False, log=print):
+        (self.x_train, self.t_train), (self.x_test, self.t_test) = data
+        self.config = config
+        self.seed = int(seed)
+        self.checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
+        self.progress = progress
+        self.log = log
+
+        np.random.seed(self.seed)
+        self.network = DeepConvNet(dtype=np.dtype(config.dtype))
+        self.optimizer = OPTIMIZERS[config.optimizer](lr=config.lr)
+        self.rng = np.random.default_rng(self.seed)
+        self.augmenter = None
+        if config.augment:
+            self.augmenter = RandomAffine(config.shift, config.rotation, (config.scale_min, config.scale_max), self.rng)
+        self.steps_per_epoch = math.ceil(self.x_train.shape[0] / config.batch_size)
+        self.schedule = make_schedule(config.lr_schedule, config.lr, config.epochs * self.steps_per_epoch,
+                                      config.lr_min)
+
+        # The point the run continues from: counters, epoch order, RNG states, partial epoch totals.
+        self.epoch = 0
+        self.step = 0
+        self.order = None
+        self.rng_state = capture_rng(self.rng)
+        self.totals = _fresh_epoch_totals()
+        self.history = {"seed": self.seed, "steps_per_epoch": self.steps_per_epoch, "epochs": [], "step_loss": []}
+        self.test_proba = None  # softmax outputs on the test set after the last evaluation
+
+    @property
+    def finished(self):
+        return self.epoch >= self.config.epochs
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def run(self, on_step=None):
+        """Train until the last epoch is scored. ``on_step(self)`` is called after every step.
+
+        On ``KeyboardInterrupt`` a checkpoint is written (when the run has a
+        checkpoint path) and the interrupt propagates.
+        """
+        try:
+            while not self.finished:
+                if self.order is None:
+                    with deferred_interrupts():
+                        self.order = self.rng.permutation(self.x_train.shape[0])
+                        self.rng_state = capture_rng(self.rng)
+                self._train_epoch(on_step)
+                self._end_epoch()
+        except KeyboardInterrupt:
+            if self.checkpoint_path is not None:
+                with deferred_interrupts():
+                    self.save_checkpoint()
+            raise
+        return self
+
+    def _train_epoch(self, on_step):
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        seconds = self.totals["seconds"]
+        bar = tqdm(total=self.steps_per_epoch, initial=self.step, unit="step", leave=False,
+                   desc=f"epoch {self.epoch + 1}/{cfg.epochs}", disable=not self.progress)
+        try:
+            while self.step < self.steps_per_epoch:
+                started = time.perf_counter()
+                lr = self.schedule(self.epoch * self.steps_per_epoch + self.step)
+                batch = self.order[self.step * cfg.batch_size:(self.step + 1) * cfg.batch_size]
+                x, t = self.x_train[batch], self.t_train[batch]
+                after_data = time.perf_counter()
+                if self.augmenter is not None:
+                    x = self.augmenter(x)
+                after_augment = time.perf_counter()
+                loss = float(self.network.loss(x, t))
+                after_forward = time.perf_counter()
+                grads = self.network.backward()
+                after_backward = time.perf_counter()
+                with deferred_interrupts():  # the update and the bookkeeping that says it happened
+                    self.optimizer.lr = lr
+                    self.optimizer.update(self.network.params, grads)
+                    self.step += 1
+                    self.rng_state = capture_rng(self.rng)
+                    self.history["step_loss"].append(loss)
+                    done = time.perf_counter()
+                    seconds["data"] += after_data - started
+                    seconds["augment"] += after_augment - after_data
+                    seconds["forward"] += after_forward - after_augment
+                    seconds["backward"] += after_backward - after_forward
+                    seconds["update"] += done - after_backward
+                    self.totals["train_seconds"] += done - started
+                    self.totals["loss_sum"] += loss * len(batch)
+                    self.totals["images"] += len(batch)
+                if self.progress:
+                    bar.set_postfix(loss=f"{self.totals['loss_sum'] / self.totals['images']:.4f}",
+                                    lr=f"{lr:.2e}",
+                                    img_s=f"{self.totals['images'] / self.totals['train_seconds']:.0f}",
+                                    refresh=False)
+                    bar.update()
+                if on_step is not None:
+                    on_step(self)
+        finally:
+            bar.close()
+
+    def _end_epoch(self):
+        cfg = self.config
+        started = time.perf_counter()
+        n_eval = min(cfg.eval_train_size, self.x_train.shape[0])
+        train_pred = predict_proba(self.network, self.x_train[:n_eval]).argmax(axis=1)
+        test_proba = predict_proba(self.network, self.x_test)
+        evaluate_seconds = time.perf_counter() - started
+
+        totals = self.totals
+        seconds = dict(totals["seconds"], evaluate=totals["seconds"]["evaluate"] + evaluate_seconds)
+        record = {
+            "epoch": self.epoch + 1,
+            "lr": self.optimizer.lr,
+            "train_loss": totals["loss_sum"] / max(totals["images"], 1),
+            "train_acc": float(np.mean(train_pred == self.t_train[:n_eval])),
+            "test_acc": float(np.mean(test_proba.argmax(axis=1) == self.t_test)),
+            "images_per_s": totals["images"] / totals["train_seconds"] if totals["train_seconds"] else None,
+            "seconds": seconds,
+            "total_seconds": totals["train_seconds"] + seconds["evaluate"],
+        }
+        with deferred_interrupts():
+            self.history["epochs"].append(record)
+            self.test_proba = test_proba
+            self.epoch += 1
+            self.step = 0
+            self.order = None
+            self.totals = _fresh_epoch_totals()
+        self.log(format_epoch(record, cfg.epochs))
+        if self.checkpoint_path is not None and not self.finished:
+            self.save_checkpoint()  # survives crashes too, not only Ctrl-C
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def save_checkpoint(self, path=None):
+        path = Path(path or self.checkpoint_path)
+        meta = {
+            "config": self.config.to_dict(), "seed": self.seed,
+            "epoch": self.epoch, "step": self.step, "totals": self.totals, "history": self.history,
+        }
+        save_checkpoint(path, self.network.params, self.optimizer, self.rng_state, self.order, meta)
+        return path
+
+    @classmethod
+    def resume(cls, path, data, progress=False, log=print, config=None):
+        """A ``Training`` in the state saved at ``path``, checkpointing there again."""
+        checkpoint = load_checkpoint(path)
+        meta = checkpoint["meta"]
+        saved = TrainConfig.from_dict(meta["config"])
+        if config is not None and config != saved:
+            raise ValueError(f"{path} was written by a run with other settings: {saved}")
+        training = cls(saved, meta["seed"], data, checkpoint_path=path, progress=progress, log=log)
+        restore_state(checkpoint["state"], training.optimizer, training.rng)
+        training.network.set_params(checkpoint["params"])
+        training.rng_state = capture_rng(training.rng)
+        training.order = checkpoint["order"]
+        training.epoch, training.step = meta["epoch"], meta["step"]
+        training.totals = meta["totals"]
+        training.history = meta["history"]
+        return training
+
+
+def format_epoch(record, epochs):
+    """One line summing up an epoch: accuracies, loss, throughput and where the time went."""
+    seconds = record["seconds"]
+    split = ", ".join(f"{phase} {seconds[phase]:.1f}" for phase in PHASES if phase != "augment" or seconds[phase] > 0)
+    rate = "" if record["images_per_s"] is None else f"{record['images_per_s']:.0f} img/s  "
+    return (f"epoch {record['epoch']:>3}/{epochs}  loss {record['train_loss']:.4f}  "
+            f"train acc {100 * record['train_acc']:.2f} %  test acc {100 * record['test_acc']:.2f} %  "
+            f"lr {record['lr']:.2e}  {rate}"
+            f"time {record['total_seconds']:.1f} s ({split})")

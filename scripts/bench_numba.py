@@ -1,0 +1,170 @@
+"""Time the numba backend against the reference on the chapter-8 network (batch 100).
+
+Prints median milliseconds of a train step (gradient + Adam update) for each
+dtype, then of every kernel summed over the network's layers. Backends are
+timed in interleaved rounds, so that load from other processes hits them
+alike; the first (compiling) call of each is excluded.
+
+    python scripts/bench_numba.py [--rounds 7] [--backends numba,reference]
+"""
+import argparse
+import statistics
+import time
+
+import numpy as np
+
+import fastconv
+from fastconv import kernels
+from fastconv.models import DeepConvNet
+from fastconv.optimizer import Adam
+
+BATCH = 100
+
+
+def train_step_case(dtype):
+    np.random.seed(0)
+    net = DeepConvNet(dtype=dtype)
+    optimizer = Adam(lr=0.001)
+    rng = np.random.default_rng(0)
+    x = rng.random((BATCH, 1, 28, 28)).astype(dtype)
+    t = rng.integers(0, 10, BATCH)
+
+    def step():
+        optimizer.update(net.params, net.gradient(x, t))
+    return step
+
+
+def layer_inputs(dtype):
+    """Inputs of every conv, pool and relu of the network, recorded from one reference pass."""
+    np.random.seed(0)
+    net = DeepConvNet(dtype=dtype)
+    x = np.random.default_rng(0).random((BATCH, 1, 28, 28)).astype(dtype)
+    records = []
+    with fastconv.use_backend("reference"):
+        for layer in net.layers:
+            name = type(layer).__name__
+            if name in ("Convolution", "Pooling", "Relu") and x.ndim == 4:
+                records.append((name, layer, x))
+            x = layer.forward(x, False) if name == "Dropout" else layer.forward(x)
+    return records
+
+
+def kernel_cases(dtype):
+    """kernel name -> a callable running that kernel on every matching layer of the network."""
+    records = layer_inputs(dtype)
+    convs = [(layer, x) for name, layer, x in records if name == "Convolution"]
+    pools = [(layer, x) for name, layer, x in records if name == "Pooling"]
+    relus = [x for name, _, x in records if name == "Relu"]
+    rng = np.random.default_rng(1)
+
+    def conv_state():
+        states = []
+        for layer, x in convs:
+            out, cache = kernels.conv_forward(x, layer.W, layer.b, layer.stride, layer.pad)
+            states.append((layer, x, cache, rng.standard_normal(out.shape).astype(dtype)))
+        return states
+
+    def pool_state():
+        states = []
+        for layer, x in pools:
+            out, cache = kernels.maxpool_forward(x, layer.pool_h, layer.pool_w, layer.stride, layer.pad)
+            states.append((layer, x, cache, rng.standard_normal(out.shape).astype(dtype)))
+        return states
+
+    def per_backend(make):
+        built = {}
+
+        def run():
+            key = fastconv.get_backend()
+            if key not in built:
+                built[key] = make()
+            built[key]()
+        return run
+
+    def im2col():
+        cols = [(layer, x) for layer, x in convs]
+        return lambda: [kernels.im2col(x, 3, 3, layer.stride, layer.pad) for layer, x in cols]
+
+    def col2im():
+        cols = [(kernels.im2col(x, 3, 3, layer.stride, layer.pad), x.shape, layer) for layer, x in convs]
+        return lambda: [kernels.col2im(c, shape, 3, 3, layer.stride, layer.pad) for c, shape, layer in cols]
+
+    def conv_forward():
+        states = conv_state()
+        return lambda: [kernels.conv_forward(x, layer.W, layer.b, layer.stride, layer.pad, cache)
+                        for layer, x, cache, _ in states]
+
+    def conv_backward():
+        states = conv_state()
+        return lambda: [kernels.conv_backward(d, cache, layer.W) for layer, _, cache, d in states]
+
+    def maxpool_forward():
+        states = pool_state()
+        return lambda: [kernels.maxpool_forward(x, layer.pool_h, layer.pool_w, layer.stride, layer.pad, cache)
+                        for layer, x, cache, _ in states]
+
+    def maxpool_backward():
+        states = pool_state()
+        return lambda: [kernels.maxpool_backward(d, cache) for _, _, cache, d in states]
+
+    def relu_forward():
+        return lambda: [kernels.relu_forward(x) for x in relus]
+
+    def relu_backward():
+        pairs = [(kernels.relu_forward(x)[1], rng.standard_normal(x.shape).astype(dtype)) for x in relus]
+        return lambda: [kernels.relu_backward(d, m) for m, d in pairs]
+
+    makers = [im2col, col2im, conv_forward, conv_backward, maxpool_forward, maxpool_backward,
+              relu_forward, relu_backward]
+    return {make.__name__: per_backend(make) for make in makers}
+
+
+def interleaved_medians(run, backends, rounds):
+    """Median seconds of ``run`` per backend, rotating the order every round."""
+    samples = {name: [] for name in backends}
+    for name in backends:  # first calls: compilation, allocation
+        with fastconv.use_backend(name):
+            run()
+    for r in range(rounds):
+        order = backends[r % len(backends):] + backends[:r % len(backends)]
+        for name in order:
+            with fastconv.use_backend(name):
+                start = time.perf_counter()
+                run()
+                samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--backends", default="numba,reference")
+    parser.add_argument("--dtypes", default="float64,float32")
+    parser.add_argument("--no-kernels", action="store_true", help="time the train step only")
+    args = parser.parse_args(argv)
+    backends = args.backends.split(",")
+    print(f"threads: {fastconv.get_num_threads()}, rounds: {args.rounds}, medians in ms")
+    for dtype in args.dtypes.split(","):
+        dtype = np.dtype(dtype)
+        step = train_step_case(dtype)
+        steps = {}
+
+        def run_step():
+            key = fastconv.get_backend()
+            if key not in steps:
+                steps[key] = train_step_case(dtype)
+            steps[key]()
+        del step
+        medians = interleaved_medians(run_step, backends, args.rounds)
+        print(f"\n{dtype.name} train step: " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in medians.items())
+              + (f"  (x{medians[backends[-1]] / medians[backends[0]]:.1f})" if len(backends) > 1 else ""))
+        if args.no_kernels:
+            continue
+        for kernel, run in kernel_cases(dtype).items():
+            medians = interleaved_medians(run, backends, args.rounds)
+            ratio = f"  x{medians[backends[-1]] / medians[backends[0]]:.1f}" if len(backends) > 1 else ""
+            print(f"  {kernel:<17}" + "".join(f"{k} {v * 1e3:8.2f}  " for k, v in medians.items()) + ratio)
+
+
+if __name__ == "__main__":
+    main()

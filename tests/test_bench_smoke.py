@@ -1,0 +1,271 @@
+"""The benchmark tools in ``bench/``: shapes, timing loop, report and compare (no timing is judged here)."""
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fastconv
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` lives at the repository root
+
+from bench import compare, report  # noqa: E402
+from bench.benchmarks import _network as net  # noqa: E402
+from bench.cases import Case  # noqa: E402
+from bench.timing import Impl, Settings, measure  # noqa: E402
+
+from conftest import assert_close_to_reference  # noqa: E402
+
+
+# --- the shapes the benchmarks run on ----------------------------------------
+
+def test_network_shapes_are_the_chapter8_networks():
+    shapes = net.network_shapes()
+    # worked out by hand from the book's network: 28x28 input, 3x3 filters, 2x2/2 pools
+    assert [(c.x_shape, c.w_shape, c.pad) for c in shapes.conv] == [
+        ((100, 1, 28, 28), (16, 1, 3, 3), 1),
+        ((100, 16, 28, 28), (16, 16, 3, 3), 1),
+        ((100, 16, 14, 14), (32, 16, 3, 3), 1),
+        ((100, 32, 14, 14), (32, 32, 3, 3), 2),
+        ((100, 32, 8, 8), (64, 32, 3, 3), 1),
+        ((100, 64, 8, 8), (64, 64, 3, 3), 1),
+    ]
+    assert [c.out_shape for c in shapes.conv][3] == (100, 32, 16, 16)
+    assert [(p.x_shape, p.out_shape) for p in shapes.pool] == [
+        ((100, 16, 28, 28), (100, 16, 14, 14)),
+        ((100, 32, 16, 16), (100, 32, 8, 8)),
+        ((100, 64, 8, 8), (100, 64, 4, 4)),
+    ]
+    assert [(a.x_shape, a.w_shape) for a in shapes.affine] == [((100, 64, 4, 4), (1024, 50)), ((100, 50), (50, 10))]
+    assert [r.name for r in shapes.relu] == ["relu1", "relu3", "relu4", "relu5", "relu7"]
+    # 2 flops per multiply-add: N * out_h * out_w * FN * C * FH * FW
+    assert shapes.conv[0].flops == 2 * 100 * 28 * 28 * 16 * 1 * 9 == 22_579_200
+    assert shapes.affine[0].flops == 2 * 100 * 1024 * 50
+
+
+# --- the timing loop ------------------------------------------------------------
+
+def _recording_case(log, first_call_sleep=0.0):
+    """A case whose operation logs which implementation ran; the first call of each may sleep."""
+    def make(impl):
+        calls = []
+
+        def run():
+            if not calls and first_call_sleep:
+                time.sleep(first_call_sleep)
+            calls.append(1)
+            log.append(impl.name)
+        return run, None
+    return Case("fake", "layer", "", "float64", make, fixed_number=1)
+
+
+def test_samples_are_interleaved_with_rotating_order():
+    log = []
+    impls = [Impl("a", is_backend=False), Impl("b", is_backend=False)]
+    results = measure(_recording_case(log), impls, Settings(repeat=4, min_repeat=4, max_time=0))
+    assert log[:2] == ["a", "b"]  # the first calls
+    assert log[2:] == ["a", "b", "b", "a", "a", "b", "b", "a"]
+    assert [len(m.samples_s) for m in results] == [4, 4]
+
+
+def test_first_call_is_reported_apart_from_the_samples():
+    results = measure(_recording_case([], first_call_sleep=0.05), [Impl("a", is_backend=False)],
+                      Settings(repeat=3, min_repeat=3, max_time=0))
+    (m,) = results
+    assert m.first_call_s >= 0.05
+    assert len(m.samples_s) == 3 and max(m.samples_s) < 0.05
+
+
+def test_slow_implementations_stop_at_min_repeat():
+    def make(impl):
+        return (lambda: time.sleep(0.02)) if impl.name == "slow" else (lambda: None), None
+    case = Case("fake", "layer", "", "float64", make, fixed_number=1)
+    slow, fast = measure(case, [Impl("slow", False), Impl("fast", False)],
+                         Settings(repeat=6, min_repeat=2, max_time=0.03))
+    assert len(slow.samples_s) == 2
+    assert len(fast.samples_s) == 6
+
+
+def test_a_failing_implementation_is_reported_and_the_others_measured():
+    def make(impl):
+        if impl.name == "broken":
+            def run():
+                raise RuntimeError("kernel exploded")
+            return run, None
+        return (lambda: None), None
+    case = Case("fake", "layer", "", "float64", make, fixed_number=1)
+    broken, fine = measure(case, [Impl("broken", False), Impl("fine", False)], Settings(repeat=3, min_repeat=3))
+    assert broken.error == "RuntimeError: kernel exploded" and broken.samples_s == []
+    assert fine.error is None and len(fine.samples_s) == 3
+
+
+# --- the report ------------------------------------------------------------------
+
+def test_smoke_report(tmp_path, capsys):
+    path = tmp_path / "report.json"
+    md = tmp_path / "report.md"
+    only = ["conv_forward/conv1", "conv_backward/conv1", "maxpool_backward/pool3", "relu_*/relu7",
+            "affine_backward/affine2"]
+    argv = ["--smoke", "--json", str(path), "--markdown", str(md), "--quiet"]
+    assert report.main(argv + [arg for pattern in only for arg in ("--only", pattern)]) == 0
+    data = json.loads(path.read_text())
+    impls = set(fastconv.available_backends()) | ({"torch"} if data["settings"]["torch"] else set())
+    got = {(r["id"], r["dtype"], r["impl"]) for r in data["results"]}
+    ids = {"conv_forward/conv1", "conv_backward/conv1", "maxpool_backward/pool3", "relu_forward/relu7",
+           "relu_backward/relu7", "affine_backward/affine2"}
+    assert got == {(i, d, impl) for i in ids for d in ("float32", "float64") for impl in impls}
+    for r in data["results"]:
+        assert r["samples_s"] and all(s > 0 for s in r["samples_s"]) and r["first_call_s"] > 0
+        assert r["median_s"] == pytest.approx(np.median(r["samples_s"]))
+        assert r["speedup_vs_reference"] is not None
+    conv = next(r for r in data["results"] if r["id"] == "conv_backward/conv1")
+    assert conv["flops"] == 2 * 22_579_200
+    assert conv["gflops"] == pytest.approx(conv["flops"] / conv["median_s"] / 1e9)
+    for key in ("cpu_model", "logical_cpus", "thread_pools", "openmp", "backends"):
+        assert key in data["machine"]
+    assert set(data["gemm_peak"]) == {"float32", "float64"}
+    text = md.read_text()
+    assert text == capsys.readouterr().out
+    assert "### Kernels, float32" in text and "| conv_backward | conv1 |" in text
+
+
+def test_inference_is_scaled_to_10k_images(tmp_path):
+    path = tmp_path / "report.json"
+    argv = ["--smoke", "--images", "200", "--only", "inference/*", "--backends", "reference", "--no-torch",
+            "--dtypes", "float32", "--json", str(path), "--quiet"]
+    assert report.main(argv) == 0
+    (r,) = json.loads(path.read_text())["results"]
+    assert r["scale"] == 50
+    assert r["median_s"] == pytest.approx(50 * r["samples_s"][0])
+
+
+def test_unavailable_backend_is_a_usage_error():
+    with pytest.raises(SystemExit) as exc:
+        report.main(["--smoke", "--backends", "no-such-backend"])
+    assert exc.value.code == 2
+
+
+# --- compare -----------------------------------------------------------------------
+
+def _report(cpu, timings):
+    """A minimal report: ``timings`` maps impl -> median seconds of one benchmark."""
+    results = [{"id": "conv_forward/conv1", "dtype": "float64", "impl": impl,
+                "impl_kind": "torch" if impl == "torch" else "backend", "median_s": t, "min_s": t}
+               for impl, t in timings.items()]
+    machine = {"cpu_model": cpu, "logical_cpus": 2, "cpus_available": 2, "fastconv_threads": 2}
+    return {"schema": report.SCHEMA, "created": "now", "command": "python -m bench", "machine": machine,
+            "results": results}
+
+
+def _run_compare(tmp_path, old, new, *args):
+    paths = []
+    for name, data in (("old.json", old), ("new.json", new)):
+        paths.append(str(tmp_path / name))
+        Path(paths[-1]).write_text(json.dumps(data))
+    return compare.main(paths + list(args))
+
+
+def test_compare_identical_reports_passes(tmp_path, capsys):
+    old = _report("cpu A", {"reference": 0.010, "fast": 0.002, "torch": 0.001})
+    assert _run_compare(tmp_path, old, copy.deepcopy(old)) == 0
+    assert "OK: no benchmark" in capsys.readouterr().out
+
+
+def test_compare_fails_loudly_on_a_slower_backend(tmp_path, capsys):
+    old = _report("cpu A", {"reference": 0.010, "fast": 0.002})
+    new = _report("cpu A", {"reference": 0.010, "fast": 0.003})  # 1.5x slower
+    assert _run_compare(tmp_path, old, new, "--factor", "1.2") == 1
+    out = capsys.readouterr().out
+    assert "PERFORMANCE REGRESSION: 1 of 2" in out
+    assert "conv_forward/conv1 float64 fast" in out and "1.50x" in out
+    assert _run_compare(tmp_path, old, new, "--factor", "1.6") == 0
+
+
+def test_compare_relative_to_reference_across_machines(tmp_path, capsys):
+    old = _report("cpu A", {"reference": 0.010, "fast": 0.002})
+    # a machine twice as fast: both halve, nothing regressed although every absolute time changed
+    faster_machine = _report("cpu B", {"reference": 0.005, "fast": 0.001})
+    assert _run_compare(tmp_path, old, faster_machine) == 0
+    # the fast backend lost ground against the reference: (1.5/5) / (2/10) = 1.5 relative
+    regressed = _report("cpu B", {"reference": 0.005, "fast": 0.0015})
+    assert _run_compare(tmp_path, old, regressed) == 1
+    out = capsys.readouterr().out
+    assert "different machines" in out and "SLOWER (relative)" in out
+    rows, judge, _, _ = compare.compare(old, regressed, 1.2)
+    assert judge == "relative"
+    fast = next(r for r in rows if r.key[2] == "fast")
+    assert fast.relative == pytest.approx(1.5) and fast.absolute == pytest.approx(0.75)
+
+
+def test_compare_fails_when_a_benchmark_failed(tmp_path, capsys):
+    old = _report("cpu A", {"reference": 0.010, "fast": 0.002})
+    new = _report("cpu A", {"reference": 0.010, "fast": 0.002})
+    new["results"][1] = {k: v for k, v in new["results"][1].items() if not k.endswith("_s")}
+    new["results"][1]["error"] = "RuntimeError: kernel exploded"
+    assert _run_compare(tmp_path, old, new) == 1
+    assert "FAILED" in capsys.readouterr().out
+
+
+def test_compare_never_judges_the_torch_yardstick(tmp_path):
+    old = _report("cpu A", {"reference": 0.010, "torch": 0.001})
+    new = _report("cpu A", {"reference": 0.010, "torch": 0.005})
+    assert _run_compare(tmp_path, old, new) == 0
+
+
+def test_compare_rejects_a_file_that_is_not_a_report(tmp_path):
+    old = _report("cpu A", {"reference": 0.010})
+    assert _run_compare(tmp_path, old, {"results": []}) == 2
+
+
+# --- the PyTorch yardstick computes what fastconv computes ---------------------------
+
+SMALL_CONV = net.ConvShape("small", (2, 3, 7, 6), (4, 3, 3, 3), 2, 1)
+SMALL_POOL = net.PoolShape("small", (2, 3, 6, 8), 2, 2, 2, 0)
+SMALL_RELU = net.ReluShape("small", (2, 3, 5, 4))
+SMALL_AFFINE = net.AffineShape("small", (5, 2, 3, 2), (12, 7))
+SMALL = {"im2col": SMALL_CONV, "col2im": SMALL_CONV, "conv_forward": SMALL_CONV, "conv_backward": SMALL_CONV,
+         "maxpool_forward": SMALL_POOL, "maxpool_backward": SMALL_POOL, "relu_forward": SMALL_RELU,
+         "relu_backward": SMALL_RELU, "affine_forward": SMALL_AFFINE, "affine_backward": SMALL_AFFINE}
+
+
+def _as_list(value):
+    return list(value) if isinstance(value, (tuple, list)) else [value]
+
+
+@pytest.mark.parametrize("kernel", sorted(SMALL))
+def test_torch_yardstick_matches_reference(kernel, dtype):
+    pytest.importorskip("torch", reason="PyTorch is an optional extra (pip install fastconv[torch])")
+    from bench import torch_ops
+    torch_ops.load_torch()
+    with fastconv.use_backend("reference"):
+        expected = _as_list(net.KERNEL_OPS[kernel](SMALL[kernel], dtype)())
+    actual = [t.numpy() for t in _as_list(torch_ops.KERNEL_OPS[kernel](SMALL[kernel], dtype)())]
+    if kernel == "maxpool_forward":
+        actual = actual[:1]  # torch also returns the argmax indices, kept for the backward pass
+    if kernel == "affine_backward":
+        actual = actual[:1]  # the layer returns dx and keeps dW, db
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        if e.dtype == bool:
+            np.testing.assert_array_equal(a, e)
+        else:
+            assert_close_to_reference(a.reshape(e.shape), e, dtype)
+
+
+def test_torch_network_has_the_books_parameters():
+    pytest.importorskip("torch", reason="PyTorch is an optional extra (pip install fastconv[torch])")
+    from bench import torch_ops
+    torch_ops.load_torch()
+    model = torch_ops.deep_conv_net(np.float64)
+    ours = net._seeded_network(np.float64)
+    x, _ = net.image_batch(4, np.float64)
+    with fastconv.use_backend("reference"):
+        expected = ours.predict(x, train_flg=False) / 0.25  # the book scales by (1 - 0.5) at each Dropout
+    import torch
+    with torch.no_grad():
+        actual = model.eval()(torch.from_numpy(x)).numpy()
+    assert math.isclose(float(np.max(np.abs(actual - expected))), 0.0, abs_tol=1e-10 * np.max(np.abs(expected)))

@@ -1,0 +1,174 @@
+"""What is particular to the compiled backend: buffers, threads, OpenMP and BLAS settings.
+
+Kernel results are compared with the reference backend in
+``test_kernel_properties.py``; here the backend must also be importable (a
+failed build fails these tests rather than skipping them).
+"""
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_info
+
+import fastconv
+from fastconv import info, kernels
+from fastconv._ext import _buildinfo
+from fastconv.layers import Convolution, Pooling
+from fastconv.models import DeepConvNet
+from conftest import assert_close_to_reference
+
+
+@pytest.fixture
+def cython_backend():
+    status = fastconv.backend_status()["cython"]
+    assert status == "ok", f"the cython backend does not import: {status}"
+    with fastconv.use_backend("cython") as module:
+        yield module
+
+
+def conv_problem(rng, batch, dtype=np.float64, channels=3, size=9, filters=4):
+    x = rng.standard_normal((batch, channels, size, size)).astype(dtype)
+    W = rng.standard_normal((filters, channels, 3, 3)).astype(dtype)
+    b = rng.standard_normal(filters).astype(dtype)
+    return x, W, b
+
+
+def test_cython_is_the_preferred_backend(cython_backend):
+    assert fastconv.available_backends()[0] == "cython"
+
+
+def test_conv_layer_reuses_its_scratch_and_stays_correct_as_batch_and_dtype_change(cython_backend, rng, monkeypatch):
+    monkeypatch.setenv("FASTCONV_NUM_THREADS", "2")  # scratch is per thread: fix its size
+    layer = Convolution(None, None, stride=1, pad=1)
+    reference_layer = Convolution(None, None, stride=1, pad=1)
+    previous_scratch = None
+    for batch, size, dtype, reused in [(4, 9, np.float64, None), (2, 9, np.float64, True), (7, 9, np.float64, True),
+                                       (3, 12, np.float64, False), (3, 12, np.float32, False), (1, 5, np.float32, True)]:
+        x, W, b = conv_problem(rng, batch, dtype, size=size)
+        layer.W, layer.b, reference_layer.W, reference_layer.b = W, b, W, b
+        out = layer.forward(x)
+        with fastconv.use_backend("reference"):
+            expected_out = reference_layer.forward(x)
+        assert_close_to_reference(out, expected_out)
+        dout = rng.standard_normal(out.shape).astype(dtype)
+        dx = layer.backward(dout)
+        with fastconv.use_backend("reference"):
+            expected_dx = reference_layer.backward(dout)
+        assert_close_to_reference(dx, expected_dx)
+        assert_close_to_reference(layer.dW, reference_layer.dW)
+        assert_close_to_reference(layer.db, reference_layer.db)
+        scratch = layer._cache.scratch
+        if reused is not None:
+            assert np.shares_memory(scratch, previous_scratch) == reused, (batch, size, dtype)
+        previous_scratch = scratch
+
+
+def test_pool_layer_reuses_its_indices_and_stays_correct_as_the_batch_changes(cython_backend, rng):
+    layer = Pooling(2, 2, stride=2)
+    reference_layer = Pooling(2, 2, stride=2)
+    previous = None
+    for batch, reused in [(5, None), (3, True), (8, False), (8, True)]:
+        x = rng.integers(-3, 4, (batch, 2, 6, 6)).astype(np.float64)
+        out = layer.forward(x)
+        with fastconv.use_backend("reference"):
+            expected = reference_layer.forward(x)
+        np.testing.assert_array_equal(out, expected)
+        dout = rng.standard_normal(out.shape)
+        dx = layer.backward(dout)
+        with fastconv.use_backend("reference"):
+            np.testing.assert_array_equal(dx, reference_layer.backward(dout))
+        if reused is not None:
+            assert np.shares_memory(layer._cache.source, previous) == reused
+        previous = layer._cache.source
+
+
+def test_outputs_survive_the_next_call_that_reuses_the_workspace(cython_backend, rng):
+    x, W, b = conv_problem(rng, 4)
+    out, cache = kernels.conv_forward(x, W, b, 1, 1)
+    grads = kernels.conv_backward(np.ones_like(out), cache, W)
+    pooled, pool_cache = kernels.maxpool_forward(x, 2, 2, 2, 0)
+    pool_dx = kernels.maxpool_backward(np.ones_like(pooled), pool_cache)
+    kept = [a.copy() for a in (out, *grads, pooled, pool_dx)]
+
+    x2, W2, b2 = conv_problem(rng, 4)
+    out2, cache2 = kernels.conv_forward(x2, W2, b2, 1, 1, workspace=cache)
+    kernels.conv_backward(rng.standard_normal(out2.shape), cache2, W2)
+    pooled2, pool_cache2 = kernels.maxpool_forward(x2, 2, 2, 2, 0, workspace=pool_cache)
+    kernels.maxpool_backward(rng.standard_normal(pooled2.shape), pool_cache2)
+    for now, before in zip((out, *grads, pooled, pool_dx), kept):
+        np.testing.assert_array_equal(now, before)
+
+
+def test_openmp_is_reported_as_built(cython_backend, monkeypatch):
+    monkeypatch.setenv("FASTCONV_NUM_THREADS", "2")
+    reported = info.collect()["openmp"]
+    if _buildinfo.openmp_enabled():
+        assert reported.startswith("enabled")
+        assert cython_backend.parallel_threads() == 2
+    else:
+        assert reported.startswith("disabled")
+        assert cython_backend.parallel_threads() == 1
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_kernels_run_on_fastconv_num_threads(cython_backend, monkeypatch, threads):
+    monkeypatch.setenv("FASTCONV_NUM_THREADS", str(threads))
+    expected = threads if _buildinfo.openmp_enabled() else 1
+    assert cython_backend.parallel_threads() == expected
+
+
+def run_every_kernel(rng_seed, dtype):
+    rng = np.random.default_rng(rng_seed)
+    # batch 37 > DW_GROUPS: several images per group in conv backward
+    x, W, b = conv_problem(rng, 37, dtype, channels=5, size=11, filters=6)
+    out, cache = kernels.conv_forward(x, W, b, 2, 1)
+    dx, dW, db = kernels.conv_backward(rng.standard_normal(out.shape).astype(dtype), cache, W)
+    col = kernels.im2col(x, 3, 2, 1, 1)
+    folded = kernels.col2im(col, x.shape, 3, 2, 1, 1)
+    pooled, pool_cache = kernels.maxpool_forward(np.round(x), 3, 3, 2, 1)
+    pool_dx = kernels.maxpool_backward(rng.standard_normal(pooled.shape).astype(dtype), pool_cache)
+    relu_out, mask = kernels.relu_forward(rng.standard_normal((300, 400)).astype(dtype))
+    relu_dx = kernels.relu_backward(rng.standard_normal(mask.shape).astype(dtype), mask)
+    return out, dx, dW, db, col, folded, pooled, pool_dx, relu_out, mask, relu_dx
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_results_are_bitwise_identical_on_one_and_two_threads(cython_backend, monkeypatch, dtype):
+    monkeypatch.setenv("FASTCONV_NUM_THREADS", "1")
+    serial = run_every_kernel(7, dtype)
+    monkeypatch.setenv("FASTCONV_NUM_THREADS", "2")
+    parallel = run_every_kernel(7, dtype)
+    for one, two in zip(serial, parallel):
+        assert one.dtype == two.dtype
+        np.testing.assert_array_equal(one, two)
+
+
+def blas_thread_counts():
+    return [(lib["filepath"], lib["num_threads"]) for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+
+def test_blas_runs_single_threaded_inside_a_call_and_is_restored_after(cython_backend, rng):
+    before = blas_thread_counts()
+    x, W, b = conv_problem(rng, 3)
+    out, cache = kernels.conv_forward(x, W, b, 1, 1)
+    kernels.conv_backward(out, cache, W)
+    assert blas_thread_counts() == before
+    with cython_backend._single_threaded_blas:
+        inside = blas_thread_counts()
+    assert inside and all(threads == 1 for _, threads in inside)
+    assert blas_thread_counts() == before
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_chapter8_network_gradient_matches_reference(cython_backend, dtype):
+    rng = np.random.default_rng(3)
+    x = rng.random((3, 1, 28, 28))
+    t = rng.integers(0, 10, 3)
+    np.random.seed(0)
+    network = DeepConvNet(dtype=dtype)
+    np.random.seed(1)  # the same dropout masks on both backends
+    grads = network.gradient(x, t)
+    with fastconv.use_backend("reference"):
+        np.random.seed(1)
+        expected = network.gradient(x, t)
+    assert grads.keys() == expected.keys()
+    for key in grads:
+        assert_close_to_reference(grads[key], expected[key])
