@@ -25,7 +25,8 @@ def _add_train_parser(commands):
         "train", help="train the book's DeepConvNet on MNIST and evaluate it",
         description="Train the book's DeepConvNet on MNIST, evaluate it on the test set and write parameters, "
                     "history (JSON) and figures (PNG) to --out. Options not given come from --recipe.")
-    recipe = ", ".join(f"{name}: " + " ".join(f"{k}={v}" for k, v in values.items()) for name, values in RECIPES.items())
+    recipe = ", ".join(f"{name}: " + " ".join(f"{k}={v}" for k, v in values.items())
+                       for name, values in RECIPES.items())
     train.add_argument("--recipe", choices=sorted(RECIPES), help=f"base settings (default book; {recipe})")
     train.add_argument("--epochs", type=int, help="passes over the training set")
     train.add_argument("--batch-size", type=int, help="images per mini-batch")

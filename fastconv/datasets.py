@@ -258,6 +258,7 @@ def load_mnist(normalize=True, flatten=True, one_hot_label=False, data_dir=None,
         images = arrays[f"{split}_img"]
         labels = arrays[f"{split}_label"].copy()
         images = images.astype(np.float32) / np.float32(255.0) if normalize else images.copy()
-        images = images.reshape(-1, IMAGE_SIDE * IMAGE_SIDE) if flatten else images.reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE)
+        shape = (-1, IMAGE_SIDE * IMAGE_SIDE) if flatten else (-1, 1, IMAGE_SIDE, IMAGE_SIDE)
+        images = images.reshape(shape)
         result.append((images, _one_hot(labels) if one_hot_label else labels))
     return tuple(result)

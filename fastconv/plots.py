@@ -7,6 +7,7 @@ __all__ = ["plot_learning_curves", "plot_misclassified"]
 
 
 def _figure(width, height):
+    # imported here: matplotlib is slow to import and only needed once a run ends
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -17,6 +18,8 @@ def _figure(width, height):
 
 def plot_learning_curves(history, path):
     """Loss per step (raw and smoothed) and train/test accuracy per epoch, side by side."""
+    from matplotlib.ticker import MaxNLocator
+
     figure = _figure(11, 4)
     loss_axes, accuracy_axes = figure.subplots(1, 2)
 
@@ -25,7 +28,8 @@ def plot_learning_curves(history, path):
     loss_axes.plot(steps, step_loss, color="0.75", linewidth=0.5, label="per step")
     if step_loss.size >= 11:
         loss_axes.plot(steps, smooth_curve(step_loss), color="C0", label="smoothed")
-    loss_axes.set(xlabel="step", ylabel="training loss", yscale="log" if step_loss.size and step_loss.min() > 0 else "linear")
+    positive = step_loss.size and step_loss.min() > 0
+    loss_axes.set(xlabel="step", ylabel="training loss", yscale="log" if positive else "linear")
     loss_axes.legend()
 
     records = history["epochs"]
@@ -33,6 +37,7 @@ def plot_learning_curves(history, path):
     accuracy_axes.plot(epochs, [100 * r["train_acc"] for r in records], "o-", label="train")
     accuracy_axes.plot(epochs, [100 * r["test_acc"] for r in records], "s-", label="test")
     accuracy_axes.set(xlabel="epoch", ylabel="accuracy (%)")
+    accuracy_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     accuracy_axes.grid(alpha=0.3)
     accuracy_axes.legend(loc="lower right")
     figure.tight_layout()

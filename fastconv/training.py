@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from tqdm import tqdm
 
 from fastconv._interrupts import deferred_interrupts
 from fastconv.augment import RandomAffine
@@ -181,8 +182,6 @@ class Training:
         return self
 
     def _train_epoch(self, on_step):
-        from tqdm.auto import tqdm
-
         cfg = self.config
         seconds = self.totals["seconds"]
         bar = tqdm(total=self.steps_per_epoch, initial=self.step, unit="step", leave=False,
@@ -209,7 +208,8 @@ class Training:
                     self.history["step_loss"].append(loss)
                     done = time.perf_counter()
                     seconds["data"] += after_data - started
-                    seconds["augment"] += after_augment - after_data
+                    if self.augmenter is not None:  # stays 0 without augmentation, so reports can leave it out
+                        seconds["augment"] += after_augment - after_data
                     seconds["forward"] += after_forward - after_augment
                     seconds["backward"] += after_backward - after_forward
                     seconds["update"] += done - after_backward
@@ -217,9 +217,9 @@ class Training:
                     self.totals["loss_sum"] += loss * len(batch)
                     self.totals["images"] += len(batch)
                 if self.progress:
-                    bar.set_postfix(loss=f"{self.totals['loss_sum'] / self.totals['images']:.4f}",
-                                    lr=f"{lr:.2e}",
-                                    img_s=f"{self.totals['images'] / self.totals['train_seconds']:.0f}",
+                    bar.set_postfix({"loss": f"{self.totals['loss_sum'] / self.totals['images']:.4f}",
+                                     "lr": f"{lr:.2e}",
+                                     "img/s": f"{self.totals['images'] / self.totals['train_seconds']:.0f}"},
                                     refresh=False)
                     bar.update()
                 if on_step is not None:

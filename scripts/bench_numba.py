@@ -3,12 +3,19 @@
 Prints median milliseconds of a train step (gradient + Adam update) for each
 dtype, then of every kernel summed over the network's layers. Backends are
 timed in interleaved rounds, so that load from other processes hits them
-alike; the first (compiling) call of each is excluded.
+alike; the first (compiling) call of each is excluded. ``--compile`` instead
+times the first train step of fresh processes with an empty, then a filled,
+kernel cache.
 
     python scripts/bench_numba.py [--rounds 7] [--backends numba,reference]
+    python scripts/bench_numba.py --compile
 """
 import argparse
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import numpy as np
@@ -135,18 +142,57 @@ def interleaved_medians(run, backends, rounds):
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
+FIRST_STEP = """
+import time
+start = time.perf_counter()
+import numpy as np
+import fastconv
+from fastconv.models import DeepConvNet
+imported = time.perf_counter()
+fastconv.set_backend("numba")
+loaded = time.perf_counter()
+dtype = np.dtype("{dtype}")
+np.random.seed(0)
+net = DeepConvNet(dtype=dtype)
+x = np.random.rand(100, 1, 28, 28).astype(dtype)
+t = np.random.randint(0, 10, 100)
+before = time.perf_counter()
+net.gradient(x, t)
+first = time.perf_counter()
+net.gradient(x, t)
+second = time.perf_counter()
+print(imported - start, loaded - imported, first - before, second - first)
+"""
+
+
+def compile_times(dtypes):
+    """Seconds of the first train step in new processes: cold cache, then warm."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        for state in ("cold", "warm"):
+            for dtype in dtypes:
+                out = subprocess.run([sys.executable, "-c", FIRST_STEP.format(dtype=dtype)], env=env,
+                                     capture_output=True, text=True, check=True).stdout
+                imported, loaded, first, second = map(float, out.split())
+                print(f"{state} cache, {dtype}: import fastconv {imported:.2f} s, load backend {loaded:.2f} s, "
+                      f"first train step {first:.2f} s (the next one {second:.3f} s)")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--backends", default="numba,reference")
     parser.add_argument("--dtypes", default="float64,float32")
     parser.add_argument("--no-kernels", action="store_true", help="time the train step only")
+    parser.add_argument("--compile", action="store_true", help="time compilation: cold and warm kernel cache")
     args = parser.parse_args(argv)
+    if args.compile:
+        compile_times(args.dtypes.split(","))
+        return
     backends = args.backends.split(",")
     print(f"threads: {fastconv.get_num_threads()}, rounds: {args.rounds}, medians in ms")
     for dtype in args.dtypes.split(","):
         dtype = np.dtype(dtype)
-        step = train_step_case(dtype)
         steps = {}
 
         def run_step():
@@ -154,7 +200,6 @@ def main(argv=None):
             if key not in steps:
                 steps[key] = train_step_case(dtype)
             steps[key]()
-        del step
         medians = interleaved_medians(run_step, backends, args.rounds)
         print(f"\n{dtype.name} train step: " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in medians.items())
               + (f"  (x{medians[backends[-1]] / medians[backends[0]]:.1f})" if len(backends) > 1 else ""))

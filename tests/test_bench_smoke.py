@@ -11,7 +11,8 @@ import pytest
 
 import fastconv
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` lives at the repository root
+# `bench` lives at the repository root; appended, so that an installed fastconv still wins
+sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 from bench import compare, report  # noqa: E402
 from bench.benchmarks import _network as net  # noqa: E402

@@ -40,8 +40,10 @@ def test_conv_layer_reuses_its_scratch_and_stays_correct_as_batch_and_dtype_chan
     layer = Convolution(None, None, stride=1, pad=1)
     reference_layer = Convolution(None, None, stride=1, pad=1)
     previous_scratch = None
-    for batch, size, dtype, reused in [(4, 9, np.float64, None), (2, 9, np.float64, True), (7, 9, np.float64, True),
-                                       (3, 12, np.float64, False), (3, 12, np.float32, False), (1, 5, np.float32, True)]:
+    # (batch, image size, dtype, whether the previous scratch must be taken over)
+    for batch, size, dtype, reused in [(4, 9, np.float64, None), (4, 9, np.float64, True), (2, 9, np.float64, True),
+                                       (4, 30, np.float64, False), (4, 30, np.float32, False),
+                                       (1, 5, np.float32, True)]:
         x, W, b = conv_problem(rng, batch, dtype, size=size)
         layer.W, layer.b, reference_layer.W, reference_layer.b = W, b, W, b
         out = layer.forward(x)

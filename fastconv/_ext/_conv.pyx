@@ -1,24 +1,26 @@
-"""Convolution forward and backward: per-image im2col + BLAS GEMM, in NCHW.
+"""Convolution forward and backward in NCHW: im2col and BLAS GEMM, a block of images at a time.
 
-Each image is unfolded into a thread-private buffer in the transposed layout
-``colT`` (C*FH*FW, out_h*out_w), small enough to stay in cache, and then
+A block (one image, or several small ones: the caller picks its size) is
+unfolded into a thread-private buffer in the transposed layout
+``colT`` (C*FH*FW, block*out_h*out_w), small enough to stay in cache, and
 
-    out[n]  = W2 @ colT + b           (FN, out_h*out_w): already NCHW
-    dW2    += dout[n] @ colT.T        (FN, C*FH*FW)
-    dcolT   = W2.T @ dout[n]          folded back into dx[n]
+    out    = W2 @ colT + b    (FN, block*out_h*out_w), each image's part copied to NCHW
+    dW2   += dout @ colT.T    dout: the block's (FN, out_h*out_w) gradients side by side
+    dcolT  = W2.T @ dout      folded back into dx
 
 with W2 = W.reshape(FN, C*FH*FW). Nothing of the size of the book's ``col``
-is stored between forward and backward: backward unfolds the input again,
-which is cheaper than writing and re-reading a batch-sized matrix.
+is kept between forward and backward: backward unfolds the input again,
+which costs less than writing and re-reading a batch-sized matrix.
 
 The GEMMs are the BLAS that SciPy exposes to Cython (``scipy.linalg.cython_blas``),
-called from inside the OpenMP region, one call per image; the caller makes
-sure that BLAS runs single-threaded meanwhile, so that one thread pool is busy
-at a time.
+called inside the OpenMP region by every thread; the caller keeps that BLAS
+single-threaded meanwhile, so that one thread pool is busy at a time.
 
-Backward splits the batch into a fixed number of groups of consecutive images,
-sums dW and db per group and then adds the groups in order: the result does
-not depend on the number of threads, bit for bit.
+Backward splits the batch into a fixed number of groups of consecutive
+images, sums dW and db per group, in order, and then adds the groups in
+order: the result does not depend on the number of threads, bit for bit.
+Threads take blocks and groups dynamically, so one that the OS delays does
+not hold up a fixed share of the work.
 """
 from cpython.pycapsule cimport PyCapsule_GetName, PyCapsule_GetPointer
 from cython.parallel cimport parallel, prange, threadid
@@ -65,58 +67,66 @@ cdef inline void _gemm(char transa, char transb, int m, int n, int k,
         _dgemm(&transa, &transb, &m, &n, &k, &alpha, <double *>a, &lda, <double *>b, &ldb, &beta, c, &ldc)
 
 
-cdef inline bint _is_identity_unfold(Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stride, Py_ssize_t pad) noexcept nogil:
-    """A 1x1 kernel with stride 1 and no pad: colT of an image is the image itself."""
-    return fh == 1 and fw == 1 and stride == 1 and pad == 0
+cpdef Py_ssize_t scratch_per_thread(Py_ssize_t K, Py_ssize_t FN, Py_ssize_t block, Py_ssize_t out_hw) noexcept nogil:
+    """Scratch elements one thread needs: colT and dcolT (K, block*out_hw), dout gathered (FN, block*out_hw)."""
+    return (2 * K + FN) * block * out_hw
 
 
 def conv_forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w2, const floating[::1] b,
                  floating[:, :, ::1] out, floating[::1] scratch,
                  Py_ssize_t filter_h, Py_ssize_t filter_w, Py_ssize_t stride, Py_ssize_t pad,
-                 int num_threads):
+                 Py_ssize_t block, int num_threads):
     """out (N, FN, out_h*out_w) = convolution of x with W2 (FN, C*FH*FW), plus b."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t FN = w2.shape[0], K = w2.shape[1]
     cdef Py_ssize_t out_h = (H + 2 * pad - filter_h) // stride + 1
     cdef Py_ssize_t out_w = (W + 2 * pad - filter_w) // stride + 1
     cdef Py_ssize_t HW = out_h * out_w
+    cdef Py_ssize_t per_thread = scratch_per_thread(K, FN, block, HW)
     if K != C * filter_h * filter_w or b.shape[0] != FN:
         raise ValueError("W2 or b does not match x and the filter size")
     if out.shape[0] != N or out.shape[1] != FN or out.shape[2] != HW:
         raise ValueError("out has the wrong shape")
-    if scratch.shape[0] < num_threads * K * HW:
-        raise ValueError("scratch is too small")
-    cdef bint identity = _is_identity_unfold(filter_h, filter_w, stride, pad)
+    if block < 1 or scratch.shape[0] < num_threads * per_thread:
+        raise ValueError("block must be >= 1 and scratch large enough for it")
     cdef const floating *xp = &x[0, 0, 0, 0]
     cdef const floating *wp = &w2[0, 0]
     cdef const floating *bp = &b[0]
     cdef floating *outp = &out[0, 0, 0]
-    cdef floating *scratchp = &scratch[0] if scratch.shape[0] > 0 else NULL
+    cdef floating *scratchp = &scratch[0]
     cdef floating *colT = NULL
-    cdef const floating *image_col
-    cdef floating *image_out
-    cdef Py_ssize_t n, f, i
+    cdef floating *product = NULL
+    cdef const floating *source
+    cdef floating *target
+    cdef floating bias
+    cdef Py_ssize_t blk, first, count, columns, j, f, i
     with nogil, parallel(num_threads=num_threads):
-        colT = scratchp + threadid() * K * HW
-        for n in prange(N, schedule="static"):
-            if identity:
-                image_col = xp + n * C * H * W
-            else:
-                _unfold_image_t(xp + n * C * H * W, colT, C, H, W, filter_h, filter_w, stride, pad, out_h, out_w)
-                image_col = colT
-            image_out = outp + n * FN * HW
-            for f in range(FN):
-                for i in range(HW):
-                    image_out[f * HW + i] = bp[f]
-            # row-major (FN, HW) = W2 @ colT, written as column-major (HW, FN) = colT.T @ W2.T
-            _gemm(c'N', c'N', <int>HW, <int>FN, <int>K, image_col, <int>HW, wp, <int>K, 1, image_out, <int>HW)
+        colT = scratchp + threadid() * per_thread
+        product = colT + K * block * HW
+        for blk in prange((N + block - 1) // block, schedule="dynamic"):
+            first = blk * block
+            count = min(block, N - first)
+            columns = count * HW
+            for j in range(count):
+                _unfold_image_t(xp + (first + j) * C * H * W, colT + j * HW, columns,
+                                C, H, W, filter_h, filter_w, stride, pad, out_h, out_w)
+            # row-major (FN, columns) = W2 @ colT, as column-major (columns, FN) = colT.T @ W2.T
+            _gemm(c'N', c'N', <int>columns, <int>FN, <int>K, colT, <int>columns, wp, <int>K,
+                  0, product, <int>columns)
+            for j in range(count):
+                for f in range(FN):
+                    source = product + f * columns + j * HW
+                    target = outp + ((first + j) * FN + f) * HW
+                    bias = bp[f]
+                    for i in range(HW):
+                        target[i] = source[i] + bias
 
 
 def conv_backward(const floating[:, :, :, ::1] x, const floating[:, ::1] w2, const floating[:, :, ::1] dout,
                   floating[:, :, :, ::1] dx, floating[:, ::1] dw2, floating[::1] db,
                   floating[:, ::1] dw_groups, double[:, ::1] db_groups, floating[::1] scratch,
                   Py_ssize_t filter_h, Py_ssize_t filter_w, Py_ssize_t stride, Py_ssize_t pad,
-                  int num_threads):
+                  Py_ssize_t block, int num_threads):
     """Fill dx (N, C, H, W), dw2 (FN, C*FH*FW) and db (FN,) from dout (N, FN, out_h*out_w).
 
     ``dw_groups`` (G, FN*C*FH*FW) and ``db_groups`` (G, FN) hold the sums of
@@ -128,6 +138,7 @@ def conv_backward(const floating[:, :, :, ::1] x, const floating[:, ::1] w2, con
     cdef Py_ssize_t out_w = (W + 2 * pad - filter_w) // stride + 1
     cdef Py_ssize_t HW = out_h * out_w
     cdef Py_ssize_t G = dw_groups.shape[0]
+    cdef Py_ssize_t per_thread = scratch_per_thread(K, FN, block, HW)
     if K != C * filter_h * filter_w:
         raise ValueError("W2 does not match x and the filter size")
     if dout.shape[0] != N or dout.shape[1] != FN or dout.shape[2] != HW:
@@ -137,53 +148,60 @@ def conv_backward(const floating[:, :, :, ::1] x, const floating[:, ::1] w2, con
         raise ValueError("dx, dw2 or db has the wrong shape")
     if G < 1 or G > N or dw_groups.shape[1] != FN * K or db_groups.shape[0] != G or db_groups.shape[1] != FN:
         raise ValueError("dw_groups or db_groups has the wrong shape")
-    if scratch.shape[0] < 2 * num_threads * K * HW:
-        raise ValueError("scratch is too small")
-    cdef bint identity = _is_identity_unfold(filter_h, filter_w, stride, pad)
+    if block < 1 or scratch.shape[0] < num_threads * per_thread:
+        raise ValueError("block must be >= 1 and scratch large enough for it")
     cdef const floating *xp = &x[0, 0, 0, 0]
     cdef const floating *wp = &w2[0, 0]
     cdef const floating *doutp = &dout[0, 0, 0]
     cdef floating *dxp = &dx[0, 0, 0, 0]
     cdef floating *dwgp = &dw_groups[0, 0]
     cdef double *dbgp = &db_groups[0, 0]
-    cdef floating *scratchp = &scratch[0] if scratch.shape[0] > 0 else NULL
+    cdef floating *scratchp = &scratch[0]
     cdef floating *colT = NULL
     cdef floating *dcolT = NULL
-    cdef const floating *image_col
-    cdef floating *image_dcol
-    cdef const floating *image_dout
+    cdef floating *gathered = NULL
+    cdef const floating *block_dout
     cdef floating beta
-    cdef Py_ssize_t g, n, f, j
+    cdef Py_ssize_t g, first, end, count, columns, n, j, f
     cdef double total
     with nogil, parallel(num_threads=num_threads):
-        colT = scratchp + threadid() * 2 * K * HW
-        dcolT = colT + K * HW
-        for g in prange(G, schedule="static"):
-            for n in range(g * N // G, (g + 1) * N // G):
-                image_dout = doutp + n * FN * HW
-                beta = 0 if n == g * N // G else 1
+        colT = scratchp + threadid() * per_thread
+        dcolT = colT + K * block * HW
+        gathered = dcolT + K * block * HW
+        for g in prange(G, schedule="dynamic"):
+            end = (g + 1) * N // G
+            first = g * N // G
+            while first < end:
+                count = min(block, end - first)
+                columns = count * HW
+                beta = 0 if first == g * N // G else 1
                 for f in range(FN):
-                    total = _row_sum(image_dout + f * HW, HW)
-                    if beta == 0:
-                        dbgp[g * FN + f] = total
-                    else:
-                        dbgp[g * FN + f] += total
-                if identity:
-                    image_col = xp + n * C * H * W
-                    image_dcol = dxp + n * C * H * W
-                else:
-                    _unfold_image_t(xp + n * C * H * W, colT, C, H, W, filter_h, filter_w, stride, pad, out_h, out_w)
-                    image_col = colT
-                    image_dcol = dcolT
-                # row-major (FN, K) += dout[n] @ colT.T, i.e. column-major (K, FN) += colT @ dout[n].T
-                _gemm(c'T', c'N', <int>K, <int>FN, <int>HW, image_col, <int>HW, image_dout, <int>HW,
+                    total = 0
+                    for n in range(first, first + count):
+                        total = total + _row_sum(doutp + (n * FN + f) * HW, HW)
+                    dbgp[g * FN + f] = total if beta == 0 else dbgp[g * FN + f] + total
+                if count == 1:
+                    block_dout = doutp + first * FN * HW
+                else:  # the images' (FN, HW) blocks side by side: (FN, count*HW)
+                    for f in range(FN):
+                        for j in range(count):
+                            memcpy(gathered + f * columns + j * HW, doutp + ((first + j) * FN + f) * HW,
+                                   HW * sizeof(floating))
+                    block_dout = gathered
+                for j in range(count):
+                    _unfold_image_t(xp + (first + j) * C * H * W, colT + j * HW, columns,
+                                    C, H, W, filter_h, filter_w, stride, pad, out_h, out_w)
+                # row-major (FN, K) += dout @ colT.T, as column-major (K, FN) += colT @ dout.T
+                _gemm(c'T', c'N', <int>K, <int>FN, <int>columns, colT, <int>columns, block_dout, <int>columns,
                       beta, dwgp + g * FN * K, <int>K)
-                # row-major (K, HW) = W2.T @ dout[n], i.e. column-major (HW, K) = dout[n].T @ W2
-                _gemm(c'N', c'T', <int>HW, <int>K, <int>FN, image_dout, <int>HW, wp, <int>K,
-                      0, image_dcol, <int>HW)
-                if not identity:
-                    memset(dxp + n * C * H * W, 0, C * H * W * sizeof(floating))
-                    _fold_image_t(dcolT, dxp + n * C * H * W, C, H, W, filter_h, filter_w, stride, pad, out_h, out_w)
+                # row-major (K, columns) = W2.T @ dout, as column-major (columns, K) = dout.T @ W2
+                _gemm(c'N', c'T', <int>columns, <int>K, <int>FN, block_dout, <int>columns, wp, <int>K,
+                      0, dcolT, <int>columns)
+                for j in range(count):
+                    memset(dxp + (first + j) * C * H * W, 0, C * H * W * sizeof(floating))
+                    _fold_image_t(dcolT + j * HW, columns, dxp + (first + j) * C * H * W,
+                                  C, H, W, filter_h, filter_w, stride, pad, out_h, out_w)
+                first = first + count
     cdef floating *dw2p = &dw2[0, 0]
     with nogil:
         memcpy(dw2p, dwgp, FN * K * sizeof(floating))
@@ -211,12 +229,11 @@ cdef inline double _row_sum(const floating *values, Py_ssize_t count) noexcept n
     return (s0 + s1) + (s2 + s3)
 
 
-cdef void _unfold_image_t(const floating *x, floating *colT,
+cdef void _unfold_image_t(const floating *x, floating *colT, Py_ssize_t ld,
                           Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
                           Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stride, Py_ssize_t pad,
                           Py_ssize_t out_h, Py_ssize_t out_w) noexcept nogil:
-    """colT (C*fh*fw, out_h*out_w) of one image: row (c, ky, kx) holds what that cell sees in every window."""
-    cdef Py_ssize_t HW = out_h * out_w
+    """colT (C*fh*fw, out_h*out_w) of one image, rows ``ld`` apart: row (c, ky, kx) holds what that cell sees in every window."""
     cdef Py_ssize_t c, ky, kx, oy, ox, oy_lo, oy_hi, ox_lo, ox_hi, src
     cdef floating *row
     cdef floating *line
@@ -227,30 +244,36 @@ cdef void _unfold_image_t(const floating *x, floating *colT,
             ox_lo = first_inside(kx - pad, stride)
             ox_hi = end_inside(kx - pad, stride, W, out_w, ox_lo)
             for c in range(C):
-                row = colT + ((c * fh + ky) * fw + kx) * HW
-                memset(row, 0, oy_lo * out_w * sizeof(floating))
+                row = colT + ((c * fh + ky) * fw + kx) * ld
                 for oy in range(oy_lo, oy_hi):
                     line = row + oy * out_w
                     src = (c * H + oy * stride + ky - pad) * W + kx - pad
-                    for ox in range(ox_lo):
-                        line[ox] = 0
                     if stride == 1:
                         for ox in range(ox_lo, ox_hi):
                             line[ox] = x[src + ox]
                     else:
                         for ox in range(ox_lo, ox_hi):
                             line[ox] = x[src + ox * stride]
-                    for ox in range(ox_hi, out_w):
-                        line[ox] = 0
-                memset(row + oy_hi * out_w, 0, (out_h - oy_hi) * out_w * sizeof(floating))
+                # Padding. The few columns at the sides are zeroed down the rows:
+                # zeroing them line by line would become a memset call for a
+                # cell or two, per line.
+                for ox in range(ox_lo):
+                    for oy in range(oy_lo, oy_hi):
+                        row[oy * out_w + ox] = 0
+                for ox in range(ox_hi, out_w):
+                    for oy in range(oy_lo, oy_hi):
+                        row[oy * out_w + ox] = 0
+                if oy_lo > 0:
+                    memset(row, 0, oy_lo * out_w * sizeof(floating))
+                if oy_hi < out_h:
+                    memset(row + oy_hi * out_w, 0, (out_h - oy_hi) * out_w * sizeof(floating))
 
 
-cdef void _fold_image_t(const floating *colT, floating *x,
+cdef void _fold_image_t(const floating *colT, Py_ssize_t ld, floating *x,
                         Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
                         Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stride, Py_ssize_t pad,
                         Py_ssize_t out_h, Py_ssize_t out_w) noexcept nogil:
-    """Add every row of colT back onto the image cells it was taken from (the adjoint of unfolding)."""
-    cdef Py_ssize_t HW = out_h * out_w
+    """Add every row of colT (rows ``ld`` apart) back onto the image cells it was taken from (the adjoint of unfolding)."""
     cdef Py_ssize_t c, ky, kx, oy, ox, oy_lo, oy_hi, ox_lo, ox_hi, dst
     cdef const floating *row
     cdef const floating *line
@@ -261,7 +284,7 @@ cdef void _fold_image_t(const floating *colT, floating *x,
             for kx in range(fw):
                 ox_lo = first_inside(kx - pad, stride)
                 ox_hi = end_inside(kx - pad, stride, W, out_w, ox_lo)
-                row = colT + ((c * fh + ky) * fw + kx) * HW
+                row = colT + ((c * fh + ky) * fw + kx) * ld
                 for oy in range(oy_lo, oy_hi):
                     line = row + oy * out_w
                     dst = (c * H + oy * stride + ky - pad) * W + kx - pad

@@ -26,7 +26,7 @@ def im2col(const floating[:, :, :, ::1] x, floating[:, ::1] col,
     cdef const floating *src = &x[0, 0, 0, 0]
     cdef floating *dst = &col[0, 0]
     cdef Py_ssize_t n
-    for n in prange(N, nogil=True, schedule="static", num_threads=num_threads):
+    for n in prange(N, nogil=True, schedule="dynamic", num_threads=num_threads):
         _unfold_image(src + n * C * H * W, dst + n * out_h * out_w * row_len,
                       C, H, W, filter_h, filter_w, stride, pad, out_h, out_w)
 
@@ -44,7 +44,7 @@ def col2im(const floating[:, ::1] col, floating[:, :, :, ::1] x,
     cdef const floating *src = &col[0, 0]
     cdef floating *dst = &x[0, 0, 0, 0]
     cdef Py_ssize_t n
-    for n in prange(N, nogil=True, schedule="static", num_threads=num_threads):
+    for n in prange(N, nogil=True, schedule="dynamic", num_threads=num_threads):
         memset(dst + n * C * H * W, 0, C * H * W * sizeof(floating))
         _fold_image(src + n * out_h * out_w * row_len, dst + n * C * H * W,
                     C, H, W, filter_h, filter_w, stride, pad, out_h, out_w)

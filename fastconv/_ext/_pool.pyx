@@ -30,7 +30,7 @@ def maxpool_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out, 
     cdef floating *outp = &out[0, 0, 0, 0]
     cdef int *sourcep = &source[0]
     cdef Py_ssize_t plane
-    for plane in prange(N * C, nogil=True, schedule="static", num_threads=num_threads):
+    for plane in prange(N * C, nogil=True, schedule="dynamic", chunksize=16, num_threads=num_threads):
         _pool_plane(xp + plane * H * W, outp + plane * out_h * out_w, sourcep + plane * out_h * out_w,
                     H, W, pool_h, pool_w, stride, pad, out_h, out_w)
 
@@ -48,7 +48,7 @@ def maxpool_backward(const floating[:, :, :, ::1] dout, const int[::1] source, f
     cdef floating *dx_plane
     cdef Py_ssize_t plane, o
     cdef int cell
-    for plane in prange(N * C, nogil=True, schedule="static", num_threads=num_threads):
+    for plane in prange(N * C, nogil=True, schedule="dynamic", chunksize=16, num_threads=num_threads):
         dx_plane = dxp + plane * H * W
         memset(dx_plane, 0, H * W * sizeof(floating))
         for o in range(out_hw):
@@ -60,73 +60,77 @@ def maxpool_backward(const floating[:, :, :, ::1] dout, const int[::1] source, f
 cdef void _pool_plane(const floating *x, floating *out, int *source,
                       Py_ssize_t H, Py_ssize_t W, Py_ssize_t pool_h, Py_ssize_t pool_w,
                       Py_ssize_t stride, Py_ssize_t pad, Py_ssize_t out_h, Py_ssize_t out_w) noexcept nogil:
-    cdef Py_ssize_t oy, ox, ky, kx, iy, ix, top, left
-    cdef floating best, value
-    cdef int best_cell, cell
-    cdef bint inside
+    cdef Py_ssize_t oy, ox, top, left
     for oy in range(out_h):
         top = oy * stride - pad
         for ox in range(out_w):
             left = ox * stride - pad
             if top >= 0 and left >= 0 and top + pool_h <= H and left + pool_w <= W:
-                _window_inside(x, W, top, left, pool_h, pool_w, &best, &best_cell)
+                _window_inside(x, W, top, left, pool_h, pool_w, out + oy * out_w + ox, source + oy * out_w + ox)
             else:
-                best = -INFINITY  # the value of the first cell if it is padding
-                best_cell = -1
-                for ky in range(pool_h):
-                    iy = top + ky
-                    for kx in range(pool_w):
-                        ix = left + kx
-                        inside = 0 <= iy < H and 0 <= ix < W
-                        if inside:
-                            value = x[iy * W + ix]
-                            cell = <int>(iy * W + ix)
-                        else:
-                            value = -INFINITY
-                            cell = -1
-                        if (ky == 0 and kx == 0) or _beats(value, best):
-                            best = value
-                            best_cell = cell
-            out[oy * out_w + ox] = best
-            source[oy * out_w + ox] = best_cell
+                _pool_window(x, H, W, top, left, pool_h, pool_w, out + oy * out_w + ox, source + oy * out_w + ox)
 
 
 cdef inline void _window_inside(const floating *x, Py_ssize_t W, Py_ssize_t top, Py_ssize_t left,
                                 Py_ssize_t pool_h, Py_ssize_t pool_w,
                                 floating *best_out, int *best_cell_out) noexcept nogil:
-    """The window lies inside the image: no bounds tests and no data-dependent branches.
+    """A window inside the image: no bounds tests, and no branch on the data.
 
     Which cell holds the maximum is random on real data, so a branch per
-    comparison is mispredicted half the time; the running maximum is kept
-    with a max and the index with arithmetic instead. NaN, rare, is handled
-    afterwards by the exact loop.
+    comparison would be mispredicted half the time: the maximum is kept with
+    max and its cell with arithmetic. NaN, rare, goes to the exact loop.
     """
-    cdef Py_ssize_t ky, kx, cell, take
-    cdef Py_ssize_t best_cell = top * W + left
-    cdef floating best = x[best_cell], value
+    cdef Py_ssize_t ky, kx
+    cdef Py_ssize_t origin = top * W + left, best_cell = origin
+    cdef floating best = x[origin]
     cdef bint nan_seen = 0
-    for ky in range(pool_h):
-        for kx in range(pool_w):
-            cell = (top + ky) * W + left + kx
-            value = x[cell]
-            take = value > best
-            best_cell += take * (cell - best_cell)
-            best = value if value > best else best
-            nan_seen |= value != value
-    if nan_seen:
-        best_cell = top * W + left
-        best = x[best_cell]
+    if pool_h == 2 and pool_w == 2:  # the common case, unrolled
+        _consider(x, origin + 1, &best, &best_cell, &nan_seen)
+        _consider(x, origin + W, &best, &best_cell, &nan_seen)
+        _consider(x, origin + W + 1, &best, &best_cell, &nan_seen)
+    else:
         for ky in range(pool_h):
             for kx in range(pool_w):
-                cell = (top + ky) * W + left + kx
-                if _beats(x[cell], best):
-                    best = x[cell]
-                    best_cell = cell
+                _consider(x, origin + ky * W + kx, &best, &best_cell, &nan_seen)
+    if nan_seen:
+        _pool_window(x, top + pool_h, W, top, left, pool_h, pool_w, best_out, best_cell_out)
+    else:
+        best_out[0] = best
+        best_cell_out[0] = <int>best_cell
+
+
+cdef inline void _consider(const floating *x, Py_ssize_t cell, floating *best, Py_ssize_t *best_cell,
+                           bint *nan_seen) noexcept nogil:
+    cdef floating value = x[cell]
+    cdef Py_ssize_t take = value > best[0]
+    best_cell[0] += take * (cell - best_cell[0])
+    best[0] = value if value > best[0] else best[0]
+    nan_seen[0] |= value != value
+
+
+cdef void _pool_window(const floating *x, Py_ssize_t H, Py_ssize_t W, Py_ssize_t top, Py_ssize_t left,
+                       Py_ssize_t pool_h, Py_ssize_t pool_w, floating *best_out, int *best_cell_out) noexcept nogil:
+    """One window, exactly: cells outside the image are -inf in their (ky, kx) place."""
+    cdef Py_ssize_t ky, kx, iy, ix
+    cdef floating best = -INFINITY, value
+    cdef int best_cell = -1, cell
+    for ky in range(pool_h):
+        iy = top + ky
+        for kx in range(pool_w):
+            ix = left + kx
+            if 0 <= iy < H and 0 <= ix < W:
+                value = x[iy * W + ix]
+                cell = <int>(iy * W + ix)
+            else:
+                value = -INFINITY
+                cell = -1
+            if (ky == 0 and kx == 0) or _beats(value, best):
+                best = value
+                best_cell = cell
     best_out[0] = best
-    best_cell_out[0] = <int>best_cell
+    best_cell_out[0] = best_cell
 
 
 cdef inline bint _beats(floating value, floating best) noexcept nogil:
     """True when ``value`` replaces the maximum so far: strictly larger, or the first NaN."""
-    # bitwise, not short-circuit: no branch to mispredict on random data
-    return (value > best) | ((value != value) & (best == best))
+    return value > best or (value != value and best == best)

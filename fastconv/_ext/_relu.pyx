@@ -13,17 +13,15 @@ def relu_forward(const floating[::1] x, floating[::1] out, unsigned char[::1] ma
     cdef Py_ssize_t size = x.shape[0]
     if out.shape[0] != size or mask.shape[0] != size:
         raise ValueError("x, out and mask must have the same size")
-    cdef Py_ssize_t block, start, end, i
-    cdef bint off
-    cdef floating value
-    for block in prange((size + BLOCK - 1) // BLOCK, nogil=True, schedule="static", num_threads=num_threads):
-        start = block * BLOCK
-        end = min(start + BLOCK, size)
-        for i in range(start, end):
-            value = x[i]
-            off = value <= 0
-            mask[i] = off
-            out[i] = 0 if off else value
+    # raw pointers: through memoryview structs the compiler reloads the data
+    # pointers after every store and does not vectorize
+    cdef const floating *xp = &x[0]
+    cdef floating *outp = &out[0]
+    cdef unsigned char *maskp = &mask[0]
+    cdef Py_ssize_t block
+    for block in prange((size + BLOCK - 1) // BLOCK, nogil=True, schedule="dynamic", num_threads=num_threads):
+        _relu_block(xp + block * BLOCK, outp + block * BLOCK, maskp + block * BLOCK,
+                    min(BLOCK, size - block * BLOCK))
 
 
 def relu_backward(floating[::1] dout, const unsigned char[::1] mask, int num_threads):
@@ -31,9 +29,23 @@ def relu_backward(floating[::1] dout, const unsigned char[::1] mask, int num_thr
     cdef Py_ssize_t size = dout.shape[0]
     if mask.shape[0] != size:
         raise ValueError("dout and mask must have the same size")
-    cdef Py_ssize_t block, start, end, i
-    for block in prange((size + BLOCK - 1) // BLOCK, nogil=True, schedule="static", num_threads=num_threads):
-        start = block * BLOCK
-        end = min(start + BLOCK, size)
-        for i in range(start, end):
-            dout[i] = 0 if mask[i] else dout[i]
+    cdef floating *doutp = &dout[0]
+    cdef const unsigned char *maskp = &mask[0]
+    cdef Py_ssize_t block
+    for block in prange((size + BLOCK - 1) // BLOCK, nogil=True, schedule="dynamic", num_threads=num_threads):
+        _mask_block(doutp + block * BLOCK, maskp + block * BLOCK, min(BLOCK, size - block * BLOCK))
+
+
+cdef inline void _relu_block(const floating *x, floating *out, unsigned char *mask, Py_ssize_t count) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef floating value
+    for i in range(count):
+        value = x[i]
+        mask[i] = value <= 0
+        out[i] = 0 if value <= 0 else value
+
+
+cdef inline void _mask_block(floating *dout, const unsigned char *mask, Py_ssize_t count) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(count):
+        dout[i] = 0 if mask[i] else dout[i]

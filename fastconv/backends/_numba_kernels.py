@@ -10,8 +10,11 @@ Indices are converted to unsigned (``_ix``) where arrays are read or written:
 a signed index makes Numba emit negative-index wraparound code, which stops
 LLVM from vectorizing the loop (measured: 5 to 8 times slower copies).
 
-Compiled code is cached on disk (``cache=True``); each kernel is compiled
-for a dtype the first time it is called with it.
+Each kernel is compiled for a dtype the first time it is called with it,
+and the machine code is cached on disk: next to this file when that is
+writable, else in the user's cache directory (Numba's own fallback, e.g.
+``~/.cache/numba`` for a read-only install), or in ``NUMBA_CACHE_DIR`` when
+set. With no writable place at all the kernels still work, uncached.
 
 Two layouts of the window matrix appear here:
 
@@ -21,14 +24,31 @@ Two layouts of the window matrix appear here:
   holds what that tap sees in every window: for stride 1 a sequence of
   shifted image rows, cheap to fill and to fold back.
 """
+import warnings
+
 import numpy as np
 from numba import njit
 from numba import uint64 as _ix
 
-_JIT = {"cache": True, "nogil": True, "error_model": "numpy"}
+# error_model="numpy": no zero-division checks in the index arithmetic
+_OPTIONS = {"nogil": True, "error_model": "numpy"}
+_uncached = []  # names of the kernels compiled without a disk cache
 
 
-@njit(**_JIT)
+def _kernel(function):
+    """``njit`` with the options above, caching compiled code on disk where possible."""
+    try:
+        return njit(cache=True, **_OPTIONS)(function)
+    except RuntimeError as exc:  # Numba found no writable cache directory
+        if not _uncached:
+            warnings.warn(f"fastconv's numba kernels will be compiled in every process: {exc}; "
+                          "set NUMBA_CACHE_DIR to a writable directory to cache them", RuntimeWarning,
+                          stacklevel=2)
+        _uncached.append(function.__name__)
+        return njit(**_OPTIONS)(function)
+
+
+@_kernel
 def _valid_span(out_w, width, k, stride, pad):
     """Window columns [lo, hi) whose tap at offset ``k`` falls inside ``[0, width)`` (not in the padding)."""
     lo = 0
@@ -39,14 +59,54 @@ def _valid_span(out_w, width, k, stride, pad):
     return lo, max(hi, lo)
 
 
-@njit(**_JIT)
-def im2col_t(x, fh, fw, stride, pad, colT, n0, n1):
-    """colT[(c, ky, kx), (n - n0, oy, ox)] = x[n, c, oy*stride - pad + ky, ox*stride - pad + kx], 0 in the padding."""
+@_kernel
+def im2col_t_same_size(x, fh, fw, pad, colT, n0, n1):
+    """``im2col_t_by_rows`` when the output has the input's size (stride 1, pad = (f - 1) / 2).
+
+    Then a tap's view of an image is the image shifted by a constant offset:
+    one long copy per tap and image, after which the columns that wrapped
+    around from the neighbouring row are zeroed.
+    """
     _, C, H, W = x.shape
-    images = n1 - n0
+    hw = H * W
     width = colT.shape[1]
+    src = x.reshape(-1)
+    dst = colT.reshape(-1)
+    for c in range(C):
+        for ky in range(fh):
+            oy_lo, oy_hi = max(pad - ky, 0), min(H + pad - ky, H)
+            for kx in range(fw):
+                lo, hi = max(pad - kx, 0), min(W + pad - kx, W)
+                shift = (ky - pad) * W + (kx - pad)
+                j_lo, j_hi = max(oy_lo * W, -shift), min(oy_hi * W, hw - shift)
+                row = ((c * fh + ky) * fw + kx) * width
+                for i in range(n1 - n0):
+                    d = row + i * hw
+                    s = ((n0 + i) * C + c) * hw + shift
+                    for j in range(j_lo):
+                        dst[_ix(d + j)] = 0
+                    for j in range(j_hi - j_lo):
+                        dst[_ix(d + j_lo + j)] = src[_ix(s + j_lo + j)]
+                    for j in range(j_hi, hw):
+                        dst[_ix(d + j)] = 0
+                    if lo > 0 or hi < W:
+                        for oy in range(oy_lo, oy_hi):
+                            for ox in range(lo):
+                                dst[_ix(d + oy * W + ox)] = 0
+                            for ox in range(hi, W):
+                                dst[_ix(d + oy * W + ox)] = 0
+
+
+@_kernel
+def im2col_t_by_rows(x, fh, fw, stride, pad, colT, n0, n1):
+    """colT[(c, ky, kx), (n - n0, oy, ox)] = x[n, c, oy*stride - pad + ky, ox*stride - pad + kx], 0 in the padding.
+
+    Any geometry; one output row at a time.
+    """
+    _, C, H, W = x.shape
+    out_h = (H + 2 * pad - fh) // stride + 1
     out_w = (W + 2 * pad - fw) // stride + 1
-    out_h = width // images // out_w
+    width = colT.shape[1]
     src = x.reshape(-1)
     dst = colT.reshape(-1)
     for c in range(C):
@@ -54,7 +114,7 @@ def im2col_t(x, fh, fw, stride, pad, colT, n0, n1):
             for kx in range(fw):
                 row = ((c * fh + ky) * fw + kx) * width
                 lo, hi = _valid_span(out_w, W, kx, stride, pad)
-                for i in range(images):
+                for i in range(n1 - n0):
                     plane = ((n0 + i) * C + c) * H * W
                     for oy in range(out_h):
                         d = row + (i * out_h + oy) * out_w
@@ -76,14 +136,14 @@ def im2col_t(x, fh, fw, stride, pad, colT, n0, n1):
                             dst[_ix(d + j)] = 0
 
 
-@njit(**_JIT)
+@_kernel
 def col2im_t(colT, fh, fw, stride, pad, dx, n0, n1):
-    """dx[n0:n1] = the adjoint of ``im2col_t``: every tap added back to its pixel, padding dropped."""
+    """dx[n0:n1] = the adjoint of ``im2col_t_by_rows``: every tap added back to its pixel, padding dropped."""
     _, C, H, W = dx.shape
     images = n1 - n0
     width = colT.shape[1]
+    out_h = (H + 2 * pad - fh) // stride + 1
     out_w = (W + 2 * pad - fw) // stride + 1
-    out_h = width // images // out_w
     src = colT.reshape(-1)
     dst = dx.reshape(-1)
     first = n0 * C * H * W
@@ -110,7 +170,7 @@ def col2im_t(colT, fh, fw, stride, pad, dx, n0, n1):
                                 dst[_ix(d + j * stride)] += src[_ix(s + j)]
 
 
-@njit(**_JIT)
+@_kernel
 def im2col_rows(x, fh, fw, stride, pad, col, n0, n1):
     """The book's ``col`` rows of images [n0, n1): col[(n, oy, ox), (c, ky, kx)]."""
     _, C, H, W = x.shape
@@ -142,7 +202,7 @@ def im2col_rows(x, fh, fw, stride, pad, col, n0, n1):
                             dst[_ix(e + kx)] = 0
 
 
-@njit(**_JIT)
+@_kernel
 def col2im_rows(col, fh, fw, stride, pad, dx, n0, n1):
     """dx[n0:n1] = the adjoint of ``im2col_rows`` (taps of overlapping windows are summed)."""
     _, C, H, W = dx.shape
@@ -171,7 +231,7 @@ def col2im_rows(col, fh, fw, stride, pad, dx, n0, n1):
                             dst[_ix(d + kx)] += src[_ix(e + kx)]
 
 
-@njit(**_JIT)
+@_kernel
 def add_bias_to_nchw(rows, b, out, n0, n1):
     """out[n, f, :] = rows[f, (n - n0) block] + b[f] for images [n0, n1); ``rows`` is (F, (n1-n0)*hw)."""
     _, F, hw = out.shape
@@ -187,7 +247,7 @@ def add_bias_to_nchw(rows, b, out, n0, n1):
                 dst[_ix(d + p)] = src[_ix(s + p)] + bias
 
 
-@njit(**_JIT)
+@_kernel
 def nchw_to_rows(dout, rows, db, n0, n1):
     """rows[f, (n - n0) block] = dout[n, f, :] for images [n0, n1), and db[f] += their sum.
 
@@ -202,15 +262,27 @@ def nchw_to_rows(dout, rows, db, n0, n1):
         for f in range(F):
             s = ((n0 + i) * F + f) * hw
             d = f * width + i * hw
-            total = 0.0
-            for p in range(hw):
-                v = src[_ix(s + p)]
-                dst[_ix(d + p)] = v
-                total += v
-            db[f] += total
+            # four running sums instead of one: independent additions pipeline
+            t0 = t1 = t2 = t3 = 0.0
+            p = 0
+            while p + 4 <= hw:
+                v0, v1 = src[_ix(s + p)], src[_ix(s + p + 1)]
+                v2, v3 = src[_ix(s + p + 2)], src[_ix(s + p + 3)]
+                dst[_ix(d + p)], dst[_ix(d + p + 1)] = v0, v1
+                dst[_ix(d + p + 2)], dst[_ix(d + p + 3)] = v2, v3
+                t0 += v0
+                t1 += v1
+                t2 += v2
+                t3 += v3
+                p += 4
+            for q in range(p, hw):
+                v = src[_ix(s + q)]
+                dst[_ix(d + q)] = v
+                t0 += v
+            db[f] += (t0 + t1) + (t2 + t3)
 
 
-@njit(**_JIT)
+@_kernel
 def maxpool_forward(x, ph, pw, stride, pad, out, argmax, n0, n1):
     """Window maxima of images [n0, n1) and where they are: k = ky*pw + kx of the first maximum.
 
@@ -248,7 +320,7 @@ def maxpool_forward(x, ph, pw, stride, pad, out, argmax, n0, n1):
                     where[_ix(((n * out_h + oy) * out_w + ox) * C + c)] = best_k
 
 
-@njit(**_JIT)
+@_kernel
 def maxpool_backward(dout, argmax, ph, pw, stride, pad, dx, n0, n1):
     """dx[n0:n1]: each output gradient added to the cell ``argmax`` points at (dropped if padding)."""
     _, C, H, W = dx.shape
@@ -271,7 +343,7 @@ def maxpool_backward(dout, argmax, ph, pw, stride, pad, dx, n0, n1):
                         dst[_ix(plane + y * W + xx)] += src[_ix(((n * C + c) * out_h + oy) * out_w + ox)]
 
 
-@njit(**_JIT)
+@_kernel
 def relu_forward(x, out, mask, i0, i1):
     """out = x where x > 0, else 0; mask = x <= 0; on the flat range [i0, i1)."""
     for j in range(i1 - i0):
@@ -282,7 +354,7 @@ def relu_forward(x, out, mask, i0, i1):
         out[i] = 0 if m else v
 
 
-@njit(**_JIT)
+@_kernel
 def relu_backward(dout, mask, i0, i1):
     """dout = 0 where mask, in place, on the flat range [i0, i1)."""
     for j in range(i1 - i0):

@@ -23,10 +23,19 @@ Results do not depend on the number of threads, bit for bit: convolution
 backward sums dW and db over a fixed number of image groups (``DW_GROUPS``),
 in order, whatever the number of threads.
 """
+import os
+import threading
+
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from fastconv._threads import get_num_threads
+
+# Idle OpenMP threads sleep rather than spin (unless the user chose a policy).
+# Spinning threads hold a core for milliseconds after every kernel, which the
+# BLAS pool of the NumPy layers in between, or any other process, then waits
+# for. Read once, when the OpenMP runtime loads with the first extension.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 try:
     from fastconv._ext import _conv
@@ -34,13 +43,17 @@ except ModuleNotFoundError as exc:
     if exc.name and exc.name.split(".")[0] == "scipy":
         raise ImportError("the cython backend needs SciPy for its BLAS: pip install scipy") from exc
     raise
-from fastconv._ext import _im2col, _parallel, _pool, _relu  # noqa: E402
+from fastconv._ext import _buildinfo, _im2col, _parallel, _pool, _relu  # noqa: E402
 
 NAME = "cython"
 
 # Convolution backward sums dW over this many groups of images (fewer for
 # smaller batches): it is also the most threads that pass can use.
 DW_GROUPS = 16
+
+# Convolutions multiply the windows of several small images at once, about
+# this many output pixels per GEMM: small GEMMs waste time packing operands.
+GEMM_COLUMNS = 256
 
 # Elements per ReLU work item; must match BLOCK in _relu.pyx.
 _RELU_BLOCK = 1 << 15
@@ -79,36 +92,46 @@ class PoolCache:
 
 
 class _SingleThreadedBlas:
-    """Context manager: BLAS libraries run on one thread inside, as they were outside.
+    """Context manager: BLAS libraries run on one thread inside, as they were set outside.
 
-    OpenBLAS built on OpenMP is left alone: it already runs serially when
-    called from an OpenMP region, and limiting it would limit that region too.
+    Nested and concurrent uses (kernels called from several Python threads)
+    share one limit, lifted when the last of them leaves. OpenBLAS built on
+    OpenMP is left alone: it already runs serially inside an OpenMP region,
+    and limiting it would limit that region too.
     """
 
     def __init__(self):
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved = []  # (library, its thread count before)
         self._libraries = None  # found on first use, once SciPy's BLAS is loaded
-        self._restore = []
 
-    def _find(self):
+    @staticmethod
+    def _find():
         controller = ThreadpoolController().select(user_api="blas")
         return [lib for lib in controller.lib_controllers
                 if not (lib.internal_api == "openblas" and getattr(lib, "threading_layer", "") == "openmp")]
 
     def __enter__(self):
-        if self._libraries is None:
-            self._libraries = self._find()
-        self._restore = []
-        for lib in self._libraries:
-            threads = lib.num_threads
-            if threads != 1:
-                lib.set_num_threads(1)
-                self._restore.append((lib, threads))
+        with self._lock:
+            if self._users == 0:
+                if self._libraries is None:
+                    self._libraries = self._find()
+                self._saved = [(lib, lib.num_threads) for lib in self._libraries]
+                for lib, threads in self._saved:
+                    if threads != 1:
+                        lib.set_num_threads(1)
+            self._users += 1
         return self
 
     def __exit__(self, *exc_info):
-        for lib, threads in self._restore:
-            lib.set_num_threads(threads)
-        self._restore = []
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                for lib, threads in self._saved:
+                    if threads != 1:
+                        lib.set_num_threads(threads)
+                self._saved = []
 
 
 _single_threaded_blas = _SingleThreadedBlas()
@@ -116,6 +139,8 @@ _single_threaded_blas = _SingleThreadedBlas()
 
 def _threads(work_items):
     """Threads for ``work_items`` independent pieces of work: never more threads than pieces."""
+    if not _buildinfo.openmp_enabled():
+        return 1
     return max(1, min(get_num_threads(), work_items))
 
 
@@ -129,10 +154,10 @@ def _out_size(size, window, stride, pad):
 
 
 def _buffer(owner, name, size, dtype):
-    """``owner.name`` as a flat array of ``size`` elements if it can hold them, else a new one."""
+    """``owner.name`` if it is a flat ``dtype`` array of at least ``size`` elements, else a new one of ``size``."""
     previous = getattr(owner, name, None)
-    if isinstance(previous, np.ndarray) and previous.dtype == dtype and previous.size >= size:
-        return previous[:size]
+    if isinstance(previous, np.ndarray) and previous.ndim == 1 and previous.dtype == dtype and previous.size >= size:
+        return previous
     return np.empty(size, dtype=dtype)
 
 
@@ -151,18 +176,26 @@ def col2im(col, x_shape, filter_h, filter_w, stride, pad):
     return x
 
 
+def _images_per_gemm(batch, out_hw):
+    """Images whose windows go into one GEMM: enough for about GEMM_COLUMNS columns."""
+    return max(1, min(batch, -(-GEMM_COLUMNS // out_hw)))
+
+
 def conv_forward(x, W, b, stride, pad, workspace):
     FN, C, FH, FW = W.shape
     N, _, H, Wd = x.shape
     out_h = _out_size(H, FH, stride, pad)
     out_w = _out_size(Wd, FW, stride, pad)
-    threads = _threads(N)
-    # sized for backward too (two buffers per thread), so one allocation serves both
-    scratch = _buffer(workspace, "scratch", 2 * threads * C * FH * FW * out_h * out_w, x.dtype)
+    block = _images_per_gemm(N, out_h * out_w)
+    threads = _threads(-(-N // block))
+    # sized for backward too, so that one allocation serves both
+    per_thread = _conv.scratch_per_thread(C * FH * FW, FN, block, out_h * out_w)
+    most_threads = max(threads, _threads(min(N, DW_GROUPS)))
+    scratch = _buffer(workspace, "scratch", most_threads * per_thread, x.dtype)
     out = np.empty((N, FN, out_h, out_w), dtype=x.dtype)
     with _single_threaded_blas:
         _conv.conv_forward(x, W.reshape(FN, -1), b, out.reshape(N, FN, out_h * out_w), scratch,
-                           FH, FW, stride, pad, threads)
+                           FH, FW, stride, pad, block, threads)
     dw_groups = getattr(workspace, "dw_groups", None)
     return out, ConvCache(x, stride, pad, (out_h, out_w), scratch, dw_groups)
 
@@ -172,18 +205,21 @@ def conv_backward(dout, cache, W):
     x = cache.x
     N = x.shape[0]
     out_h, out_w = cache.out_hw
+    block = _images_per_gemm(N, out_h * out_w)
     groups = min(N, DW_GROUPS)
     threads = _threads(groups)
-    cache.scratch = _buffer(cache, "scratch", 2 * threads * C * FH * FW * out_h * out_w, x.dtype)
+    per_thread = _conv.scratch_per_thread(C * FH * FW, FN, block, out_h * out_w)
+    cache.scratch = _buffer(cache, "scratch", threads * per_thread, x.dtype)
     cache.dw_groups = _buffer(cache, "dw_groups", groups * W.size, x.dtype)
+    dw_groups = cache.dw_groups[:groups * W.size].reshape(groups, -1)
     db_groups = np.empty((groups, FN), dtype=np.float64)
     dx = np.empty(cache.x_shape, dtype=x.dtype)
     dW = np.empty(W.shape, dtype=x.dtype)
     db = np.empty(FN, dtype=x.dtype)
     with _single_threaded_blas:
         _conv.conv_backward(x, W.reshape(FN, -1), dout.reshape(N, FN, out_h * out_w),
-                            dx, dW.reshape(FN, -1), db, cache.dw_groups.reshape(groups, -1), db_groups,
-                            cache.scratch, FH, FW, cache.stride, cache.pad, threads)
+                            dx, dW.reshape(FN, -1), db, dw_groups, db_groups,
+                            cache.scratch, FH, FW, cache.stride, cache.pad, block, threads)
     return dx, dW, db
 
 
@@ -193,14 +229,14 @@ def maxpool_forward(x, pool_h, pool_w, stride, pad, workspace):
     out_w = _out_size(W, pool_w, stride, pad)
     out = np.empty((N, C, out_h, out_w), dtype=x.dtype)
     source = _buffer(workspace, "source", N * C * out_h * out_w, np.dtype(np.intc))
-    _pool.maxpool_forward(x, out, source, pool_h, pool_w, stride, pad, _threads(N * C))
+    _pool.maxpool_forward(x, out, source[:out.size], pool_h, pool_w, stride, pad, _threads(N * C))
     return out, PoolCache(source, pool_h, pool_w, stride, pad, x.shape, x.dtype, (out_h, out_w))
 
 
 def maxpool_backward(dout, cache):
     N, C = cache.x_shape[:2]
     dx = np.empty(cache.x_shape, dtype=cache.dtype)
-    _pool.maxpool_backward(dout, cache.source, dx, _threads(N * C))
+    _pool.maxpool_backward(dout, cache.source[:dout.size], dx, _threads(N * C))
     return dx
 
 

@@ -25,6 +25,7 @@ Results do not depend on the number of threads: the images are cut into
 chunks by a rule that ignores the thread count, and the convolution
 gradients are summed over a fixed sequence of chunk groups, in order.
 """
+import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
@@ -33,15 +34,17 @@ try:
     import numba  # noqa: F401  (the kernels module needs it; fail here with a clear reason)
 except Exception as exc:  # a broken install can raise more than ImportError
     raise ImportError(f"the numba backend needs a working numba (pip install numba): {exc}") from exc
+from threadpoolctl import ThreadpoolController
 
 from fastconv._threads import get_num_threads
 from fastconv.backends import _numba_kernels as _k
 
 NAME = "numba"
 
-# Bytes of unfolded windows one thread handles at a time: with the product's
-# output and gradient buffers this stays within a per-core L2 cache.
-CHUNK_BYTES = 1 << 18
+# Bytes of unfolded windows one thread handles at a time (rounded to whole
+# images): small enough to stay in a core's cache between being written and
+# multiplied, large enough for the products to run near full speed.
+CHUNK_BYTES = 1 << 19
 
 # Convolution backward sums dW and db over at most this many chunk groups.
 SUM_GROUPS = 16
@@ -52,35 +55,69 @@ MIN_ELEMENTS_PER_THREAD = 1 << 15
 
 # --------------------------------------------------------------------------- threads
 
-_executor = None
-_executor_workers = 0
-_blas = None
+class _Workers:
+    """A thread pool, grown on demand, that runs one call's tasks side by side."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._executor = None
+        self._size = 0
+
+    def _pool(self, size):
+        with self._lock:
+            if self._size < size:
+                if self._executor is not None:
+                    self._executor.shutdown(wait=False)  # its threads exit once idle
+                self._executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix="fastconv-numba")
+                self._size = size
+            return self._executor
+
+    def run(self, tasks):
+        """Call every task, the first on this thread and the others on the pool; re-raise the first error."""
+        if len(tasks) == 1:
+            tasks[0]()
+            return
+        futures = [self._pool(len(tasks) - 1).submit(task) for task in tasks[1:]]
+        try:
+            tasks[0]()
+        finally:
+            wait(futures)  # the other tasks write into arrays this call returns
+        for future in futures:
+            future.result()
 
 
-def _pool(workers):
-    """A thread pool with at least ``workers`` threads (grown when asked for more)."""
-    global _executor, _executor_workers
-    if _executor is None or _executor_workers < workers:
-        if _executor is not None:
-            _executor.shutdown(wait=True)
-        _executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fastconv-numba")
-        _executor_workers = workers
-    return _executor
+class _SingleThreadedBlas:
+    """Context manager holding the BLAS to one thread while any convolution runs.
+
+    Each of our threads then runs its own products. Entries may overlap
+    (calls from several user threads): the first one in sets the limit and
+    the last one out restores what was there before.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._controller = None
+        self._limiter = None
+
+    def __enter__(self):
+        with self._lock:
+            if self._depth == 0:
+                if self._controller is None:
+                    self._controller = ThreadpoolController().select(user_api="blas")
+                self._limiter = self._controller.limit(limits=1)
+            self._depth += 1
+
+    def __exit__(self, *exc_info):
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0:
+                self._limiter.restore_original_limits()
+                self._limiter = None
 
 
-def _run(tasks):
-    """Call every task, the first on this thread and the others on the pool; re-raise the first error."""
-    if len(tasks) == 1:
-        tasks[0]()
-        return
-    pool = _pool(len(tasks) - 1)
-    futures = [pool.submit(task) for task in tasks[1:]]
-    try:
-        tasks[0]()
-    finally:
-        wait(futures)  # the other tasks write into arrays this call returns
-    for future in futures:
-        future.result()
+_workers = _Workers()
+_single_threaded_blas = _SingleThreadedBlas()
 
 
 def _spans(count, parts):
@@ -89,24 +126,15 @@ def _spans(count, parts):
 
 
 def _thread_count(items, elements_per_item):
-    """Threads worth using for ``items`` independent pieces of ``elements_per_item`` each."""
-    by_work = max(1, items * elements_per_item // MIN_ELEMENTS_PER_THREAD)
+    """Threads worth using for ``items`` independent pieces of ``elements_per_item`` elements each."""
+    by_work = items * elements_per_item // MIN_ELEMENTS_PER_THREAD
     return max(1, min(get_num_threads(), items, by_work))
 
 
 def _split(kernel, count, elements_per_item, *args):
-    """Run ``kernel(*args, start, stop)`` over contiguous ranges of range(count), in parallel."""
+    """Run ``kernel(*args, start, stop)`` on contiguous ranges covering range(count), side by side."""
     spans = _spans(count, _thread_count(count, elements_per_item))
-    _run([lambda a=a, z=z: kernel(*args, a, z) for a, z in spans])
-
-
-def _single_threaded_blas():
-    """A context in which the BLAS uses one thread (each of our threads runs its own products)."""
-    global _blas
-    if _blas is None:
-        from threadpoolctl import ThreadpoolController
-        _blas = ThreadpoolController().select(user_api="blas")
-    return _blas.limit(limits=1)
+    _workers.run([lambda a=a, z=z: kernel(*args, a, z) for a, z in spans])
 
 
 def _out_size(size, window, stride, pad):
@@ -135,14 +163,15 @@ def col2im(col, x_shape, filter_h, filter_w, stride, pad):
 class _ConvPlan:
     """How a batch is cut: chunks of images (cache-sized), groups of chunks, threads over groups."""
 
-    def __init__(self, n_images, bytes_per_image, threads):
-        self.images_per_chunk = max(1, min(n_images, CHUNK_BYTES // max(bytes_per_image, 1)))
+    def __init__(self, n_images, elements_per_image, itemsize):
+        per_chunk = CHUNK_BYTES // max(elements_per_image * itemsize, 1)
+        self.images_per_chunk = max(1, min(n_images, per_chunk))
         chunks = [(s, min(s + self.images_per_chunk, n_images))
                   for s in range(0, n_images, self.images_per_chunk)]
         n_groups = min(len(chunks), SUM_GROUPS)
         self.groups = [chunks[a:z] for a, z in _spans(len(chunks), n_groups)]
-        n_threads = max(1, min(threads, n_groups))
-        self.groups_by_thread = [list(range(a, z)) for a, z in _spans(n_groups, n_threads)]
+        n_threads = min(n_groups, _thread_count(n_images, elements_per_image))
+        self.groups_by_thread = [list(range(a, z)) for a, z in _spans(n_groups, max(n_threads, 1))]
 
 
 class _ConvScratch:
@@ -198,6 +227,14 @@ class ConvCache:
         return self.W.reshape(self.W.shape[0], -1).T
 
 
+def _unfolder(x_shape, fh, fw, stride, pad):
+    """``unfold(x, colT, n0, n1)``: the fastest unfolding kernel for this geometry."""
+    H, W = x_shape[2:]
+    if stride == 1 and _out_size(H, fh, 1, pad) == H and _out_size(W, fw, 1, pad) == W:
+        return lambda x, colT, n0, n1: _k.im2col_t_same_size(x, fh, fw, pad, colT, n0, n1)
+    return lambda x, colT, n0, n1: _k.im2col_t_by_rows(x, fh, fw, stride, pad, colT, n0, n1)
+
+
 def _conv_scratch(workspace, threads, dtype, ckk, n_filters, width):
     """One scratch per thread, taken from the previous cache when it fits."""
     key = (np.dtype(dtype), ckk, n_filters, width)
@@ -212,10 +249,11 @@ def conv_forward(x, W, b, stride, pad, workspace):
     FN, _, FH, FW = W.shape
     out_h, out_w = _out_size(H, FH, stride, pad), _out_size(Wd, FW, stride, pad)
     hw, ckk = out_h * out_w, C * FH * FW
-    plan = _ConvPlan(N, ckk * hw * x.dtype.itemsize, get_num_threads())
+    plan = _ConvPlan(N, ckk * hw, x.dtype.itemsize)
     width = plan.images_per_chunk * hw
     scratch = _conv_scratch(workspace, len(plan.groups_by_thread), x.dtype, ckk, FN, width)
     W_rows = W.reshape(FN, ckk)
+    unfold = _unfolder(x.shape, FH, FW, stride, pad)
     out = np.empty((N, FN, hw), dtype=x.dtype)
 
     def work(group_ids, buffers):
@@ -223,12 +261,12 @@ def conv_forward(x, W, b, stride, pad, workspace):
             for start, stop in plan.groups[g]:
                 m = (stop - start) * hw
                 col, rows = buffers.views(ckk, FN, m)
-                _k.im2col_t(x, FH, FW, stride, pad, col, start, stop)
+                unfold(x, col, start, stop)
                 np.matmul(W_rows, col, out=rows)
                 _k.add_bias_to_nchw(rows, b, out, start, stop)
 
-    with _single_threaded_blas():
-        _run([lambda g=g, s=s: work(g, s) for g, s in zip(plan.groups_by_thread, scratch)])
+    with _single_threaded_blas:
+        _workers.run([lambda g=g, s=s: work(g, s) for g, s in zip(plan.groups_by_thread, scratch)])
     cache = ConvCache(x, W, stride, pad, (out_h, out_w), plan, scratch)
     return out.reshape(N, FN, out_h, out_w), cache
 
@@ -240,6 +278,7 @@ def conv_backward(dout, cache, W):
     hw, ckk = dout.shape[2] * dout.shape[3], C * FH * FW
     dout = dout.reshape(N, FN, hw)
     W_rows = W.reshape(FN, ckk)
+    unfold = _unfolder(x.shape, FH, FW, stride, pad)
     dx = np.empty(x.shape, dtype=x.dtype)
     dW_parts = np.empty((len(plan.groups), FN, ckk), dtype=x.dtype)
     db_parts = np.zeros((len(plan.groups), FN), dtype=np.float64)
@@ -250,7 +289,7 @@ def conv_backward(dout, cache, W):
                 m = (stop - start) * hw
                 col, rows = buffers.views(ckk, FN, m)
                 dcol, dW_term = buffers.backward_views(ckk, FN, m)
-                _k.im2col_t(x, FH, FW, stride, pad, col, start, stop)
+                unfold(x, col, start, stop)
                 _k.nchw_to_rows(dout, rows, db_parts[g], start, stop)
                 if i == 0:
                     np.matmul(rows, col.T, out=dW_parts[g])
@@ -260,8 +299,8 @@ def conv_backward(dout, cache, W):
                 np.matmul(W_rows.T, rows, out=dcol)
                 _k.col2im_t(dcol, FH, FW, stride, pad, dx, start, stop)
 
-    with _single_threaded_blas():
-        _run([lambda g=g, s=s: work(g, s) for g, s in zip(plan.groups_by_thread, cache.scratch)])
+    with _single_threaded_blas:
+        _workers.run([lambda g=g, s=s: work(g, s) for g, s in zip(plan.groups_by_thread, cache.scratch)])
     dW = dW_parts.sum(axis=0).reshape(W.shape)
     db = db_parts.sum(axis=0).astype(x.dtype)
     return dx, dW, db

@@ -1,0 +1,407 @@
+"""The numba backend's own machinery, against the reference backend.
+
+Each jitted kernel on its own (odd geometries, partial image ranges, buffers
+pre-filled with NaN so that a cell left unwritten shows), the batch cut into
+chunks, groups and threads, reused workspaces, NaN and -inf semantics, the
+disk cache of compiled kernels (including a read-only install), and a clean
+ImportError when numba cannot be loaded.
+
+Runs as well with ``NUMBA_DISABLE_JIT=1`` (plain Python kernels), which is how
+the kernels' coverage is measured.
+"""
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fastconv
+from fastconv import kernels
+from fastconv.backends import reference
+
+from conftest import assert_close_to_reference
+
+nb = pytest.importorskip("fastconv.backends.numba", reason="numba backend unavailable (is numba installed?)")
+k = nb._k
+
+# (N, C, H, W, fh, fw, stride, pad): same-size, strided, non-square, large pad, 1x1, window = image
+GEOMETRIES = [
+    (3, 2, 5, 5, 3, 3, 1, 1),
+    (2, 3, 6, 5, 5, 5, 1, 2),
+    (3, 2, 7, 6, 3, 3, 2, 1),
+    (2, 1, 5, 7, 2, 3, 3, 0),
+    (2, 2, 4, 4, 2, 2, 1, 3),
+    (2, 3, 3, 4, 1, 1, 1, 0),
+    (3, 1, 4, 5, 4, 5, 1, 0),
+    (2, 2, 5, 4, 3, 2, 2, 2),
+]
+IDS = ["N{}C{}_{}x{}_f{}x{}_s{}p{}".format(*g) for g in GEOMETRIES]
+
+
+def out_size(size, window, stride, pad):
+    return (size + 2 * pad - window) // stride + 1
+
+
+def is_same_size(H, W, fh, fw, stride, pad):
+    return stride == 1 and out_size(H, fh, 1, pad) == H and out_size(W, fw, 1, pad) == W
+
+
+@pytest.fixture
+def numba_backend():
+    with fastconv.use_backend("numba"):
+        yield
+
+
+def env_without_fastconv(**extra):
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("FASTCONV_", "NUMBA_")) and key != "PYTHONPATH"}
+    env.update(extra)
+    return env
+
+
+def run_python(code, **env):
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                            env=env_without_fastconv(**env), timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+# --------------------------------------------------------------------------- unfolding kernels
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=IDS)
+def test_unfolding_kernels_give_the_transposed_book_col(geometry, dtype, rng):
+    N, C, H, W, fh, fw, stride, pad = geometry
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    n0, n1 = 1, N  # a range not starting at image 0
+    expected = reference.im2col(x[n0:n1], fh, fw, stride, pad).T
+    unfolders = [lambda c: k.im2col_t_by_rows(x, fh, fw, stride, pad, c, n0, n1)]
+    if is_same_size(H, W, fh, fw, stride, pad):
+        unfolders.append(lambda c: k.im2col_t_same_size(x, fh, fw, pad, c, n0, n1))
+    for unfold in unfolders:
+        colT = np.full(expected.shape, np.nan, dtype=dtype)
+        unfold(colT)
+        np.testing.assert_array_equal(colT, expected)
+
+
+def test_same_size_unfolding_is_used_and_tested():
+    """The fast path has its own kernel: at least one geometry above must reach it."""
+    assert any(is_same_size(g[2], g[3], g[4], g[5], g[6], g[7]) for g in GEOMETRIES)
+    shape = (1, 1, 5, 5)
+    assert nb._unfolder(shape, 3, 3, 1, 1) is not nb._unfolder(shape, 3, 3, 1, 0)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=IDS)
+def test_col2im_t_folds_like_the_reference_and_only_its_images(geometry, dtype, rng):
+    N, C, H, W, fh, fw, stride, pad = geometry
+    n0, n1 = 1, N
+    rows = (n1 - n0) * out_size(H, fh, stride, pad) * out_size(W, fw, stride, pad)
+    colT = rng.standard_normal((C * fh * fw, rows)).astype(dtype)
+    dx = np.full((N, C, H, W), 7.0, dtype=dtype)
+    k.col2im_t(colT, fh, fw, stride, pad, dx, n0, n1)
+    assert_close_to_reference(dx[n0:n1], reference.col2im(colT.T, (n1 - n0, C, H, W), fh, fw, stride, pad))
+    assert (dx[:n0] == 7.0).all()  # another thread's images
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=IDS)
+def test_book_layout_im2col_and_col2im(geometry, dtype, rng, numba_backend):
+    N, C, H, W, fh, fw, stride, pad = geometry
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    col = kernels.im2col(x, fh, fw, stride, pad)
+    np.testing.assert_array_equal(col, reference.im2col(x, fh, fw, stride, pad))
+    dcol = rng.standard_normal(col.shape).astype(dtype)
+    assert_close_to_reference(kernels.col2im(dcol, x.shape, fh, fw, stride, pad),
+                              reference.col2im(dcol, x.shape, fh, fw, stride, pad))
+
+
+# --------------------------------------------------------------------------- convolution
+
+@pytest.fixture
+def many_small_pieces(monkeypatch):
+    """One image per chunk, two chunk groups, work split across threads even for tiny inputs."""
+    monkeypatch.setattr(nb, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(nb, "SUM_GROUPS", 2)
+    monkeypatch.setattr(nb, "MIN_ELEMENTS_PER_THREAD", 1)
+    monkeypatch.setenv("FASTCONV_NUM_THREADS", "3")
+
+
+def conv_case(geometry, dtype, rng, n_filters=3):
+    N, C, H, W, fh, fw, stride, pad = geometry
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    Wt = rng.standard_normal((n_filters, C, fh, fw)).astype(dtype)
+    b = rng.standard_normal(n_filters).astype(dtype)
+    dout = rng.standard_normal((N, n_filters, out_size(H, fh, stride, pad), out_size(W, fw, stride, pad)))
+    return x, Wt, b, dout.astype(dtype), stride, pad
+
+
+def assert_conv_matches_reference(x, Wt, b, dout, stride, pad):
+    out, cache = kernels.conv_forward(x, Wt, b, stride, pad)
+    expected_out, expected_cache = reference.conv_forward(x, Wt, b, stride, pad, None)
+    assert_close_to_reference(out, expected_out)
+    for got, expected in zip(kernels.conv_backward(dout, cache, Wt),
+                             reference.conv_backward(dout, expected_cache, Wt)):
+        assert_close_to_reference(got, expected)
+    return cache
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=IDS)
+def test_convolution_in_one_piece(geometry, dtype, rng, numba_backend):
+    assert_conv_matches_reference(*conv_case(geometry, dtype, rng))
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=IDS)
+def test_convolution_cut_into_chunks_groups_and_threads(geometry, dtype, rng, numba_backend, many_small_pieces):
+    x, Wt, b, dout, stride, pad = conv_case(geometry, dtype, rng)
+    x, dout = np.concatenate([x] * 3), np.concatenate([dout] * 3)  # enough images for several chunks per group
+    cache = assert_conv_matches_reference(x, Wt, b, dout, stride, pad)
+    assert len(cache.plan.groups) == 2 and all(len(group) > 1 for group in cache.plan.groups)
+    assert len(cache.plan.groups_by_thread) == 2
+
+
+def test_convolution_exposes_the_books_col_and_col_W(rng, numba_backend):
+    x, Wt, b, _, stride, pad = conv_case(GEOMETRIES[2], np.float64, rng)
+    _, cache = kernels.conv_forward(x, Wt, b, stride, pad)
+    np.testing.assert_array_equal(cache.col, reference.im2col(x, 3, 3, stride, pad))
+    np.testing.assert_array_equal(cache.col_W, Wt.reshape(3, -1).T)
+    assert (cache.x_shape, cache.dtype, cache.out_hw) == (x.shape, x.dtype, (4, 3))
+
+
+def test_plan_depends_on_sizes_not_on_threads(monkeypatch):
+    plans = []
+    for threads in ("1", "2", "5"):
+        monkeypatch.setenv("FASTCONV_NUM_THREADS", threads)
+        plans.append(nb._ConvPlan(100, 144 * 784, 4))
+    assert all(p.groups == plans[0].groups for p in plans)
+    assert [len(p.groups_by_thread) for p in plans] == [1, 2, 5]
+    chunks = [chunk for group in plans[0].groups for chunk in group]
+    assert chunks[0] == (0, plans[0].images_per_chunk) and chunks[-1][1] == 100
+    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))  # contiguous, in order
+
+
+def test_results_do_not_depend_on_the_thread_count(rng, numba_backend, monkeypatch):
+    monkeypatch.setattr(nb, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(nb, "MIN_ELEMENTS_PER_THREAD", 1)
+    x, Wt, b, dout, stride, pad = conv_case((9, 2, 6, 6, 3, 3, 1, 1), np.float32, rng, n_filters=4)
+    results = []
+    for threads in ("1", "2", "3"):
+        monkeypatch.setenv("FASTCONV_NUM_THREADS", threads)
+        out, cache = kernels.conv_forward(x, Wt, b, stride, pad)
+        pooled, pool_cache = kernels.maxpool_forward(out, 3, 3, 1, 1)  # overlapping windows
+        relu, mask = kernels.relu_forward(out)
+        results.append([out, *kernels.conv_backward(dout, cache, Wt), pooled,
+                        kernels.maxpool_backward(np.ones_like(pooled), pool_cache), relu, mask,
+                        kernels.col2im(cache.col, x.shape, 3, 3, stride, pad)])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.fixture
+def two_threads(monkeypatch):
+    monkeypatch.setenv("FASTCONV_NUM_THREADS", "2")
+    monkeypatch.setattr(nb, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(nb, "MIN_ELEMENTS_PER_THREAD", 1)
+
+
+def test_workspace_is_reused_and_outputs_are_never_overwritten(rng, numba_backend, two_threads):
+    x, Wt, b, dout, stride, pad = conv_case((6, 2, 5, 5, 3, 3, 1, 1), np.float64, rng)
+    out1, cache1 = kernels.conv_forward(x, Wt, b, stride, pad)
+    dx1, dW1, db1 = kernels.conv_backward(dout, cache1, Wt)
+    kept = [a.copy() for a in (out1, dx1, dW1, db1)]
+    out2, cache2 = kernels.conv_forward(2 * x, Wt, b, stride, pad, workspace=cache1)
+    dx2, _, _ = kernels.conv_backward(dout, cache2, Wt)
+    assert len(cache1.scratch) == 2
+    assert [id(s) for s in cache2.scratch] == [id(s) for s in cache1.scratch]
+    assert out2 is not out1 and dx2 is not dx1
+    for a, b_ in zip((out1, dx1, dW1, db1), kept):
+        np.testing.assert_array_equal(a, b_)
+
+    pooled, pool_cache = kernels.maxpool_forward(x, 2, 2, 2, 0)
+    _, pool_cache2 = kernels.maxpool_forward(x + 1, 2, 2, 2, 0, workspace=pool_cache)
+    assert pool_cache2.argmax is pool_cache.argmax
+
+
+@pytest.mark.parametrize("change", ["batch", "dtype", "geometry", "threads"])
+def test_workspace_of_another_shape_is_not_misused(change, rng, numba_backend, two_threads, monkeypatch):
+    x, Wt, b, dout, stride, pad = conv_case((4, 2, 6, 6, 3, 3, 1, 1), np.float64, rng)
+    _, workspace = kernels.conv_forward(x, Wt, b, stride, pad)
+    _, pool_workspace = kernels.maxpool_forward(x, 2, 2, 2, 0)
+    if change == "batch":
+        x, dout = x[:3], dout[:3]
+    elif change == "dtype":
+        x, Wt, b, dout = (a.astype(np.float32) for a in (x, Wt, b, dout))
+    elif change == "geometry":
+        pad, dout = 0, dout[:, :, 1:-1, 1:-1]
+    else:
+        monkeypatch.setenv("FASTCONV_NUM_THREADS", "3")
+    out, cache = kernels.conv_forward(x, Wt, b, stride, pad, workspace=workspace)
+    expected_out, expected_cache = reference.conv_forward(x, Wt, b, stride, pad, None)
+    assert_close_to_reference(out, expected_out)
+    for got, expected in zip(kernels.conv_backward(dout, cache, Wt), reference.conv_backward(dout, expected_cache, Wt)):
+        assert_close_to_reference(got, expected)
+    pooled, _ = kernels.maxpool_forward(out, 2, 2, 2, 0, workspace=pool_workspace)
+    assert_close_to_reference(pooled, reference.maxpool_forward(out, 2, 2, 2, 0, None)[0])
+
+
+def test_an_empty_batch_gives_empty_results(numba_backend):
+    x = np.zeros((0, 2, 5, 5))
+    Wt, b = np.ones((3, 2, 3, 3)), np.zeros(3)
+    out, cache = kernels.conv_forward(x, Wt, b, 1, 1)
+    dx, dW, db = kernels.conv_backward(np.zeros((0, 3, 5, 5)), cache, Wt)
+    assert out.shape == (0, 3, 5, 5) and dx.shape == x.shape
+    np.testing.assert_array_equal(dW, np.zeros_like(Wt))
+    np.testing.assert_array_equal(db, np.zeros(3))
+    pooled, pool_cache = kernels.maxpool_forward(x, 2, 2, 2, 0)
+    assert pooled.shape == (0, 2, 2, 2) and kernels.maxpool_backward(pooled, pool_cache).shape == x.shape
+    assert kernels.im2col(x, 3, 3, 1, 1).shape == (0, 18)
+    relu, mask = kernels.relu_forward(x)
+    assert relu.shape == mask.shape == x.shape
+
+
+# --------------------------------------------------------------------------- pooling and ReLU
+
+POOLS = [(2, 2, 2, 0), (3, 3, 1, 1), (2, 3, 2, 1), (3, 2, 3, 0), (1, 1, 1, 0)]
+
+
+@pytest.mark.parametrize("pool", POOLS, ids=["p{}x{}_s{}p{}".format(*p) for p in POOLS])
+def test_maxpool_matches_reference_with_ties_nan_and_infinities(pool, dtype, rng, numba_backend, many_small_pieces):
+    ph, pw, stride, pad = pool
+    x = rng.integers(-2, 3, (4, 3, 7, 6)).astype(dtype)  # many ties
+    x[0, 0, :2, :2] = np.nan
+    x[1, 1] = -np.inf  # whole planes of -inf: the window's first cell wins, even a padded one
+    x[2, 2, 3, 3] = np.inf
+    out, cache = kernels.maxpool_forward(x, ph, pw, stride, pad)
+    expected, expected_cache = reference.maxpool_forward(x, ph, pw, stride, pad, None)
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(cache.arg_max, expected_cache.arg_max)
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    assert_close_to_reference(kernels.maxpool_backward(dout, cache), reference.maxpool_backward(dout, expected_cache))
+
+
+def test_relu_semantics_for_signed_zeros_nan_and_infinities(numba_backend, many_small_pieces):
+    x = np.array([-0.0, 0.0, np.nan, -np.inf, np.inf, -1e-300, 1e-300, 2.0] * 3)
+    out, mask = kernels.relu_forward(x)
+    expected, expected_mask = reference.relu_forward(x)
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(mask, expected_mask)
+    dout = np.arange(x.size, dtype=np.float64)
+    dx = kernels.relu_backward(dout, mask)
+    assert dx is dout
+    np.testing.assert_array_equal(dx, reference.relu_backward(np.arange(x.size, dtype=np.float64), mask))
+
+
+# --------------------------------------------------------------------------- loading and compiling
+
+def test_import_compiles_nothing():
+    result = run_python("""
+        import fastconv.backends.numba as backend
+        from numba.core.registry import CPUDispatcher
+        jitted = [f for f in vars(backend._k).values() if isinstance(f, CPUDispatcher)]
+        print(len(jitted), sum(len(f.signatures) for f in jitted))
+    """)
+    count, compiled = map(int, result.stdout.split())
+    assert count >= 10 and compiled == 0
+
+
+def test_backend_is_unavailable_with_its_reason_when_numba_cannot_load():
+    result = run_python("""
+        import sys
+        sys.modules["numba"] = None  # any import of numba now fails
+        try:
+            import fastconv.backends.numba
+        except ImportError as exc:
+            print("ImportError:", exc)
+        import numpy as np
+        import fastconv
+        from fastconv import kernels
+        print("status:", fastconv.backend_status()["numba"])
+        with fastconv.use_backend("reference"):
+            out, _ = kernels.conv_forward(np.ones((1, 1, 3, 3)), np.ones((1, 1, 3, 3)), np.zeros(1))
+        print("reference:", out.ravel()[0])
+    """)
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("ImportError: the numba backend needs a working numba")
+    assert lines[1].startswith("status: ImportError: the numba backend needs a working numba")
+    assert lines[2] == "reference: 9.0"
+
+
+CACHE_PROBE = """
+    import numpy as np
+    import fastconv
+    from fastconv.backends import _numba_kernels as k
+    x = np.linspace(-1, 1, 9)
+    out, mask = np.empty_like(x), np.empty(x.shape, dtype=bool)
+    k.relu_forward(x, out, mask, 0, x.size)
+    assert (out == np.maximum(x, 0)).all() and (mask == (x <= 0)).all()
+    stats = k.relu_forward.stats
+    print(fastconv.__file__)
+    print(stats.cache_path)
+    print(sum(stats.cache_hits.values()), sum(stats.cache_misses.values()), len(k._uncached))
+"""
+
+
+@pytest.fixture
+def read_only_install(tmp_path):
+    """A copy of the package whose own directories cannot hold a cache."""
+    site = tmp_path / "site"
+    package = Path(fastconv.__file__).parent
+    shutil.copytree(package, site / "fastconv", ignore=shutil.ignore_patterns("__pycache__"))
+    for folder in [site / "fastconv", *(p for p in (site / "fastconv").rglob("*") if p.is_dir())]:
+        (folder / "__pycache__").write_text("")  # a file where Numba (as root too) would make the folder
+    modes = {p: p.stat().st_mode for p in [site, *site.rglob("*")]}
+    for path, mode in modes.items():
+        path.chmod(mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    yield site
+    for path, mode in modes.items():
+        path.chmod(mode)
+
+
+def test_a_read_only_install_caches_compiled_kernels_in_the_user_cache(read_only_install, tmp_path):
+    env = {"PYTHONPATH": str(read_only_install), "XDG_CACHE_HOME": str(tmp_path / "cache"),
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    first = run_python(CACHE_PROBE, **env).stdout.splitlines()
+    second = run_python(CACHE_PROBE, **env).stdout.splitlines()
+    assert first[0].startswith(str(read_only_install))
+    assert first[1].startswith(str(tmp_path / "cache" / "numba"))
+    assert first[2] == "0 1 0"  # compiled, and saved ...
+    assert second[2] == "1 0 0"  # ... then loaded instead of compiled
+
+
+def test_kernels_work_uncached_when_no_cache_directory_is_writable(read_only_install, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    result = run_python(CACHE_PROBE, PYTHONPATH=str(read_only_install), XDG_CACHE_HOME=str(blocker / "cache"),
+                        PYTHONDONTWRITEBYTECODE="1", PYTHONWARNINGS="always")
+    assert result.stdout.splitlines()[2].split()[2] != "0"  # every kernel uncached ...
+    assert "will be compiled in every process" in result.stderr  # ... and said once
+    assert result.stderr.count("will be compiled in every process") == 1
+
+
+def test_compiled_kernels_stay_inside_their_arrays(tmp_path):
+    """With Numba's bounds checking on, every kernel runs the awkward geometries without an IndexError."""
+    result = run_python(f"""
+        import numpy as np
+        import fastconv
+        from fastconv import kernels
+        geometries = {GEOMETRIES!r}
+        rng = np.random.default_rng(0)
+        with fastconv.use_backend("numba"):
+            for N, C, H, W, fh, fw, stride, pad in geometries:
+                for dtype in (np.float32, np.float64):
+                    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+                    Wt = rng.standard_normal((2, C, fh, fw)).astype(dtype)
+                    out, cache = kernels.conv_forward(x, Wt, np.zeros(2, dtype), stride, pad)
+                    kernels.conv_backward(np.ones_like(out), cache, Wt)
+                    kernels.col2im(kernels.im2col(x, fh, fw, stride, pad), x.shape, fh, fw, stride, pad)
+                    if 2 * pad <= min(fh, fw):
+                        pooled, pool_cache = kernels.maxpool_forward(x, fh, fw, stride, pad)
+                        kernels.maxpool_backward(pooled, pool_cache)
+                    relu, mask = kernels.relu_forward(x)
+                    kernels.relu_backward(relu, mask)
+        print("ok")
+    """, NUMBA_BOUNDSCHECK="1", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    assert result.stdout.strip() == "ok"

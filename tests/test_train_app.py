@@ -1,0 +1,475 @@
+"""``fastconv train``: schedules, the training loop, checkpoints and resume, the command line."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fastconv
+from fastconv import datasets, training
+from fastconv._interrupts import deferred_interrupts
+from fastconv.cli import main
+from fastconv.datasets import write_idx
+from fastconv.functions import softmax
+from fastconv.models import DeepConvNet
+from fastconv.schedules import Constant, CosineDecay, StepDecay, make_schedule
+from fastconv.training import PHASES, TrainConfig, Training
+
+KEYS = [f"{kind}{i}" for i in range(1, 9) for kind in ("W", "b")]
+
+
+def closed_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch, tmp_path):
+    """Never look at the user's MNIST or the internet."""
+    monkeypatch.delenv(datasets.ENV_VAR, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(datasets, "MIRRORS", (f"http://127.0.0.1:{closed_port()}/",))
+
+
+@pytest.fixture(scope="module")
+def synthetic_dir(tmp_path_factory):
+    """Full-size MNIST files of random sparse images (enough to run the app, not to learn)."""
+    folder = tmp_path_factory.mktemp("mnist-synthetic")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 60000), ("t10k", 10000)):
+        images = np.zeros((count, 28, 28), dtype=np.uint8)
+        images[:, 4:24:4, 4:24:4] = rng.integers(0, 256, (count, 5, 5), dtype=np.uint8)
+        write_idx(folder / f"{split}-images-idx3-ubyte.gz", images)
+        write_idx(folder / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, count).astype(np.uint8))
+    return folder
+
+
+def small_data(n_train=50, n_test=30, seed=1):
+    rng = np.random.default_rng(seed)
+    return ((rng.random((n_train, 1, 28, 28), dtype=np.float32), rng.integers(0, 10, n_train)),
+            (rng.random((n_test, 1, 28, 28), dtype=np.float32), rng.integers(0, 10, n_test)))
+
+
+def quiet(*args):
+    pass
+
+
+# -- schedules ---------------------------------------------------------------------------------------
+
+
+def test_constant_schedule():
+    assert [Constant(0.01)(s) for s in (0, 5, 10 ** 6)] == [0.01] * 3
+
+
+def test_step_schedule_divides_by_ten_at_half_and_three_quarters():
+    schedule = StepDecay(1.0, total_steps=100)
+    assert [schedule(s) for s in (0, 49, 50, 74, 75, 99)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+
+
+def test_cosine_schedule_by_hand():
+    schedule = CosineDecay(1e-3, total_steps=11, lr_min=1e-5)
+    assert schedule(0) == pytest.approx(1e-3)
+    assert schedule(5) == pytest.approx((1e-3 + 1e-5) / 2)
+    assert schedule(10) == pytest.approx(1e-5) and schedule(50) == pytest.approx(1e-5)
+    # a quarter of the way: lr_min + (lr - lr_min) (1 + cos(pi/4)) / 2
+    assert CosineDecay(1.0, 5, 0.0)(1) == pytest.approx((1 + math.sqrt(0.5)) / 2)
+
+
+def test_make_schedule():
+    assert make_schedule("cosine", 0.1, 10)(9) == pytest.approx(0.001)  # lr_min defaults to lr / 100
+    assert make_schedule("none", 0.1, 10)(9) == 0.1
+    with pytest.raises(ValueError, match="linear"):
+        make_schedule("linear", 0.1, 10)
+
+
+# -- settings ----------------------------------------------------------------------------------------
+
+
+def test_book_recipe_is_the_books_chapter_8_run():
+    config = TrainConfig.from_recipe("book")
+    assert (config.epochs, config.batch_size, config.optimizer, config.lr) == (20, 100, "adam", 0.001)
+    assert config.lr_schedule == "none" and not config.augment and config.dtype == "float64"
+
+
+def test_best_recipe_and_overrides():
+    config = TrainConfig.from_recipe("best", epochs=3, dtype="float32", lr_min=None)
+    assert config.augment and config.lr_schedule == "cosine" and config.lr_min == 1e-5
+    assert (config.epochs, config.dtype, config.optimizer) == (3, "float32", "adam")
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"epochs": 0}, "epochs"), ({"batch_size": -1}, "batch_size"), ({"optimizer": "lbfgs"}, "optimizer"),
+    ({"lr": 0.0}, "lr"), ({"lr_min": 0.1}, "lr_min"), ({"dtype": "float16"}, "dtype"),
+    ({"lr_schedule": "linear"}, "schedule"), ({"limit_train": 0}, "limit_train"), ({"ensemble": 0}, "ensemble"),
+])
+def test_settings_that_make_no_sense_are_refused(setting, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig.from_recipe("book", **setting)
+
+
+# -- the training loop -------------------------------------------------------------------------------
+
+
+def test_epochs_visit_every_image_once_with_the_scheduled_learning_rate():
+    config = TrainConfig.from_recipe("book", epochs=2, batch_size=20, dtype="float32", lr_schedule="cosine",
+                                     eval_train_size=10)
+    seen, rates = [], []
+
+    def record(run):
+        seen.append(run.order[(run.step - 1) * 20:run.step * 20])
+        rates.append(run.optimizer.lr)
+
+    run = Training(config, seed=0, data=small_data(n_train=50), log=quiet).run(on_step=record)
+    assert run.steps_per_epoch == 3 and len(rates) == 6  # 20 + 20 + 10 images per epoch
+    for epoch in (0, 1):
+        assert sorted(np.concatenate(seen[3 * epoch:3 * epoch + 3]).tolist()) == list(range(50))
+    expected = [1e-5 + (1e-3 - 1e-5) * (1 + math.cos(math.pi * s / 5)) / 2 for s in range(6)]
+    assert rates == pytest.approx(expected)
+
+
+def test_history_records_accuracy_loss_and_time_split():
+    config = TrainConfig.from_recipe("book", epochs=2, batch_size=25, dtype="float32", augment=True)
+    run = Training(config, seed=0, data=small_data(), log=quiet).run()
+    history = run.history
+    assert [r["epoch"] for r in history["epochs"]] == [1, 2]
+    assert len(history["step_loss"]) == 4 and all(np.isfinite(history["step_loss"]))
+    for record in history["epochs"]:
+        assert set(record["seconds"]) == set(PHASES)
+        assert all(record["seconds"][phase] > 0 for phase in ("augment", "forward", "backward", "update", "evaluate"))
+        assert record["total_seconds"] >= sum(record["seconds"].values()) - record["seconds"]["data"]
+        assert 0 <= record["train_acc"] <= 1 and 0 <= record["test_acc"] <= 1
+    # the test accuracy is that of the trained network's predictions
+    x_test, t_test = small_data()[1]
+    predicted = run.network.predict(x_test).argmax(axis=1)
+    assert history["epochs"][-1]["test_acc"] == np.mean(predicted == t_test)
+
+
+def test_augmentation_changes_the_training_batches(monkeypatch):
+    fed = []
+    original = DeepConvNet.loss
+
+    def spy(self, x, t):
+        fed.append(np.array(x))
+        return original(self, x, t)
+
+    monkeypatch.setattr(DeepConvNet, "loss", spy)
+    (x_train, t_train), test = small_data(n_train=20)
+    for augment in (False, True):
+        fed.clear()
+        config = TrainConfig.from_recipe("book", epochs=1, batch_size=20, dtype="float32", augment=augment)
+        Training(config, seed=0, data=((x_train, t_train), test), log=quiet).run()
+        assert fed[0].shape == (20, 1, 28, 28)
+        training_images_as_given = sorted(map(bytes, fed[0])) == sorted(map(bytes, x_train))
+        assert training_images_as_given != augment
+
+
+def test_deferred_interrupts_hold_ctrl_c_until_the_block_ends():
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_interrupts():
+            signal.raise_signal(signal.SIGINT)
+            done.append("rest of the block")
+    assert done == ["rest of the block"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# -- checkpoints and resume --------------------------------------------------------------------------
+
+
+def resumable_config(optimizer="adam"):
+    return TrainConfig.from_recipe("best", epochs=2, batch_size=20, optimizer=optimizer, dtype="float32",
+                                   eval_train_size=20)
+
+
+def assert_same_run(a, b):
+    for key in KEYS:
+        assert np.array_equal(a.network.params[key], b.network.params[key]), key
+    assert a.history["step_loss"] == b.history["step_loss"]
+    assert [r["test_acc"] for r in a.history["epochs"]] == [r["test_acc"] for r in b.history["epochs"]]
+
+
+def interrupt_after_step(step):
+    def on_step(run):
+        if run.epoch * run.steps_per_epoch + run.step == step:
+            raise KeyboardInterrupt
+
+    return on_step
+
+
+def interrupted_then_resumed(tmp_path, config, data, on_step=None):
+    checkpoint = tmp_path / "checkpoint.npz"
+    first = Training(config, seed=3, data=data, checkpoint_path=checkpoint, log=quiet)
+    with pytest.raises(KeyboardInterrupt):
+        first.run(on_step=on_step)
+    assert checkpoint.is_file()
+    resumed = Training.resume(checkpoint, data, log=quiet)
+    position = (resumed.epoch, resumed.step)
+    return position, resumed.run()
+
+
+@pytest.fixture
+def reference():
+    with fastconv.use_backend("reference"):  # bitwise repeatable
+        yield
+
+
+@pytest.mark.parametrize("step", [1, 3, 5])
+def test_resume_after_a_step_continues_exactly(tmp_path, reference, step):
+    data = small_data()
+    uninterrupted = Training(resumable_config(), seed=3, data=data, log=quiet).run()
+    (epoch, step_in_epoch), finished = interrupted_then_resumed(tmp_path, resumable_config(), data,
+                                                                interrupt_after_step(step))
+    assert epoch * finished.steps_per_epoch + step_in_epoch == step
+    assert_same_run(finished, uninterrupted)
+
+
+def test_resume_after_an_interrupt_inside_a_step(tmp_path, reference, monkeypatch):
+    data = small_data()
+    uninterrupted = Training(resumable_config(), seed=3, data=data, log=quiet).run()
+    calls = []
+    original = DeepConvNet.backward
+
+    def backward_interrupted_on_third_call(self, *args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # forward done, random numbers drawn, parameters untouched
+        return original(self, *args)
+
+    monkeypatch.setattr(DeepConvNet, "backward", backward_interrupted_on_third_call)
+    position, finished = interrupted_then_resumed(tmp_path, resumable_config(), data)
+    assert position == (0, 2)
+    assert_same_run(finished, uninterrupted)
+
+
+def test_resume_after_an_interrupt_during_evaluation(tmp_path, reference, monkeypatch):
+    data = small_data()
+    uninterrupted = Training(resumable_config(), seed=3, data=data, log=quiet).run()
+    original = training.predict_proba
+    calls = []
+
+    def interrupted_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # epoch 2's first scoring pass
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(training, "predict_proba", interrupted_once)
+    position, finished = interrupted_then_resumed(tmp_path, resumable_config(), data)
+    assert position == (1, finished.steps_per_epoch)
+    assert_same_run(finished, uninterrupted)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam"])
+def test_resume_restores_every_optimizers_state(tmp_path, reference, optimizer):
+    data = small_data(n_train=40, n_test=10)
+    config = resumable_config(optimizer)
+    uninterrupted = Training(config, seed=3, data=data, log=quiet).run()
+    _, finished = interrupted_then_resumed(tmp_path, config, data, interrupt_after_step(2))
+    assert_same_run(finished, uninterrupted)
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path, reference):
+    data = small_data(n_train=20, n_test=10)
+    first = Training(resumable_config(), seed=3, data=data, checkpoint_path=tmp_path / "c.npz", log=quiet)
+    with pytest.raises(KeyboardInterrupt):
+        first.run(on_step=interrupt_after_step(1))
+    with pytest.raises(ValueError, match="other settings"):
+        Training.resume(tmp_path / "c.npz", data, config=resumable_config("sgd"))
+
+
+# -- the command line --------------------------------------------------------------------------------
+
+
+def train(*args):
+    return main(["train", "--quiet", *map(str, args)])
+
+
+def tiny(data_dir, out, *extra):
+    return ["--data-dir", data_dir, "--out", out, "--limit-train", 40, "--limit-test", 30, "--epochs", 2,
+            "--batch-size", 20, "--eval-train-size", 20, "--dtype", "float32", "--backend", "reference", *extra]
+
+
+def read_json(path):
+    return json.loads(Path(path).read_text())
+
+
+def test_train_writes_parameters_history_and_figures(synthetic_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(*tiny(synthetic_dir, out)) == 0
+    printed = capsys.readouterr().out
+
+    for name in ("params.npz", "history.json", "curves.png", "misclassified.png", "config.json"):
+        assert (out / name).is_file(), name
+        assert name in printed or name == "config.json"
+    for name in ("curves.png", "misclassified.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "checkpoint.npz").exists()
+    assert "test accuracy" in printed and "wall time" in printed and "epoch   2/2" in printed
+
+    history = read_json(out / "history.json")
+    assert len(history["epochs"]) == 2 and len(history["step_loss"]) == 4
+    assert set(history["epochs"][0]["seconds"]) == set(PHASES)
+    assert history["config"]["dtype"] == "float32" and history["backend"] == "reference"
+    # the saved parameters reproduce the reported accuracy on the 30 test images
+    (_, _), (x_test, t_test) = datasets.load_mnist(flatten=False, data_dir=synthetic_dir)
+    network = DeepConvNet(dtype=np.float32)
+    network.load_params(out / "params.npz")
+    with fastconv.use_backend("reference"):
+        predicted = network.predict(x_test[:30]).argmax(axis=1)
+    assert history["test_acc"] == np.mean(predicted == t_test[:30])
+
+
+@pytest.mark.parametrize("args", [
+    ["--epochs", "0"], ["--optimizer", "lbfgs"], ["--lr-schedule", "linear"], ["--dtype", "float16"],
+    ["--backend", "no-such-backend"], ["--epochs", "two"], ["--bogus"],
+])
+def test_bad_arguments_exit_2(tmp_path, args, capsys):
+    assert train("--out", tmp_path / "run", *args) == 2
+    assert "error" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_needs_a_run_to_resume(tmp_path, capsys):
+    assert train("--resume") == 2
+    assert "--resume needs --out" in capsys.readouterr().err
+    assert train("--resume", "--out", tmp_path) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_missing_data_exits_3_saying_where_to_put_it(tmp_path, capsys):
+    assert train("--data-dir", tmp_path / "nowhere", "--out", tmp_path / "run", "--no-download") == 3
+    err = capsys.readouterr().err
+    assert "FASTCONV_DATA" in err and str(tmp_path / "nowhere") in err and "train-images-idx3-ubyte.gz" in err
+    # with downloads allowed, the (unreachable) mirror is tried and named
+    assert train("--data-dir", tmp_path / "nowhere", "--out", tmp_path / "run") == 3
+    assert "127.0.0.1" in capsys.readouterr().err
+
+
+def test_unreadable_data_exits_3(synthetic_dir, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for path in synthetic_dir.iterdir():
+        (broken / path.name).symlink_to(path)
+    (broken / "t10k-labels-idx1-ubyte.gz").unlink()
+    write_idx(broken / "t10k-labels-idx1-ubyte.gz", np.zeros(10, dtype=np.uint8))
+    assert train(*tiny(broken, tmp_path / "run")) == 3
+    assert "holds 10 items, expected 10000" in capsys.readouterr().err
+
+
+def interrupt_on_backward_call(monkeypatch, call):
+    original = DeepConvNet.backward
+    calls = []
+
+    def backward(self, *args):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    monkeypatch.setattr(DeepConvNet, "backward", backward)
+    return lambda: monkeypatch.setattr(DeepConvNet, "backward", original)
+
+
+def test_ctrl_c_saves_a_checkpoint_exits_130_and_resume_finishes_the_run(synthetic_dir, tmp_path, monkeypatch,
+                                                                          capsys):
+    assert train(*tiny(synthetic_dir, tmp_path / "straight", "--augment")) == 0
+
+    out = tmp_path / "run"
+    restore = interrupt_on_backward_call(monkeypatch, call=3)
+    assert train(*tiny(synthetic_dir, out, "--augment")) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and f"--resume --out {out}" in err
+    assert (out / "checkpoint.npz").is_file() and not (out / "params.npz").exists()
+
+    # a new run may not overwrite the unfinished one
+    assert train(*tiny(synthetic_dir, out, "--augment")) == 2
+    assert "unfinished run" in capsys.readouterr().err
+    # a resumed run keeps its settings
+    assert train("--resume", "--out", out, "--epochs", "5") == 2
+    assert "--epochs 5 (the run has 2)" in capsys.readouterr().err
+
+    restore()
+    assert train("--resume", "--out", out, "--data-dir", synthetic_dir, "--backend", "reference") == 0
+    assert "resuming" in capsys.readouterr().out
+    assert not (out / "checkpoint.npz").exists()
+    with np.load(out / "params.npz") as resumed, np.load(tmp_path / "straight" / "params.npz") as straight:
+        for key in KEYS:
+            assert np.array_equal(resumed[key], straight[key]), key
+    step_losses = [read_json(folder / "history.json")["step_loss"] for folder in (out, tmp_path / "straight")]
+    assert step_losses[0] == step_losses[1]
+
+
+def test_ensemble_averages_the_members_softmax(synthetic_dir, tmp_path, capsys):
+    out = tmp_path / "ensemble"
+    assert train(*tiny(synthetic_dir, out, "--ensemble", 2, "--epochs", 1, "--seed", 5)) == 0
+    printed = capsys.readouterr().out
+    summary = read_json(out / "history.json")
+    assert [m["seed"] for m in summary["members"]] == [5, 6]
+
+    (_, _), (x_test, t_test) = datasets.load_mnist(flatten=False, data_dir=synthetic_dir)
+    x_test, t_test = x_test[:30], t_test[:30]
+    probabilities = []
+    with fastconv.use_backend("reference"):
+        for k, member in enumerate(summary["members"]):
+            folder = out / f"member-{k + 1}"
+            assert member["folder"] == str(folder)
+            for name in ("params.npz", "history.json", "curves.png"):
+                assert (folder / name).is_file()
+            network = DeepConvNet(dtype=np.float32)
+            network.load_params(folder / "params.npz")
+            proba = softmax(network.predict(x_test))
+            assert member["test_acc"] == np.mean(proba.argmax(axis=1) == t_test)
+            probabilities.append(proba)
+    assert summary["test_acc"] == np.mean(np.mean(probabilities, axis=0).argmax(axis=1) == t_test)
+    assert "ensemble of 2" in printed and "member 2 (seed 6) test accuracy" in printed
+    assert not np.array_equal(*[np.load(out / f"member-{k}" / "params.npz")["W1"] for k in (1, 2)])
+
+
+def test_recipe_best_sets_augmentation_and_cosine_decay(synthetic_dir, tmp_path):
+    out = tmp_path / "best"
+    assert train(*tiny(synthetic_dir, out, "--recipe", "best", "--epochs", 1)) == 0
+    config = read_json(out / "config.json")
+    assert config["recipe"] == "best" and config["augment"] and config["lr_schedule"] == "cosine"
+    assert config["epochs"] == 1  # given options override the recipe
+    assert read_json(out / "history.json")["epochs"][0]["seconds"]["augment"] > 0
+
+
+def test_sigint_to_the_process_checkpoints_and_exits_130(synthetic_dir, tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-u", "-m", "fastconv", "train", "--quiet", "--data-dir", str(synthetic_dir),
+               "--out", str(out), "--limit-train", "40", "--limit-test", "20", "--batch-size", "20",
+               "--eval-train-size", "20", "--epochs", "1000", "--dtype", "float32", "--backend", "reference"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    try:
+        for line in process.stdout:
+            if line.startswith("epoch"):
+                break
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err
+    assert "interrupted: a checkpoint is saved" in err
+    assert (out / "checkpoint.npz").is_file()
+    resumed = Training.resume(out / "checkpoint.npz", small_data(n_train=40), log=quiet)
+    assert resumed.epoch >= 1 and len(resumed.history["epochs"]) == resumed.epoch
+
+
+@pytest.mark.mnist
+def test_short_real_training_beats_85_percent(mnist_dir, tmp_path):
+    # 3000 images, 2 epochs of batches of 20 (300 steps): about 88 % on 1000 test images
+    out = tmp_path / "real"
+    assert train("--data-dir", mnist_dir, "--out", out, "--limit-train", 3000, "--limit-test", 1000,
+                 "--epochs", 2, "--batch-size", 20, "--dtype", "float32", "--eval-train-size", 1000) == 0
+    history = read_json(out / "history.json")
+    assert history["test_images"] == 1000
+    assert history["test_acc"] > 0.85, history["epochs"]
