@@ -179,6 +179,8 @@ class Training:
                 with deferred_interrupts():
                     self.save_checkpoint()
             raise
+        if self.test_proba is None:  # resumed after the last epoch was scored
+            self.test_proba = predict_proba(self.network, self.x_test)
         return self
 
     def _train_epoch(self, on_step):
@@ -254,9 +256,9 @@ class Training:
             self.step = 0
             self.order = None
             self.totals = _fresh_epoch_totals()
-        self.log(format_epoch(record, cfg.epochs))
         if self.checkpoint_path is not None and not self.finished:
             self.save_checkpoint()  # survives crashes too, not only Ctrl-C
+        self.log(format_epoch(record, cfg.epochs))
 
     # -- checkpoints ------------------------------------------------------------------------------
 

@@ -118,6 +118,7 @@ def test_kernels_run_on_fastconv_num_threads(cython_backend, monkeypatch, thread
 
 
 def run_every_kernel(rng_seed, dtype):
+    """Every kernel, on inputs large enough to be split across threads."""
     rng = np.random.default_rng(rng_seed)
     # batch 37 > DW_GROUPS: several images per group in conv backward
     x, W, b = conv_problem(rng, 37, dtype, channels=5, size=11, filters=6)
@@ -125,9 +126,11 @@ def run_every_kernel(rng_seed, dtype):
     dx, dW, db = kernels.conv_backward(rng.standard_normal(out.shape).astype(dtype), cache, W)
     col = kernels.im2col(x, 3, 2, 1, 1)
     folded = kernels.col2im(col, x.shape, 3, 2, 1, 1)
-    pooled, pool_cache = kernels.maxpool_forward(np.round(x), 3, 3, 2, 1)
+    pool_in = np.round(rng.standard_normal((16, 16, 32, 32)).astype(dtype))  # 2 * MIN_POOL_CELLS_PER_THREAD
+    pooled, pool_cache = kernels.maxpool_forward(pool_in, 3, 3, 2, 1)
     pool_dx = kernels.maxpool_backward(rng.standard_normal(pooled.shape).astype(dtype), pool_cache)
-    relu_out, mask = kernels.relu_forward(rng.standard_normal((300, 400)).astype(dtype))
+    relu_in = rng.standard_normal((2, 1 << 20)).astype(dtype)  # 2 * MIN_RELU_ELEMENTS_PER_THREAD
+    relu_out, mask = kernels.relu_forward(relu_in)
     relu_dx = kernels.relu_backward(rng.standard_normal(mask.shape).astype(dtype), mask)
     return out, dx, dW, db, col, folded, pooled, pool_dx, relu_out, mask, relu_dx
 

@@ -10,11 +10,14 @@ Runs as well with ``NUMBA_DISABLE_JIT=1`` (plain Python kernels), which is how
 the kernels' coverage is measured.
 """
 import os
+import select
 import shutil
+import signal
 import stat
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +32,8 @@ from conftest import assert_close_to_reference
 nb = pytest.importorskip("fastconv.backends.numba", reason="numba backend unavailable (is numba installed?)")
 k = nb._k
 
-# (N, C, H, W, fh, fw, stride, pad): same-size, strided, non-square, large pad, 1x1, window = image
+# (N, C, H, W, fh, fw, stride, pad): same-size, strided, non-square, large pad, 1x1, window = image,
+# windows larger than the image (mostly padding)
 GEOMETRIES = [
     (3, 2, 5, 5, 3, 3, 1, 1),
     (2, 3, 6, 5, 5, 5, 1, 2),
@@ -39,6 +43,9 @@ GEOMETRIES = [
     (2, 3, 3, 4, 1, 1, 1, 0),
     (3, 1, 4, 5, 4, 5, 1, 0),
     (2, 2, 5, 4, 3, 2, 2, 2),
+    (3, 2, 1, 2, 5, 5, 1, 2),
+    (2, 1, 1, 1, 7, 7, 1, 3),
+    (2, 2, 2, 1, 7, 7, 2, 3),
 ]
 IDS = ["N{}C{}_{}x{}_f{}x{}_s{}p{}".format(*g) for g in GEOMETRIES]
 
@@ -64,9 +71,9 @@ def env_without_fastconv(**extra):
     return env
 
 
-def run_python(code, **env):
+def run_python(code, cwd=None, **env):
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                            env=env_without_fastconv(**env), timeout=600)
+                            env=env_without_fastconv(**env), cwd=cwd, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 
@@ -86,6 +93,22 @@ def test_unfolding_kernels_give_the_transposed_book_col(geometry, dtype, rng):
         colT = np.full(expected.shape, np.nan, dtype=dtype)
         unfold(colT)
         np.testing.assert_array_equal(colT, expected)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=IDS)
+def test_unfolding_kernels_write_only_their_own_cells(geometry, rng):
+    """Each row of colT gets spare columns after the images' cells: they must keep their sentinel."""
+    N, C, H, W, fh, fw, stride, pad = geometry
+    x = rng.standard_normal((N, C, H, W))
+    expected = reference.im2col(x[:1], fh, fw, stride, pad).T
+    unfolders = [lambda c: k.im2col_t_by_rows(x, fh, fw, stride, pad, c, 0, 1)]
+    if is_same_size(H, W, fh, fw, stride, pad):
+        unfolders.append(lambda c: k.im2col_t_same_size(x, fh, fw, pad, c, 0, 1))
+    for unfold in unfolders:
+        colT = np.full((expected.shape[0], expected.shape[1] + 5), -123.0)
+        unfold(colT)
+        np.testing.assert_array_equal(colT[:, :expected.shape[1]], expected)
+        assert (colT[:, expected.shape[1]:] == -123.0).all()
 
 
 def test_same_size_unfolding_is_used_and_tested():
@@ -167,7 +190,45 @@ def test_convolution_exposes_the_books_col_and_col_W(rng, numba_backend):
     _, cache = kernels.conv_forward(x, Wt, b, stride, pad)
     np.testing.assert_array_equal(cache.col, reference.im2col(x, 3, 3, stride, pad))
     np.testing.assert_array_equal(cache.col_W, Wt.reshape(3, -1).T)
+    assert cache.col is cache.col  # made once
     assert (cache.x_shape, cache.dtype, cache.out_hw) == (x.shape, x.dtype, (4, 3))
+
+
+def test_blas_is_single_threaded_inside_and_restored_after_overlapping_uses():
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+    before = blas_threads()
+    limiter = nb._SingleThreadedBlas()
+    with limiter:
+        with limiter:  # a second user thread entering while the first is inside
+            assert set(blas_threads()) <= {1}
+        assert set(blas_threads()) <= {1}  # still inside the first
+    assert blas_threads() == before
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_child_gets_working_threads(rng, numba_backend, two_threads):
+    x, Wt, b, _, stride, pad = conv_case((6, 2, 5, 5, 3, 3, 1, 1), np.float64, rng)
+    expected, _ = kernels.conv_forward(x, Wt, b, stride, pad)  # the parent's pool is started
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: the same call must finish, on threads of its own
+        try:
+            out, _ = kernels.conv_forward(x, Wt, b, stride, pad)
+            os.write(write, b"ok" if np.array_equal(out, expected) else b"wrong")
+        finally:
+            os._exit(0)
+    os.close(write)
+    ready, _, _ = select.select([read], [], [], 60)
+    answer = os.read(read, 16) if ready else b"no answer: the child hangs"
+    os.close(read)
+    if not ready:
+        os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    assert answer == b"ok"
 
 
 def test_plan_depends_on_sizes_not_on_threads(monkeypatch):
@@ -329,6 +390,38 @@ def test_backend_is_unavailable_with_its_reason_when_numba_cannot_load():
     assert lines[2] == "reference: 9.0"
 
 
+def test_the_import_error_names_numba(monkeypatch):
+    """The module itself, run under another name with numba hidden, raises ImportError (not anything else)."""
+    import importlib.util
+    monkeypatch.setitem(sys.modules, "numba", None)
+    spec = importlib.util.spec_from_file_location("numba_backend_without_numba", nb.__file__)
+    with pytest.raises(ImportError, match="the numba backend needs a working numba"):
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
+def test_kernel_falls_back_to_no_cache_and_warns_once(monkeypatch):
+    compiled = []
+
+    def fake_njit(cache=False, **options):
+        if cache:
+            raise RuntimeError("cannot cache function 'f': no locator available")
+        return lambda function: compiled.append(function) or function
+
+    monkeypatch.setattr(k, "njit", fake_njit)
+    monkeypatch.setattr(k, "_uncached", [])
+
+    def f():
+        pass
+
+    with pytest.warns(RuntimeWarning, match="compiled in every process: cannot cache"):
+        assert k._kernel(f) is f
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        k._kernel(f)
+    assert caught == []  # said once
+    assert compiled == [f, f] and k._uncached == ["f", "f"]
+
+
 CACHE_PROBE = """
     import numpy as np
     import fastconv
@@ -363,8 +456,9 @@ def read_only_install(tmp_path):
 def test_a_read_only_install_caches_compiled_kernels_in_the_user_cache(read_only_install, tmp_path):
     env = {"PYTHONPATH": str(read_only_install), "XDG_CACHE_HOME": str(tmp_path / "cache"),
            "PYTHONDONTWRITEBYTECODE": "1"}
-    first = run_python(CACHE_PROBE, **env).stdout.splitlines()
-    second = run_python(CACHE_PROBE, **env).stdout.splitlines()
+    # run from tmp_path: the working directory comes first on sys.path
+    first = run_python(CACHE_PROBE, cwd=tmp_path, **env).stdout.splitlines()
+    second = run_python(CACHE_PROBE, cwd=tmp_path, **env).stdout.splitlines()
     assert first[0].startswith(str(read_only_install))
     assert first[1].startswith(str(tmp_path / "cache" / "numba"))
     assert first[2] == "0 1 0"  # compiled, and saved ...
@@ -374,9 +468,11 @@ def test_a_read_only_install_caches_compiled_kernels_in_the_user_cache(read_only
 def test_kernels_work_uncached_when_no_cache_directory_is_writable(read_only_install, tmp_path):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
-    result = run_python(CACHE_PROBE, PYTHONPATH=str(read_only_install), XDG_CACHE_HOME=str(blocker / "cache"),
-                        PYTHONDONTWRITEBYTECODE="1", PYTHONWARNINGS="always")
-    assert result.stdout.splitlines()[2].split()[2] != "0"  # every kernel uncached ...
+    result = run_python(CACHE_PROBE, cwd=tmp_path, PYTHONPATH=str(read_only_install),
+                        XDG_CACHE_HOME=str(blocker / "cache"), PYTHONDONTWRITEBYTECODE="1", PYTHONWARNINGS="always")
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(str(read_only_install))
+    assert lines[2].split()[2] != "0"  # every kernel uncached ...
     assert "will be compiled in every process" in result.stderr  # ... and said once
     assert result.stderr.count("will be compiled in every process") == 1
 

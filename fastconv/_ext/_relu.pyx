@@ -4,7 +4,7 @@ from cython.parallel cimport prange
 from cython cimport floating
 
 cdef enum:
-    # elements per block: large enough that a thread's share is worth waking it for
+    # elements handed to a thread at a time
     BLOCK = 1 << 15
 
 

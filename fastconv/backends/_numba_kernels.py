@@ -53,9 +53,8 @@ def _valid_span(out_w, width, k, stride, pad):
     """Window columns [lo, hi) whose tap at offset ``k`` falls inside ``[0, width)`` (not in the padding)."""
     lo = 0
     if pad > k:
-        lo = (pad - k + stride - 1) // stride
-    hi = (width - 1 + pad - k) // stride + 1
-    hi = min(hi, out_w)
+        lo = min((pad - k + stride - 1) // stride, out_w)
+    hi = min((width - 1 + pad - k) // stride + 1, out_w)
     return lo, max(hi, lo)
 
 
@@ -74,11 +73,16 @@ def im2col_t_same_size(x, fh, fw, pad, colT, n0, n1):
     dst = colT.reshape(-1)
     for c in range(C):
         for ky in range(fh):
-            oy_lo, oy_hi = max(pad - ky, 0), min(H + pad - ky, H)
+            # rows [oy_lo, oy_hi) and columns [lo, hi) of the output see the image, not the padding
+            oy_lo = min(max(pad - ky, 0), H)
+            oy_hi = max(min(H + pad - ky, H), oy_lo)
             for kx in range(fw):
-                lo, hi = max(pad - kx, 0), min(W + pad - kx, W)
+                lo = min(max(pad - kx, 0), W)
+                hi = max(min(W + pad - kx, W), lo)
                 shift = (ky - pad) * W + (kx - pad)
-                j_lo, j_hi = max(oy_lo * W, -shift), min(oy_hi * W, hw - shift)
+                # cells [j_lo, j_hi) of the image's block are copied, the rest are padding
+                j_lo = min(max(oy_lo * W, -shift), hw)
+                j_hi = max(min(oy_hi * W, hw - shift), j_lo)
                 row = ((c * fh + ky) * fw + kx) * width
                 for i in range(n1 - n0):
                     d = row + i * hw
@@ -331,16 +335,24 @@ def maxpool_backward(dout, argmax, ph, pw, stride, pad, dx, n0, n1):
     first = n0 * C * H * W
     for j in range((n1 - n0) * C * H * W):
         dst[_ix(first + j)] = 0
+    # window index k -> (ky, kx) by table: integer division by a variable is slow
+    row_of = np.empty(ph * pw, dtype=np.intp)
+    col_of = np.empty(ph * pw, dtype=np.intp)
+    for ky in range(ph):
+        for kx in range(pw):
+            row_of[ky * pw + kx] = ky
+            col_of[ky * pw + kx] = kx
     for n in range(n0, n1):
         for c in range(C):
             plane = (n * C + c) * H * W
+            grads = (n * C + c) * out_h * out_w
             for oy in range(out_h):
                 for ox in range(out_w):
                     k = where[_ix(((n * out_h + oy) * out_w + ox) * C + c)]
-                    y = oy * stride - pad + k // pw
-                    xx = ox * stride - pad + k % pw
+                    y = oy * stride - pad + row_of[_ix(k)]
+                    xx = ox * stride - pad + col_of[_ix(k)]
                     if 0 <= y < H and 0 <= xx < W:
-                        dst[_ix(plane + y * W + xx)] += src[_ix(((n * C + c) * out_h + oy) * out_w + ox)]
+                        dst[_ix(plane + y * W + xx)] += src[_ix(grads + oy * out_w + ox)]
 
 
 @_kernel

@@ -55,8 +55,11 @@ DW_GROUPS = 16
 # this many output pixels per GEMM: small GEMMs waste time packing operands.
 GEMM_COLUMNS = 256
 
-# Elements per ReLU work item; must match BLOCK in _relu.pyx.
-_RELU_BLOCK = 1 << 15
+# Least work that earns a thread of its own, about 100 us: waking a sleeping
+# thread costs tens of microseconds on an idle machine, and milliseconds on a
+# busy one, where it has to wait for a core. Convolutions always have enough.
+MIN_RELU_ELEMENTS_PER_THREAD = 1 << 20
+MIN_POOL_CELLS_PER_THREAD = 1 << 17
 
 
 class ConvCache:
@@ -137,11 +140,11 @@ class _SingleThreadedBlas:
 _single_threaded_blas = _SingleThreadedBlas()
 
 
-def _threads(work_items):
-    """Threads for ``work_items`` independent pieces of work: never more threads than pieces."""
+def _threads(work, least_per_thread=1):
+    """Threads for ``work`` units, each thread getting at least ``least_per_thread`` of them."""
     if not _buildinfo.openmp_enabled():
         return 1
-    return max(1, min(get_num_threads(), work_items))
+    return max(1, min(get_num_threads(), work // least_per_thread))
 
 
 def parallel_threads():
@@ -229,26 +232,26 @@ def maxpool_forward(x, pool_h, pool_w, stride, pad, workspace):
     out_w = _out_size(W, pool_w, stride, pad)
     out = np.empty((N, C, out_h, out_w), dtype=x.dtype)
     source = _buffer(workspace, "source", N * C * out_h * out_w, np.dtype(np.intc))
-    _pool.maxpool_forward(x, out, source[:out.size], pool_h, pool_w, stride, pad, _threads(N * C))
+    threads = _threads(x.size, MIN_POOL_CELLS_PER_THREAD)
+    _pool.maxpool_forward(x, out, source[:out.size], pool_h, pool_w, stride, pad, threads)
     return out, PoolCache(source, pool_h, pool_w, stride, pad, x.shape, x.dtype, (out_h, out_w))
 
 
 def maxpool_backward(dout, cache):
-    N, C = cache.x_shape[:2]
     dx = np.empty(cache.x_shape, dtype=cache.dtype)
-    _pool.maxpool_backward(dout, cache.source[:dout.size], dx, _threads(N * C))
+    _pool.maxpool_backward(dout, cache.source[:dout.size], dx, _threads(dx.size, MIN_POOL_CELLS_PER_THREAD))
     return dx
 
 
 def relu_forward(x):
     out = np.empty_like(x)
     mask = np.empty(x.shape, dtype=np.bool_)
-    blocks = -(-x.size // _RELU_BLOCK)
-    _relu.relu_forward(x.reshape(-1), out.reshape(-1), mask.reshape(-1).view(np.uint8), _threads(blocks))
+    threads = _threads(x.size, MIN_RELU_ELEMENTS_PER_THREAD)
+    _relu.relu_forward(x.reshape(-1), out.reshape(-1), mask.reshape(-1).view(np.uint8), threads)
     return out, mask
 
 
 def relu_backward(dout, mask):
-    blocks = -(-dout.size // _RELU_BLOCK)
-    _relu.relu_backward(dout.reshape(-1), mask.reshape(-1).view(np.uint8), _threads(blocks))
+    threads = _threads(dout.size, MIN_RELU_ELEMENTS_PER_THREAD)
+    _relu.relu_backward(dout.reshape(-1), mask.reshape(-1).view(np.uint8), threads)
     return dout

@@ -25,6 +25,7 @@ Results do not depend on the number of threads: the images are cut into
 chunks by a rule that ignores the thread count, and the convolution
 gradients are summed over a fixed sequence of chunk groups, in order.
 """
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 
@@ -59,6 +60,12 @@ class _Workers:
     """A thread pool, grown on demand, that runs one call's tasks side by side."""
 
     def __init__(self):
+        self._forget()
+        if hasattr(os, "register_at_fork"):
+            # a forked child has none of the parent's threads: start a new pool there
+            os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self):
         self._lock = threading.Lock()
         self._executor = None
         self._size = 0
