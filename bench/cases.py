@@ -35,6 +35,7 @@ class Case:
     scale: float = 1.0  # reported time = seconds per call * scale
     unit: str = "call"
     fixed_number: Optional[int] = None  # calls per sample; None: chosen by calibration
+    min_repeat: Optional[int] = None  # fewer samples than the settings' minimum suffice when slow
 
     @property
     def id(self):
@@ -82,6 +83,7 @@ def build_cases(dtypes, n_images=net.INFERENCE_IMAGES, only=None):
             + f", batches of {net.BATCH}",
             dtype, _inference_maker(dtype, n_images), flops=shapes.forward_flops * full / net.BATCH,
             scale=full / n_images, unit=f"{full} images", fixed_number=1,
+            min_repeat=2,  # a sample is 100 forward passes already; the reference's takes half a minute
         ))
     if only:
         cases = [c for c in cases if any(fnmatch.fnmatchcase(c.id, pattern) for pattern in only)]

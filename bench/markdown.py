@@ -74,7 +74,7 @@ def _header(report):
         f"numba {v['numba']}, {torch}",
         f"- Backends measured: {', '.join(s['backends'])}"
         + (f" (unavailable: {', '.join(unavailable)})" if unavailable else ""),
-        f"- GEMM peak (np.matmul {n}x{n}, best of {s['gemm_repeat']}): {peaks}",
+        f"- GEMM peak (np.matmul {n}x{n}, best of {s['gemm_repeat']} calls before and as many after): {peaks}",
         f"- Command: `{report['command']}` ({report['wall_time_s']:.0f} s)",
         "",
         "Medians over samples (each the mean of a number of calls; `samples` = samples x calls), "

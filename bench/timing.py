@@ -8,6 +8,7 @@ round, with the order rotated every round, so that noise from other processes
 hits every implementation alike. Only these samples enter the statistics.
 """
 import contextlib
+import dataclasses
 import gc
 import math
 import statistics
@@ -100,6 +101,8 @@ def _calibrate(case, impl, settings):
 
 def measure(case, impls, settings):
     """Time ``case`` on every implementation; returns one Measurement per implementation, in order."""
+    if case.min_repeat is not None:
+        settings = dataclasses.replace(settings, min_repeat=min(settings.min_repeat, case.min_repeat))
     prepared = [(impl,) + _prepare(case, impl, settings) for impl in impls]
     for round_index in range(settings.repeat):
         shift = round_index % len(prepared)

@@ -117,8 +117,8 @@ def test_kernels_run_on_fastconv_num_threads(cython_backend, monkeypatch, thread
     assert cython_backend.parallel_threads() == expected
 
 
-def run_every_kernel(rng_seed, dtype):
-    """Every kernel, on inputs large enough to be split across threads."""
+def run_every_kernel(backend, rng_seed, dtype):
+    """Every kernel, on inputs large enough to be split across two threads."""
     rng = np.random.default_rng(rng_seed)
     # batch 37 > DW_GROUPS: several images per group in conv backward
     x, W, b = conv_problem(rng, 37, dtype, channels=5, size=11, filters=6)
@@ -126,10 +126,10 @@ def run_every_kernel(rng_seed, dtype):
     dx, dW, db = kernels.conv_backward(rng.standard_normal(out.shape).astype(dtype), cache, W)
     col = kernels.im2col(x, 3, 2, 1, 1)
     folded = kernels.col2im(col, x.shape, 3, 2, 1, 1)
-    pool_in = np.round(rng.standard_normal((16, 16, 32, 32)).astype(dtype))  # 2 * MIN_POOL_CELLS_PER_THREAD
+    pool_in = np.round(rng.standard_normal((2, backend.MIN_POOL_CELLS_PER_THREAD)).astype(dtype)).reshape(16, -1, 32, 32)
     pooled, pool_cache = kernels.maxpool_forward(pool_in, 3, 3, 2, 1)
     pool_dx = kernels.maxpool_backward(rng.standard_normal(pooled.shape).astype(dtype), pool_cache)
-    relu_in = rng.standard_normal((2, 1 << 20)).astype(dtype)  # 2 * MIN_RELU_ELEMENTS_PER_THREAD
+    relu_in = rng.standard_normal((2, backend.MIN_RELU_ELEMENTS_PER_THREAD)).astype(dtype)
     relu_out, mask = kernels.relu_forward(relu_in)
     relu_dx = kernels.relu_backward(rng.standard_normal(mask.shape).astype(dtype), mask)
     return out, dx, dW, db, col, folded, pooled, pool_dx, relu_out, mask, relu_dx
@@ -138,9 +138,9 @@ def run_every_kernel(rng_seed, dtype):
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_results_are_bitwise_identical_on_one_and_two_threads(cython_backend, monkeypatch, dtype):
     monkeypatch.setenv("FASTCONV_NUM_THREADS", "1")
-    serial = run_every_kernel(7, dtype)
+    serial = run_every_kernel(cython_backend, 7, dtype)
     monkeypatch.setenv("FASTCONV_NUM_THREADS", "2")
-    parallel = run_every_kernel(7, dtype)
+    parallel = run_every_kernel(cython_backend, 7, dtype)
     for one, two in zip(serial, parallel):
         assert one.dtype == two.dtype
         np.testing.assert_array_equal(one, two)

@@ -182,7 +182,7 @@ def test_convolution_cut_into_chunks_groups_and_threads(geometry, dtype, rng, nu
     x, dout = np.concatenate([x] * 3), np.concatenate([dout] * 3)  # enough images for several chunks per group
     cache = assert_conv_matches_reference(x, Wt, b, dout, stride, pad)
     assert len(cache.plan.groups) == 2 and all(len(group) > 1 for group in cache.plan.groups)
-    assert len(cache.plan.groups_by_thread) == 2
+    assert cache.plan.threads == 2
 
 
 def test_convolution_exposes_the_books_col_and_col_W(rng, numba_backend):
@@ -237,7 +237,7 @@ def test_plan_depends_on_sizes_not_on_threads(monkeypatch):
         monkeypatch.setenv("FASTCONV_NUM_THREADS", threads)
         plans.append(nb._ConvPlan(100, 144 * 784, 4))
     assert all(p.groups == plans[0].groups for p in plans)
-    assert [len(p.groups_by_thread) for p in plans] == [1, 2, 5]
+    assert [p.threads for p in plans] == [1, 2, 5]
     chunks = [chunk for group in plans[0].groups for chunk in group]
     assert chunks[0] == (0, plans[0].images_per_chunk) and chunks[-1][1] == 100
     assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))  # contiguous, in order

@@ -28,7 +28,7 @@ from libc.string cimport memcpy, memset
 
 from cython cimport floating
 
-from fastconv._ext._window cimport end_inside, first_inside
+from fastconv._ext._unfold cimport fold_image, unfold_image
 
 ctypedef void (*sgemm_fn)(char *transa, char *transb, int *m, int *n, int *k,
                           float *alpha, float *a, int *lda, float *b, int *ldb,
@@ -108,7 +108,7 @@ def conv_forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w2, cons
             count = min(block, N - first)
             columns = count * HW
             for j in range(count):
-                _unfold_image_t(xp + (first + j) * C * H * W, colT + j * HW, columns,
+                unfold_image(xp + (first + j) * C * H * W, colT + j * HW, columns,
                                 C, H, W, filter_h, filter_w, stride, pad, out_h, out_w)
             # row-major (FN, columns) = W2 @ colT, as column-major (columns, FN) = colT.T @ W2.T
             _gemm(c'N', c'N', <int>columns, <int>FN, <int>K, colT, <int>columns, wp, <int>K,
@@ -189,7 +189,7 @@ def conv_backward(const floating[:, :, :, ::1] x, const floating[:, ::1] w2, con
                                    HW * sizeof(floating))
                     block_dout = gathered
                 for j in range(count):
-                    _unfold_image_t(xp + (first + j) * C * H * W, colT + j * HW, columns,
+                    unfold_image(xp + (first + j) * C * H * W, colT + j * HW, columns,
                                     C, H, W, filter_h, filter_w, stride, pad, out_h, out_w)
                 # row-major (FN, K) += dout @ colT.T, as column-major (K, FN) += colT @ dout.T
                 _gemm(c'T', c'N', <int>K, <int>FN, <int>columns, colT, <int>columns, block_dout, <int>columns,
@@ -199,7 +199,7 @@ def conv_backward(const floating[:, :, :, ::1] x, const floating[:, ::1] w2, con
                       0, dcolT, <int>columns)
                 for j in range(count):
                     memset(dxp + (first + j) * C * H * W, 0, C * H * W * sizeof(floating))
-                    _fold_image_t(dcolT + j * HW, columns, dxp + (first + j) * C * H * W,
+                    fold_image(dcolT + j * HW, columns, dxp + (first + j) * C * H * W,
                                   C, H, W, filter_h, filter_w, stride, pad, out_h, out_w)
                 first = first + count
     cdef floating *dw2p = &dw2[0, 0]
@@ -227,70 +227,3 @@ cdef inline double _row_sum(const floating *values, Py_ssize_t count) noexcept n
     for i in range(end4, count):
         s0 += values[i]
     return (s0 + s1) + (s2 + s3)
-
-
-cdef void _unfold_image_t(const floating *x, floating *colT, Py_ssize_t ld,
-                          Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
-                          Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stride, Py_ssize_t pad,
-                          Py_ssize_t out_h, Py_ssize_t out_w) noexcept nogil:
-    """colT (C*fh*fw, out_h*out_w) of one image, rows ``ld`` apart: row (c, ky, kx) holds what that cell sees in every window."""
-    cdef Py_ssize_t c, ky, kx, oy, ox, oy_lo, oy_hi, ox_lo, ox_hi, src
-    cdef floating *row
-    cdef floating *line
-    for ky in range(fh):
-        oy_lo = first_inside(ky - pad, stride)
-        oy_hi = end_inside(ky - pad, stride, H, out_h, oy_lo)
-        for kx in range(fw):
-            ox_lo = first_inside(kx - pad, stride)
-            ox_hi = end_inside(kx - pad, stride, W, out_w, ox_lo)
-            for c in range(C):
-                row = colT + ((c * fh + ky) * fw + kx) * ld
-                for oy in range(oy_lo, oy_hi):
-                    line = row + oy * out_w
-                    src = (c * H + oy * stride + ky - pad) * W + kx - pad
-                    if stride == 1:
-                        for ox in range(ox_lo, ox_hi):
-                            line[ox] = x[src + ox]
-                    else:
-                        for ox in range(ox_lo, ox_hi):
-                            line[ox] = x[src + ox * stride]
-                # Padding. The few columns at the sides are zeroed down the rows:
-                # zeroing them line by line would become a memset call for a
-                # cell or two, per line.
-                for ox in range(ox_lo):
-                    for oy in range(oy_lo, oy_hi):
-                        row[oy * out_w + ox] = 0
-                for ox in range(ox_hi, out_w):
-                    for oy in range(oy_lo, oy_hi):
-                        row[oy * out_w + ox] = 0
-                if oy_lo > 0:
-                    memset(row, 0, oy_lo * out_w * sizeof(floating))
-                if oy_hi < out_h:
-                    memset(row + oy_hi * out_w, 0, (out_h - oy_hi) * out_w * sizeof(floating))
-
-
-cdef void _fold_image_t(const floating *colT, Py_ssize_t ld, floating *x,
-                        Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
-                        Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stride, Py_ssize_t pad,
-                        Py_ssize_t out_h, Py_ssize_t out_w) noexcept nogil:
-    """Add every row of colT (rows ``ld`` apart) back onto the image cells it was taken from (the adjoint of unfolding)."""
-    cdef Py_ssize_t c, ky, kx, oy, ox, oy_lo, oy_hi, ox_lo, ox_hi, dst
-    cdef const floating *row
-    cdef const floating *line
-    for c in range(C):
-        for ky in range(fh):
-            oy_lo = first_inside(ky - pad, stride)
-            oy_hi = end_inside(ky - pad, stride, H, out_h, oy_lo)
-            for kx in range(fw):
-                ox_lo = first_inside(kx - pad, stride)
-                ox_hi = end_inside(kx - pad, stride, W, out_w, ox_lo)
-                row = colT + ((c * fh + ky) * fw + kx) * ld
-                for oy in range(oy_lo, oy_hi):
-                    line = row + oy * out_w
-                    dst = (c * H + oy * stride + ky - pad) * W + kx - pad
-                    if stride == 1:
-                        for ox in range(ox_lo, ox_hi):
-                            x[dst + ox] += line[ox]
-                    else:
-                        for ox in range(ox_lo, ox_hi):
-                            x[dst + ox * stride] += line[ox]

@@ -1,16 +1,16 @@
 """The compiled backend: Cython kernels with OpenMP, GEMMs through SciPy's BLAS.
 
-Every kernel works directly in NCHW; convolutions unfold one image at a time
-into a cache-sized buffer and multiply it with the filters there (see
-``fastconv/_ext/_conv.pyx``), so neither the book's batch-sized ``col`` nor
-any transpose of the output is ever made.
+Every kernel works directly in NCHW; convolutions unfold a block of images
+at a time into a cache-sized buffer and multiply it with the filters there
+(see ``fastconv/_ext/_conv.pyx``), so neither the book's batch-sized ``col``
+nor any transpose of the output is ever made.
 
 Threading: one thread pool is busy at a time. The kernels split their work
 over images (or image planes) in an OpenMP region of ``get_num_threads()``
-threads, and the GEMMs run inside that region, one per image, on a BLAS held
-to a single thread for the duration of the call (its previous setting is
-restored afterwards). An OpenMP pool and a multi-threaded BLAS pool taking
-turns would otherwise spin-wait against each other.
+threads, and the GEMMs run inside that region, one per block of images, on a
+BLAS held to a single thread for the duration of the call (its previous
+setting is restored afterwards). An OpenMP pool and a multi-threaded BLAS
+pool taking turns would otherwise spin-wait against each other.
 
 Buffers: outputs (``out``, ``dx``, ``dW``, ``db``, ``mask``) are always new
 arrays, since the caller may keep them. Scratch buffers and the pooling
@@ -34,7 +34,8 @@ from fastconv._threads import get_num_threads
 # Idle OpenMP threads sleep rather than spin (unless the user chose a policy).
 # Spinning threads hold a core for milliseconds after every kernel, which the
 # BLAS pool of the NumPy layers in between, or any other process, then waits
-# for. Read once, when the OpenMP runtime loads with the first extension.
+# for. The runtime reads it once, when it loads with the first extension;
+# child processes inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 try:
@@ -138,13 +139,14 @@ class _SingleThreadedBlas:
 
 
 _single_threaded_blas = _SingleThreadedBlas()
+_OPENMP = _buildinfo.openmp_enabled()
 
 
 def _threads(work, least_per_thread=1):
     """Threads for ``work`` units, each thread getting at least ``least_per_thread`` of them."""
-    if not _buildinfo.openmp_enabled():
+    if work < 2 * least_per_thread or not _OPENMP:
         return 1
-    return max(1, min(get_num_threads(), work // least_per_thread))
+    return min(get_num_threads(), work // least_per_thread)
 
 
 def parallel_threads():
@@ -169,13 +171,17 @@ def im2col(x, filter_h, filter_w, stride, pad):
     out_h = _out_size(H, filter_h, stride, pad)
     out_w = _out_size(W, filter_w, stride, pad)
     col = np.empty((N * out_h * out_w, C * filter_h * filter_w), dtype=x.dtype)
-    _im2col.im2col(x, col, filter_h, filter_w, stride, pad, _threads(N))
+    threads = _threads(N)
+    scratch = np.empty(threads * col.shape[1] * out_h * out_w, dtype=x.dtype)
+    _im2col.im2col(x, col, filter_h, filter_w, stride, pad, scratch, threads)
     return col
 
 
 def col2im(col, x_shape, filter_h, filter_w, stride, pad):
     x = np.empty(x_shape, dtype=col.dtype)
-    _im2col.col2im(col, x, filter_h, filter_w, stride, pad, _threads(x_shape[0]))
+    threads = _threads(x_shape[0])
+    scratch = np.empty(threads * col.size // x_shape[0], dtype=col.dtype)
+    _im2col.col2im(col, x, filter_h, filter_w, stride, pad, scratch, threads)
     return x
 
 

@@ -1,13 +1,15 @@
 """The numba backend: jitted loops for unfolding, pooling and ReLU, NumPy's BLAS for the products.
 
 Threading: the jitted kernels are serial and release the GIL; this module
-splits the batch into contiguous sample ranges and runs one kernel call per
-range on a small pool of Python threads (``get_num_threads()`` in all, the
-calling thread included). Every range writes only its own samples, so no two
-threads ever add into the same memory. Convolutions run their matrix products
-inside those threads with the BLAS held to one thread (restored afterwards):
-two thread pools taking turns, a multi-threaded BLAS and a parallel kernel
-runtime, spin-wait against each other and lose several times their speed.
+cuts the batch into contiguous ranges of images (ReLU: of elements) and runs
+one kernel call per range on a small pool of Python threads
+(``get_num_threads()`` in all, the calling thread included), each thread
+taking the next range left. A range writes only its own images, so no two
+threads ever add into the same memory. Convolutions run their matrix
+products inside those threads with the BLAS held to one thread (restored
+afterwards): two thread pools taking turns, a multi-threaded BLAS and a
+parallel kernel runtime, spin-wait against each other and lose several times
+their speed.
 
 Convolution never builds the book's batch-sized ``col``: each thread unfolds
 a few images at a time into a buffer sized for the CPU cache, multiplies it
@@ -44,14 +46,18 @@ NAME = "numba"
 
 # Bytes of unfolded windows one thread handles at a time (rounded to whole
 # images): small enough to stay in a core's cache between being written and
-# multiplied, large enough for the products to run near full speed.
-CHUNK_BYTES = 1 << 19
+# multiplied, large enough for the products to run near full speed (1 MiB was
+# the best of 256 KiB to 2 MiB for the chapter-8 network on a 2-core EPYC).
+CHUNK_BYTES = 1 << 20
 
 # Convolution backward sums dW and db over at most this many chunk groups.
 SUM_GROUPS = 16
 
 # Below this many elements per thread a kernel runs on the calling thread only.
 MIN_ELEMENTS_PER_THREAD = 1 << 15
+
+# Pooling and ReLU cut their work into this many ranges per thread.
+RANGES_PER_THREAD = 4
 
 
 # --------------------------------------------------------------------------- threads
@@ -139,9 +145,21 @@ def _thread_count(items, elements_per_item):
 
 
 def _split(kernel, count, elements_per_item, *args):
-    """Run ``kernel(*args, start, stop)`` on contiguous ranges covering range(count), side by side."""
-    spans = _spans(count, _thread_count(count, elements_per_item))
-    _workers.run([lambda a=a, z=z: kernel(*args, a, z) for a, z in spans])
+    """Run ``kernel(*args, start, stop)`` on contiguous ranges covering range(count), side by side.
+
+    There are a few more ranges than threads; each thread takes the next
+    range left until none is, which evens out threads slowed by other work.
+    """
+    threads = _thread_count(count, elements_per_item)
+    if threads == 1:
+        kernel(*args, 0, count)
+        return
+    spans = iter(_spans(count, min(count, RANGES_PER_THREAD * threads)))  # next() on it is atomic (GIL)
+
+    def drain():
+        for start, stop in spans:
+            kernel(*args, start, stop)
+    _workers.run([drain] * threads)
 
 
 def _out_size(size, window, stride, pad):
@@ -168,7 +186,11 @@ def col2im(col, x_shape, filter_h, filter_w, stride, pad):
 # --------------------------------------------------------------------------- convolution
 
 class _ConvPlan:
-    """How a batch is cut: chunks of images (cache-sized), groups of chunks, threads over groups."""
+    """How a batch is cut: chunks of images (cache-sized), groups of chunks, and how many threads.
+
+    Threads take the next unprocessed group until none is left, so a thread
+    that the OS puts aside for a while (other processes) delays nobody.
+    """
 
     def __init__(self, n_images, elements_per_image, itemsize):
         per_chunk = CHUNK_BYTES // max(elements_per_image * itemsize, 1)
@@ -177,8 +199,16 @@ class _ConvPlan:
                   for s in range(0, n_images, self.images_per_chunk)]
         n_groups = min(len(chunks), SUM_GROUPS)
         self.groups = [chunks[a:z] for a, z in _spans(len(chunks), n_groups)]
-        n_threads = min(n_groups, _thread_count(n_images, elements_per_image))
-        self.groups_by_thread = [list(range(a, z)) for a, z in _spans(n_groups, max(n_threads, 1))]
+        self.threads = max(1, min(n_groups, _thread_count(n_images, elements_per_image)))
+
+    def run(self, work, scratch):
+        """``work(group, buffers)`` for every group, on ``self.threads`` threads each with its own buffers."""
+        groups = iter(range(len(self.groups)))  # next() on it is atomic: it runs holding the GIL
+
+        def drain(buffers):
+            for g in groups:
+                work(g, buffers)
+        _workers.run([lambda b=b: drain(b) for b in scratch])
 
 
 class _ConvScratch:
@@ -258,22 +288,21 @@ def conv_forward(x, W, b, stride, pad, workspace):
     hw, ckk = out_h * out_w, C * FH * FW
     plan = _ConvPlan(N, ckk * hw, x.dtype.itemsize)
     width = plan.images_per_chunk * hw
-    scratch = _conv_scratch(workspace, len(plan.groups_by_thread), x.dtype, ckk, FN, width)
+    scratch = _conv_scratch(workspace, plan.threads, x.dtype, ckk, FN, width)
     W_rows = W.reshape(FN, ckk)
     unfold = _unfolder(x.shape, FH, FW, stride, pad)
     out = np.empty((N, FN, hw), dtype=x.dtype)
 
-    def work(group_ids, buffers):
-        for g in group_ids:
-            for start, stop in plan.groups[g]:
-                m = (stop - start) * hw
-                col, rows = buffers.views(ckk, FN, m)
-                unfold(x, col, start, stop)
-                np.matmul(W_rows, col, out=rows)
-                _k.add_bias_to_nchw(rows, b, out, start, stop)
+    def work(g, buffers):
+        for start, stop in plan.groups[g]:
+            m = (stop - start) * hw
+            col, rows = buffers.views(ckk, FN, m)
+            unfold(x, col, start, stop)
+            np.matmul(W_rows, col, out=rows)
+            _k.add_bias_to_nchw(rows, b, out, start, stop)
 
     with _single_threaded_blas:
-        _workers.run([lambda g=g, s=s: work(g, s) for g, s in zip(plan.groups_by_thread, scratch)])
+        plan.run(work, scratch)
     cache = ConvCache(x, W, stride, pad, (out_h, out_w), plan, scratch)
     return out.reshape(N, FN, out_h, out_w), cache
 
@@ -290,24 +319,23 @@ def conv_backward(dout, cache, W):
     dW_parts = np.empty((len(plan.groups), FN, ckk), dtype=x.dtype)
     db_parts = np.zeros((len(plan.groups), FN), dtype=np.float64)
 
-    def work(group_ids, buffers):
-        for g in group_ids:
-            for i, (start, stop) in enumerate(plan.groups[g]):
-                m = (stop - start) * hw
-                col, rows = buffers.views(ckk, FN, m)
-                dcol, dW_term = buffers.backward_views(ckk, FN, m)
-                unfold(x, col, start, stop)
-                _k.nchw_to_rows(dout, rows, db_parts[g], start, stop)
-                if i == 0:
-                    np.matmul(rows, col.T, out=dW_parts[g])
-                else:
-                    np.matmul(rows, col.T, out=dW_term)
-                    dW_parts[g] += dW_term
-                np.matmul(W_rows.T, rows, out=dcol)
-                _k.col2im_t(dcol, FH, FW, stride, pad, dx, start, stop)
+    def work(g, buffers):
+        for i, (start, stop) in enumerate(plan.groups[g]):
+            m = (stop - start) * hw
+            col, rows = buffers.views(ckk, FN, m)
+            dcol, dW_term = buffers.backward_views(ckk, FN, m)
+            unfold(x, col, start, stop)
+            _k.nchw_to_rows(dout, rows, db_parts[g], start, stop)
+            if i == 0:
+                np.matmul(rows, col.T, out=dW_parts[g])
+            else:
+                np.matmul(rows, col.T, out=dW_term)
+                dW_parts[g] += dW_term
+            np.matmul(W_rows.T, rows, out=dcol)
+            _k.col2im_t(dcol, FH, FW, stride, pad, dx, start, stop)
 
     with _single_threaded_blas:
-        _workers.run([lambda g=g, s=s: work(g, s) for g, s in zip(plan.groups_by_thread, cache.scratch)])
+        plan.run(work, cache.scratch)
     dW = dW_parts.sum(axis=0).reshape(W.shape)
     db = db_parts.sum(axis=0).astype(x.dtype)
     return dx, dW, db
