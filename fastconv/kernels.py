@@ -13,6 +13,8 @@ functions, with the same arguments, already validated:
     maxpool_backward(dout, cache) -> dx
     relu_forward(x) -> (out, mask)
     relu_backward(dout, mask) -> dx
+    affine_forward(x, W, b) -> out
+    affine_backward(dout, x, W) -> (dx, dW, db)
 
 Conventions (the book's):
 - ``col`` has shape (N*out_h*out_w, C*filter_h*filter_w): rows ordered by
@@ -60,11 +62,8 @@ def col2im(col, input_shape, filter_h, filter_w, stride=1, pad=0):
 
 def conv_forward(x, W, b, stride=1, pad=0, workspace=None):
     """Convolution (cross-correlation) of NCHW ``x`` with filters ``W`` (FN, C, FH, FW) plus bias ``b``."""
-    x = _checks.float_array("x", x, ndim=4)
-    W = _checks.float_array("W", W, ndim=4)
-    if W.dtype != x.dtype:  # NumPy promotion, as the book's np.dot(col, col_W) does
-        dtype = np.promote_types(x.dtype, W.dtype)
-        x, W = x.astype(dtype), W.astype(dtype)
+    # NumPy promotion, as the book's np.dot(col, col_W) does
+    x, W = _promoted(_checks.float_array("x", x, ndim=4), _checks.float_array("W", W, ndim=4))
     b = _checks.float_array("b", b, dtype=x.dtype)
     if W.shape[1] != x.shape[1]:
         raise ValueError(f"W has {W.shape[1]} input channels but x has {x.shape[1]} (x.shape={x.shape}, W.shape={W.shape})")
@@ -119,3 +118,32 @@ def relu_backward(dout, mask):
     dout = _checks.float_array("dout", dout)
     mask = _checks.bool_array("mask", mask, shape=dout.shape)
     return backend_module().relu_backward(dout, mask)
+
+
+def _promoted(x, W):
+    """``x`` and ``W`` in their common dtype, as NumPy promotes them in ``np.dot``."""
+    if W.dtype != x.dtype:
+        dtype = np.promote_types(x.dtype, W.dtype)
+        x, W = x.astype(dtype), W.astype(dtype)
+    return x, W
+
+
+def affine_forward(x, W, b):
+    """``x @ W + b`` for ``x`` of shape (N, D), ``W`` (D, M), ``b`` (M,)."""
+    x, W = _promoted(_checks.float_array("x", x, ndim=2), _checks.float_array("W", W, ndim=2))
+    if x.shape[1] != W.shape[0]:
+        raise ValueError(f"x has {x.shape[1]} features but W expects {W.shape[0]} (x.shape={x.shape}, W.shape={W.shape})")
+    b = _checks.float_array("b", b, dtype=x.dtype)
+    if b.size != W.shape[1]:
+        raise ValueError(f"b must have {W.shape[1]} elements (one per output), got shape {b.shape}")
+    return backend_module().affine_forward(x, W, b.reshape(W.shape[1]))
+
+
+def affine_backward(dout, x, W):
+    """Gradients (dx, dW, db) of ``x @ W + b``."""
+    x, W = _promoted(_checks.float_array("x", x, ndim=2), _checks.float_array("W", W, ndim=2))
+    dout = _checks.float_array("dout", dout, ndim=2, dtype=x.dtype)
+    expected = (x.shape[0], W.shape[1])
+    if dout.shape != expected or x.shape[1] != W.shape[0]:
+        raise ValueError(f"dout must have shape {expected} for x {x.shape} and W {W.shape}, got {dout.shape}")
+    return backend_module().affine_backward(dout, x, W)

@@ -1,8 +1,8 @@
 """Layers with the book's names, constructors, attributes and semantics.
 
 ``from fastconv.layers import *`` replaces ``from common.layers import *``.
-Convolution, Pooling and Relu run their kernels on the active backend (see
-``fastconv.kernels``); the others are plain NumPy.
+Convolution, Pooling, Relu and Affine run their kernels on the active
+backend (see ``fastconv.kernels``); the others are plain NumPy.
 
 dtypes follow NumPy's promotion of the input and the parameters: float32
 images through float64 weights give float64, exactly as in the book, and a
@@ -72,12 +72,12 @@ class Affine:
     def forward(self, x):
         self.original_x_shape = x.shape
         self.x = x.reshape(x.shape[0], -1)
-        return np.dot(self.x, self.W) + self.b
+        return kernels.affine_forward(self.x, self.W, self.b)
 
     def backward(self, dout):
-        dx = np.dot(dout, self.W.T)
-        self.dW = _as(np.dot(self.x.T, dout), np.asarray(self.W).dtype)
-        self.db = _as(np.sum(dout, axis=0), np.asarray(self.b).dtype)
+        dx, dW, db = kernels.affine_backward(dout, self.x, self.W)
+        self.dW = _as(dW, np.asarray(self.W).dtype)
+        self.db = _as(db, np.asarray(self.b).dtype)
         return dx.reshape(*self.original_x_shape)
 
 

@@ -98,7 +98,7 @@ def test_register_backend_adds_a_backend_without_touching_layers(monkeypatch):
     calls = []
     module = types.ModuleType("fastconv_test_counting_backend")
     for name in ("im2col", "col2im", "conv_forward", "conv_backward", "maxpool_forward",
-                 "maxpool_backward", "relu_forward", "relu_backward"):
+                 "maxpool_backward", "relu_forward", "relu_backward", "affine_forward", "affine_backward"):
         def counted(*args, _name=name):
             calls.append(_name)
             return getattr(reference, _name)(*args)

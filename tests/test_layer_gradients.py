@@ -40,7 +40,7 @@ def test_sigmoid(rng):
     check_layer(Sigmoid(), rng.standard_normal((4, 5)), rng)
 
 
-def test_affine_on_images(rng):
+def test_affine_on_images(backend, rng):
     layer = Affine(rng.standard_normal((12, 5)), rng.standard_normal(5))
     check_layer(layer, rng.standard_normal((3, 3, 2, 2)), rng, params=[("W", "dW"), ("b", "db")])
 

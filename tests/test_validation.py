@@ -65,3 +65,14 @@ def test_non_contiguous_inputs_are_accepted(backend, rng):
     out, _ = kernels.maxpool_forward(x[:, :, ::2], 2, 2, 1, 0)
     ref, _ = kernels.maxpool_forward(np.ascontiguousarray(x[:, :, ::2]), 2, 2, 1, 0)
     np.testing.assert_array_equal(out, ref)
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: kernels.affine_forward(np.zeros((2, 3)), np.zeros((4, 5)), np.zeros(5)), "x has 3 features but W expects 4"),
+    (lambda: kernels.affine_forward(np.zeros((2, 4)), np.zeros((4, 5)), np.zeros(4)), "b must have 5 elements"),
+    (lambda: kernels.affine_forward(np.zeros((2, 4, 1)), np.zeros((4, 5)), np.zeros(5)), "x must have 2 dimensions"),
+    (lambda: kernels.affine_backward(np.zeros((2, 4)), np.zeros((2, 4)), np.zeros((4, 5))), r"dout must have shape \(2, 5\)"),
+])
+def test_affine_bad_arguments(backend, call, message):
+    with pytest.raises(ValueError, match=message):
+        call()

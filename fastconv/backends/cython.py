@@ -261,3 +261,17 @@ def relu_backward(dout, mask):
     threads = _threads(dout.size, MIN_RELU_ELEMENTS_PER_THREAD)
     _relu.relu_backward(dout.reshape(-1), mask.reshape(-1).view(np.uint8), threads)
     return dout
+
+
+# The affine layers are plain GEMMs. They run on the same single-threaded BLAS
+# as the convolutions: a multi-threaded BLAS call between OpenMP kernels leaves
+# its threads spinning on the cores the next kernel needs (about a third of a
+# float32 train step of the chapter-8 network).
+def affine_forward(x, W, b):
+    with _single_threaded_blas:
+        return np.dot(x, W) + b
+
+
+def affine_backward(dout, x, W):
+    with _single_threaded_blas:
+        return np.dot(dout, W.T), np.dot(x.T, dout), np.sum(dout, axis=0)

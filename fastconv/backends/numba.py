@@ -344,12 +344,12 @@ def conv_backward(dout, cache, W):
 # --------------------------------------------------------------------------- max pooling
 
 class PoolCache:
-    """Where each pooling output took its maximum from, in the book's ``arg_max`` order."""
+    """Where each pooling output took its maximum from; the book's ``arg_max`` on request."""
 
-    __slots__ = ("argmax", "pool_h", "pool_w", "stride", "pad", "x_shape", "dtype", "out_hw")
+    __slots__ = ("source", "pool_h", "pool_w", "stride", "pad", "x_shape", "dtype", "out_hw")
 
-    def __init__(self, argmax, pool_h, pool_w, stride, pad, x_shape, dtype, out_hw):
-        self.argmax = argmax  # (N, out_h, out_w, C): k = ky * pool_w + kx of the first maximum
+    def __init__(self, source, pool_h, pool_w, stride, pad, x_shape, dtype, out_hw):
+        self.source = source  # like the output: y*W + x of the maximum in its plane, -1 for padding
         self.pool_h = pool_h
         self.pool_w = pool_w
         self.stride = stride
@@ -360,28 +360,32 @@ class PoolCache:
 
     @property
     def arg_max(self):
-        """The book's flat ``arg_max``: one window index per (n, y, x, c)."""
-        return self.argmax.reshape(-1)
+        """The book's flat ``arg_max``: the window index ky*pool_w + kx of each maximum, in (n, y, x, c) order."""
+        W = self.x_shape[3]
+        out_h, out_w = self.out_hw
+        y0 = np.arange(out_h)[:, None] * self.stride - self.pad
+        x0 = np.arange(out_w)[None, :] * self.stride - self.pad
+        k = (self.source // W - y0) * self.pool_w + (self.source % W - x0)
+        k[self.source < 0] = 0  # a padded cell wins only as the window's first cell
+        return k.transpose(0, 2, 3, 1).reshape(-1)
 
 
 def maxpool_forward(x, pool_h, pool_w, stride, pad, workspace):
     N, C, H, W = x.shape
     out_h, out_w = _out_size(H, pool_h, stride, pad), _out_size(W, pool_w, stride, pad)
-    shape = (N, out_h, out_w, C)
-    argmax = getattr(workspace, "argmax", None)
-    if argmax is None or argmax.shape != shape:
-        argmax = np.empty(shape, dtype=np.intp)
     out = np.empty((N, C, out_h, out_w), dtype=x.dtype)
-    _split(_k.maxpool_forward, N, C * H * W, x, pool_h, pool_w, stride, pad, out, argmax)
-    cache = PoolCache(argmax, pool_h, pool_w, stride, pad, x.shape, x.dtype, (out_h, out_w))
+    source = getattr(workspace, "source", None)
+    if source is None or source.shape != out.shape:
+        source = np.empty(out.shape, dtype=np.intp)
+    _split(_k.maxpool_forward, N, C * H * W, x, pool_h, pool_w, stride, pad, out, source)
+    cache = PoolCache(source, pool_h, pool_w, stride, pad, x.shape, x.dtype, (out_h, out_w))
     return out, cache
 
 
 def maxpool_backward(dout, cache):
     N, C, H, W = cache.x_shape
     dx = np.empty(cache.x_shape, dtype=cache.dtype)
-    _split(_k.maxpool_backward, N, C * H * W, dout, cache.argmax,
-           cache.pool_h, cache.pool_w, cache.stride, cache.pad, dx)
+    _split(_k.maxpool_backward, N, C * H * W, dout, cache.source, dx)
     return dx
 
 
@@ -397,3 +401,18 @@ def relu_forward(x):
 def relu_backward(dout, mask):
     _split(_k.relu_backward, dout.size, 1, dout.reshape(-1), mask.reshape(-1))
     return dout
+
+
+# --------------------------------------------------------------------------- affine
+
+# Plain GEMMs, on the same single-threaded BLAS as the convolutions: a
+# multi-threaded BLAS call between the kernels would leave its threads
+# spinning on the cores the next kernel needs.
+def affine_forward(x, W, b):
+    with _single_threaded_blas:
+        return np.dot(x, W) + b
+
+
+def affine_backward(dout, x, W):
+    with _single_threaded_blas:
+        return np.dot(dout, W.T), np.dot(x.T, dout), np.sum(dout, axis=0)

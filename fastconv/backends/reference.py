@@ -112,3 +112,14 @@ def relu_forward(x):
 def relu_backward(dout, mask):
     dout[mask] = 0
     return dout
+
+
+def affine_forward(x, W, b):
+    return np.dot(x, W) + b
+
+
+def affine_backward(dout, x, W):
+    dx = np.dot(dout, W.T)
+    dW = np.dot(x.T, dout)
+    db = np.sum(dout, axis=0)
+    return dx, dW, db
