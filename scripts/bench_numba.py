@@ -5,10 +5,12 @@ dtype, then of every kernel summed over the network's layers. Backends are
 timed in interleaved rounds, so that load from other processes hits them
 alike; the first (compiling) call of each is excluded. ``--compile`` instead
 times the first train step of fresh processes with an empty, then a filled,
-kernel cache.
+kernel cache; ``--threading`` times the train step with the default threads
+against serial kernels with a multi-threaded BLAS, and against one thread.
 
     python scripts/bench_numba.py [--rounds 7] [--backends numba,reference]
     python scripts/bench_numba.py --compile
+    python scripts/bench_numba.py --threading
 """
 import argparse
 import os
@@ -178,6 +180,37 @@ def compile_times(dtypes):
                       f"first train step {first:.2f} s (the next one {second:.3f} s)")
 
 
+def threading_choices(dtypes, rounds):
+    """Train step of the default threading against the two simple alternatives, interleaved."""
+    import contextlib
+
+    from fastconv.backends import numba as backend
+    fastconv.set_backend("numba")
+    limiter = backend._single_threaded_blas
+    threads = str(fastconv.get_num_threads())
+    settings = {
+        f"{threads} threads, BLAS 1 thread each (default)": (threads, limiter),
+        "serial kernels, multi-threaded BLAS": ("1", contextlib.nullcontext()),
+        "1 thread, BLAS 1 thread": ("1", limiter),
+    }
+    for dtype in dtypes:
+        steps = {name: train_step_case(np.dtype(dtype)) for name in settings}
+        samples = {name: [] for name in settings}
+        for r in range(rounds + 1):
+            for name, (count, blas) in settings.items():
+                os.environ["FASTCONV_NUM_THREADS"] = count
+                backend._single_threaded_blas = blas
+                start = time.perf_counter()
+                steps[name]()
+                if r:  # the first round compiles and allocates
+                    samples[name].append(time.perf_counter() - start)
+        backend._single_threaded_blas = limiter
+        os.environ["FASTCONV_NUM_THREADS"] = threads
+        for name, values in samples.items():
+            print(f"{dtype} train step, {name}: median {statistics.median(values) * 1e3:.1f} ms, "
+                  f"best {min(values) * 1e3:.1f} ms")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
@@ -185,9 +218,13 @@ def main(argv=None):
     parser.add_argument("--dtypes", default="float64,float32")
     parser.add_argument("--no-kernels", action="store_true", help="time the train step only")
     parser.add_argument("--compile", action="store_true", help="time compilation: cold and warm kernel cache")
+    parser.add_argument("--threading", action="store_true", help="compare the threading arrangements")
     args = parser.parse_args(argv)
     if args.compile:
         compile_times(args.dtypes.split(","))
+        return
+    if args.threading:
+        threading_choices(args.dtypes.split(","), args.rounds)
         return
     backends = args.backends.split(",")
     print(f"threads: {fastconv.get_num_threads()}, rounds: {args.rounds}, medians in ms")

@@ -287,72 +287,86 @@ def nchw_to_rows(dout, rows, db, n0, n1):
 
 
 @_kernel
-def maxpool_forward(x, ph, pw, stride, pad, out, argmax, n0, n1):
-    """Window maxima of images [n0, n1) and where they are: k = ky*pw + kx of the first maximum.
+def _inside_span(out_size, size, window, stride, pad):
+    """Windows [lo, hi) along one axis that lie wholly inside ``[0, size)`` (no padding)."""
+    lo = min((pad + stride - 1) // stride, out_size)
+    hi = min(max((size + pad - window) // stride + 1, lo), out_size)
+    return lo, hi
 
-    Padded cells count as -inf. The search is np.argmax's: the first cell
-    starts it, then only a strictly larger value or the first NaN takes
-    over. ``argmax`` is (N, out_h, out_w, C), the order of the book's flat
-    ``arg_max``.
+
+@_kernel
+def maxpool_forward(x, ph, pw, stride, pad, out, source, n0, n1):
+    """Window maxima of images [n0, n1) and where each came from.
+
+    The search is np.argmax's over the window in (ky, kx) order, padded cells
+    counting as -inf: the first cell starts it, then only a strictly larger
+    value or the first NaN takes over. ``source`` (shaped like ``out``) gets
+    the winner's index y*W + x in its image plane, or -1 for a padded cell
+    (which can only win as the window's first cell, when nothing beats -inf).
     """
     _, C, H, W = x.shape
     out_h, out_w = out.shape[2], out.shape[3]
     src = x.reshape(-1)
     dst = out.reshape(-1)
-    where = argmax.reshape(-1)
+    where = source.reshape(-1)
+    cells = ph * pw
+    offset = np.empty(cells, dtype=np.intp)  # of cell k from the window's corner
+    for ky in range(ph):
+        for kx in range(pw):
+            offset[ky * pw + kx] = ky * W + kx
+    y_lo, y_hi = _inside_span(out_h, H, ph, stride, pad)
+    x_lo, x_hi = _inside_span(out_w, W, pw, stride, pad)
     for n in range(n0, n1):
         for c in range(C):
             plane = (n * C + c) * H * W
+            first = (n * C + c) * out_h * out_w
             for oy in range(out_h):
+                y0 = oy * stride - pad
                 for ox in range(out_w):
-                    best = -np.inf
-                    best_k = 0
-                    for ky in range(ph):
-                        y = oy * stride - pad + ky
-                        for kx in range(pw):
-                            xx = ox * stride - pad + kx
-                            v = -np.inf
+                    x0 = ox * stride - pad
+                    if y_lo <= oy < y_hi and x_lo <= ox < x_hi:
+                        corner = y0 * W + x0
+                        best = src[_ix(plane + corner)]
+                        best_at = corner
+                        for k in range(1, cells):
+                            v = src[_ix(plane + corner + offset[k])]
+                            # kept inline: moved into a helper function, this test
+                            # compiled to branches that random data mispredicts (3x slower)
+                            if best == best and (v > best or v != v):
+                                best = v
+                                best_at = corner + offset[k]
+                    else:  # a window over the border: its padded cells are -inf
+                        best = -np.inf
+                        best_at = -1
+                        for k in range(cells):
+                            y = y0 + k // pw
+                            xx = x0 + k % pw
                             if 0 <= y < H and 0 <= xx < W:
                                 v = src[_ix(plane + y * W + xx)]
-                            k = ky * pw + kx
-                            if k == 0:
-                                best = v
-                            elif best == best and (v > best or v != v):
-                                best = v
-                                best_k = k
-                    dst[_ix(((n * C + c) * out_h + oy) * out_w + ox)] = best
-                    where[_ix(((n * out_h + oy) * out_w + ox) * C + c)] = best_k
+                                if k == 0 or (best == best and (v > best or v != v)):
+                                    best = v
+                                    best_at = y * W + xx
+                    dst[_ix(first + oy * out_w + ox)] = best
+                    where[_ix(first + oy * out_w + ox)] = best_at
 
 
 @_kernel
-def maxpool_backward(dout, argmax, ph, pw, stride, pad, dx, n0, n1):
-    """dx[n0:n1]: each output gradient added to the cell ``argmax`` points at (dropped if padding)."""
+def maxpool_backward(dout, source, dx, n0, n1):
+    """dx[n0:n1]: each output gradient added to the cell its maximum came from (none for padding)."""
     _, C, H, W = dx.shape
-    out_h, out_w = dout.shape[2], dout.shape[3]
+    hw = H * W
+    out_hw = dout.shape[2] * dout.shape[3]
     src = dout.reshape(-1)
-    where = argmax.reshape(-1)
+    where = source.reshape(-1)
     dst = dx.reshape(-1)
-    first = n0 * C * H * W
-    for j in range((n1 - n0) * C * H * W):
-        dst[_ix(first + j)] = 0
-    # window index k -> (ky, kx) by table: integer division by a variable is slow
-    row_of = np.empty(ph * pw, dtype=np.intp)
-    col_of = np.empty(ph * pw, dtype=np.intp)
-    for ky in range(ph):
-        for kx in range(pw):
-            row_of[ky * pw + kx] = ky
-            col_of[ky * pw + kx] = kx
-    for n in range(n0, n1):
-        for c in range(C):
-            plane = (n * C + c) * H * W
-            grads = (n * C + c) * out_h * out_w
-            for oy in range(out_h):
-                for ox in range(out_w):
-                    k = where[_ix(((n * out_h + oy) * out_w + ox) * C + c)]
-                    y = oy * stride - pad + row_of[_ix(k)]
-                    xx = ox * stride - pad + col_of[_ix(k)]
-                    if 0 <= y < H and 0 <= xx < W:
-                        dst[_ix(plane + y * W + xx)] += src[_ix(grads + oy * out_w + ox)]
+    for j in range((n1 - n0) * C * hw):
+        dst[_ix(n0 * C * hw + j)] = 0
+    for plane in range(n0 * C, n1 * C):
+        first = plane * out_hw
+        for i in range(out_hw):
+            at = where[_ix(first + i)]
+            if at >= 0:
+                dst[_ix(plane * hw + at)] += src[_ix(first + i)]
 
 
 @_kernel

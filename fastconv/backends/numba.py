@@ -17,11 +17,12 @@ there, and the backward pass unfolds the input again rather than reading a
 stored copy. The book's ``col`` and ``col_W`` stay available as cache
 attributes computed on first access.
 
-Buffers: outputs (``out``, ``dx``, ``dW``, ``db``, ``mask``, ``col``) are
-always new arrays, since the caller may keep them. Scratch buffers and the
-pooling indices live in the cache and are taken over by the next forward
-call of the same layer (its previous cache comes back as ``workspace``) when
-their shapes and dtype still fit; otherwise they are allocated anew.
+Buffers: outputs (``out``, ``dx``, ``dW``, ``db``, ``mask``, ``col``,
+``arg_max``) are always new arrays, since the caller may keep them. Scratch
+buffers and the pooling indices live in the cache and are taken over by the
+next forward call of the same layer (its previous cache comes back as
+``workspace``) when their shapes and dtype still fit; otherwise they are
+allocated anew.
 
 Results do not depend on the number of threads: the images are cut into
 chunks by a rule that ignores the thread count, and the convolution
@@ -86,7 +87,12 @@ class _Workers:
             return self._executor
 
     def run(self, tasks):
-        """Call every task, the first on this thread and the others on the pool; re-raise the first error."""
+        """Run tasks that drain one shared queue of work: the first on this thread, the others on the pool.
+
+        When the first returns, the queue is empty: tasks that have not
+        started yet (their thread was busy or not scheduled) are cancelled
+        rather than waited for. Re-raises the first error.
+        """
         if len(tasks) == 1:
             tasks[0]()
             return
@@ -94,8 +100,9 @@ class _Workers:
         try:
             tasks[0]()
         finally:
-            wait(futures)  # the other tasks write into arrays this call returns
-        for future in futures:
+            started = [future for future in futures if not future.cancel()]
+            wait(started)  # they write into arrays this call returns
+        for future in started:
             future.result()
 
 
