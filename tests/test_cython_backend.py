@@ -156,7 +156,7 @@ def test_blas_runs_single_threaded_inside_a_call_and_is_restored_after(cython_ba
     out, cache = kernels.conv_forward(x, W, b, 1, 1)
     kernels.conv_backward(out, cache, W)
     assert blas_thread_counts() == before
-    with cython_backend._single_threaded_blas:
+    with cython_backend._single_threaded_blas:  # the limiter the backend shares with numba
         inside = blas_thread_counts()
     assert inside and all(threads == 1 for _, threads in inside)
     assert blas_thread_counts() == before

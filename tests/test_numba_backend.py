@@ -224,11 +224,13 @@ def test_errors_of_any_task_are_raised():
 def test_blas_is_single_threaded_inside_and_restored_after_overlapping_uses():
     from threadpoolctl import threadpool_info
 
+    from fastconv.backends._blas import SingleThreadedBlas
+
     def blas_threads():
         return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
 
     before = blas_threads()
-    limiter = nb._SingleThreadedBlas()
+    limiter = SingleThreadedBlas()
     with limiter:
         with limiter:  # a second user thread entering while the first is inside
             assert set(blas_threads()) <= {1}

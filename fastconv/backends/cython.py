@@ -24,12 +24,12 @@ backward sums dW and db over a fixed number of image groups (``DW_GROUPS``),
 in order, whatever the number of threads.
 """
 import os
-import threading
 
 import numpy as np
-from threadpoolctl import ThreadpoolController
 
 from fastconv._threads import get_num_threads
+from fastconv.backends._blas import affine_backward, affine_forward  # noqa: F401  (part of the interface)
+from fastconv.backends._blas import single_threaded_blas as _single_threaded_blas
 
 # Idle OpenMP threads sleep rather than spin (unless the user chose a policy).
 # Spinning threads hold a core for milliseconds after every kernel, which the
@@ -95,50 +95,6 @@ class PoolCache:
         self.out_hw = out_hw
 
 
-class _SingleThreadedBlas:
-    """Context manager: BLAS libraries run on one thread inside, as they were set outside.
-
-    Nested and concurrent uses (kernels called from several Python threads)
-    share one limit, lifted when the last of them leaves. OpenBLAS built on
-    OpenMP is left alone: it already runs serially inside an OpenMP region,
-    and limiting it would limit that region too.
-    """
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._users = 0
-        self._saved = []  # (library, its thread count before)
-        self._libraries = None  # found on first use, once SciPy's BLAS is loaded
-
-    @staticmethod
-    def _find():
-        controller = ThreadpoolController().select(user_api="blas")
-        return [lib for lib in controller.lib_controllers
-                if not (lib.internal_api == "openblas" and getattr(lib, "threading_layer", "") == "openmp")]
-
-    def __enter__(self):
-        with self._lock:
-            if self._users == 0:
-                if self._libraries is None:
-                    self._libraries = self._find()
-                self._saved = [(lib, lib.num_threads) for lib in self._libraries]
-                for lib, threads in self._saved:
-                    if threads != 1:
-                        lib.set_num_threads(1)
-            self._users += 1
-        return self
-
-    def __exit__(self, *exc_info):
-        with self._lock:
-            self._users -= 1
-            if self._users == 0:
-                for lib, threads in self._saved:
-                    if threads != 1:
-                        lib.set_num_threads(threads)
-                self._saved = []
-
-
-_single_threaded_blas = _SingleThreadedBlas()
 _OPENMP = _buildinfo.openmp_enabled()
 
 
@@ -262,16 +218,3 @@ def relu_backward(dout, mask):
     _relu.relu_backward(dout.reshape(-1), mask.reshape(-1).view(np.uint8), threads)
     return dout
 
-
-# The affine layers are plain GEMMs. They run on the same single-threaded BLAS
-# as the convolutions: a multi-threaded BLAS call between OpenMP kernels leaves
-# its threads spinning on the cores the next kernel needs (about a third of a
-# float32 train step of the chapter-8 network).
-def affine_forward(x, W, b):
-    with _single_threaded_blas:
-        return np.dot(x, W) + b
-
-
-def affine_backward(dout, x, W):
-    with _single_threaded_blas:
-        return np.dot(dout, W.T), np.dot(x.T, dout), np.sum(dout, axis=0)

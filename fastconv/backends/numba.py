@@ -38,10 +38,11 @@ try:
     import numba  # noqa: F401  (the kernels module needs it; fail here with a clear reason)
 except Exception as exc:  # a broken install can raise more than ImportError
     raise ImportError(f"the numba backend needs a working numba (pip install numba): {exc}") from exc
-from threadpoolctl import ThreadpoolController
 
 from fastconv._threads import get_num_threads
 from fastconv.backends import _numba_kernels as _k
+from fastconv.backends._blas import affine_backward, affine_forward  # noqa: F401  (part of the interface)
+from fastconv.backends._blas import single_threaded_blas as _single_threaded_blas
 
 NAME = "numba"
 
@@ -106,38 +107,7 @@ class _Workers:
             future.result()
 
 
-class _SingleThreadedBlas:
-    """Context manager holding the BLAS to one thread while any convolution runs.
-
-    Each of our threads then runs its own products. Entries may overlap
-    (calls from several user threads): the first one in sets the limit and
-    the last one out restores what was there before.
-    """
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._depth = 0
-        self._controller = None
-        self._limiter = None
-
-    def __enter__(self):
-        with self._lock:
-            if self._depth == 0:
-                if self._controller is None:
-                    self._controller = ThreadpoolController().select(user_api="blas")
-                self._limiter = self._controller.limit(limits=1)
-            self._depth += 1
-
-    def __exit__(self, *exc_info):
-        with self._lock:
-            self._depth -= 1
-            if self._depth == 0:
-                self._limiter.restore_original_limits()
-                self._limiter = None
-
-
 _workers = _Workers()
-_single_threaded_blas = _SingleThreadedBlas()
 
 
 def _spans(count, parts):
@@ -409,17 +379,3 @@ def relu_backward(dout, mask):
     _split(_k.relu_backward, dout.size, 1, dout.reshape(-1), mask.reshape(-1))
     return dout
 
-
-# --------------------------------------------------------------------------- affine
-
-# Plain GEMMs, on the same single-threaded BLAS as the convolutions: a
-# multi-threaded BLAS call between the kernels would leave its threads
-# spinning on the cores the next kernel needs.
-def affine_forward(x, W, b):
-    with _single_threaded_blas:
-        return np.dot(x, W) + b
-
-
-def affine_backward(dout, x, W):
-    with _single_threaded_blas:
-        return np.dot(dout, W.T), np.dot(x.T, dout), np.sum(dout, axis=0)
