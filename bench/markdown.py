@@ -78,7 +78,10 @@ def _header(report):
         f"- Command: `{report['command']}` ({report['wall_time_s']:.0f} s)",
         "",
         "Medians over samples (each the mean of a number of calls; `samples` = samples x calls), "
-        "implementations interleaved round by round. `first call`: on fresh state (JIT compilation, "
+        "implementations interleaved round by round"
+        + (f", each sample after {s['settle_time']:g} s of untimed calls of the same implementation"
+           if s.get("settle_time") else "")
+        + ". `first call`: on fresh state (JIT compilation, "
         "allocation), not in the median; for inference it is one batch of a fresh network. "
         "`× ref` = reference time / this time, `× torch` = PyTorch time / this time (above 1: faster). "
         "GFLOP/s counts the products of convolution and affine layers; `% peak` is of the GEMM peak "

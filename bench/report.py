@@ -24,9 +24,9 @@ SCHEMA = 1
 
 # preset -> values of the options it changes (an option given explicitly wins)
 PRESETS = {
-    "full": dict(repeat=7, min_repeat=3, max_time=5.0, sample_time=0.01, images=10_000, gemm_n=2048, gemm_repeat=5),
-    "quick": dict(repeat=3, min_repeat=2, max_time=1.0, sample_time=0.005, images=1000, gemm_n=1024, gemm_repeat=3),
-    "smoke": dict(repeat=1, min_repeat=1, max_time=0.0, sample_time=0.0, images=100, gemm_n=256, gemm_repeat=1),
+    "full": dict(repeat=7, min_repeat=3, max_time=5.0, sample_time=0.01, settle_time=0.1, images=10_000, gemm_n=2048, gemm_repeat=5),
+    "quick": dict(repeat=3, min_repeat=2, max_time=1.0, sample_time=0.005, settle_time=0.05, images=1000, gemm_n=1024, gemm_repeat=3),
+    "smoke": dict(repeat=1, min_repeat=1, max_time=0.0, sample_time=0.0, settle_time=0.0, images=100, gemm_n=256, gemm_repeat=1),
 }
 # without --only, a smoke run times each kernel on the smallest layer of its kind, and the network
 SMOKE_ONLY = ["*/conv1", "*/pool3", "*/relu7", "*/affine2", "*/network"]
@@ -61,6 +61,9 @@ def build_parser():
                    help="seconds of samples per implementation and benchmark after which --min-repeat "
                         "samples suffice (full run: 5)")
     p.add_argument("--sample-time", type=float, help="group fast calls so a sample lasts this long (0.01 s)")
+    p.add_argument("--settle-time", type=float,
+                   help="seconds of untimed calls before each sample, so that the thread pools of the "
+                        "implementation measured before go quiet (full run: 0.1)")
     p.add_argument("--images", type=int, help="inference images, a multiple of 100, scaled to 10000 (10000)")
     p.add_argument("--gemm-n", type=int, help="size of the square matmul measuring the GEMM peak (2048)")
     p.add_argument("--gemm-repeat", type=int, help="matmul calls for the peak, best taken (5)")
@@ -168,7 +171,8 @@ def run(argv=None):
 
 
 def _run(args, parser, values, backends, torch, command):
-    settings = Settings(values["repeat"], values["min_repeat"], values["max_time"], values["sample_time"])
+    settings = Settings(values["repeat"], values["min_repeat"], values["max_time"], values["sample_time"],
+                        settle_time=values["settle_time"])
     impls = [Impl(name) for name in backends] + ([Impl(markdown.TORCH, is_backend=False)] if torch else [])
     only = args.only or (SMOKE_ONLY if args.preset == "smoke" else None)
     cases = build_cases(args.dtypes, values["images"], only)

@@ -6,6 +6,12 @@ start-up; reported on its own) and once more to choose how many calls make one
 sample. Samples are then taken in rounds, one sample per implementation per
 round, with the order rotated every round, so that noise from other processes
 hits every implementation alike. Only these samples enter the statistics.
+
+Before each sample the implementation runs untimed for ``settle_time``
+seconds (its warm-up call, repeated): the thread pools of the implementation
+measured just before (a multi-threaded BLAS spins for about 0.1 s after its
+last call) go quiet, and each sample sees what a program calling only this
+implementation sees, rather than its neighbour's leftovers.
 """
 import contextlib
 import dataclasses
@@ -37,6 +43,7 @@ class Settings:
     max_time: float = 5.0  # ... once its samples of one benchmark took this many seconds
     sample_time: float = 0.01  # calls are grouped so that a sample lasts at least this long
     max_number: int = 10_000
+    settle_time: float = 0.0  # untimed calls before each sample, for at least this many seconds
 
 
 @dataclass
@@ -74,6 +81,17 @@ def _seconds_per_call(fn, number):
         return (time.perf_counter() - start) / number
 
 
+def _settle(fn, seconds):
+    """Call ``fn`` untimed until ``seconds`` have passed (not at all for 0)."""
+    if seconds <= 0:
+        return
+    end = time.perf_counter() + seconds
+    while True:
+        fn()
+        if time.perf_counter() >= end:
+            return
+
+
 def _failure(exc):
     return f"{type(exc).__name__}: {exc}"
 
@@ -89,6 +107,7 @@ def _calibrate(case, impl, settings):
     with impl.active():
         run, warmup = case.make(impl)
         first = _seconds_per_call(warmup or run, 1)
+        settle = warmup or run
         if case.fixed_number is not None:
             number = case.fixed_number
         elif settings.sample_time <= 0:
@@ -96,7 +115,7 @@ def _calibrate(case, impl, settings):
         else:
             once = _seconds_per_call(run, 1)
             number = min(settings.max_number, max(1, math.ceil(settings.sample_time / max(once, 1e-9))))
-    return run, Measurement(impl.name, first, number)
+    return (run, settle), Measurement(impl.name, first, number)
 
 
 def measure(case, impls, settings):
@@ -106,11 +125,13 @@ def measure(case, impls, settings):
     prepared = [(impl,) + _prepare(case, impl, settings) for impl in impls]
     for round_index in range(settings.repeat):
         shift = round_index % len(prepared)
-        for impl, run, m in prepared[shift:] + prepared[:shift]:
+        for impl, calls, m in prepared[shift:] + prepared[:shift]:
             if m.done(settings):
                 continue
+            run, settle = calls
             try:
                 with impl.active():
+                    _settle(settle, settings.settle_time)
                     seconds = _seconds_per_call(run, m.number)
             except Exception as exc:  # as in _prepare
                 m.error = _failure(exc)

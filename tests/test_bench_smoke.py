@@ -275,3 +275,21 @@ def test_torch_network_has_the_books_parameters():
     with torch.no_grad():
         actual = model.eval()(torch.from_numpy(x)).numpy()
     assert math.isclose(float(np.max(np.abs(actual - expected))), 0.0, abs_tol=1e-10 * np.max(np.abs(expected)))
+
+
+def test_each_sample_follows_untimed_settling_calls_of_the_same_implementation():
+    log = []
+    impls = [Impl("a", is_backend=False), Impl("b", is_backend=False)]
+    measure(_recording_case(log), impls, Settings(repeat=2, min_repeat=2, max_time=0, settle_time=1e-9))
+    # first calls, then per round: settle + sample for each, the order rotated
+    assert log == ["a", "b", "a", "a", "b", "b", "b", "b", "a", "a"]
+
+
+def test_settling_uses_the_cheap_warmup_call_when_a_benchmark_has_one():
+    log = []
+
+    def make(impl):
+        return (lambda: log.append("run")), (lambda: log.append("warmup"))
+    case = Case("fake", "layer", "", "float64", make, fixed_number=1)
+    measure(case, [Impl("a", is_backend=False)], Settings(repeat=2, min_repeat=2, max_time=0, settle_time=1e-9))
+    assert log == ["warmup", "warmup", "run", "warmup", "run"]
