@@ -141,6 +141,31 @@ def test_book_layout_im2col_and_col2im(geometry, dtype, rng, numba_backend):
                               reference.col2im(dcol, x.shape, fh, fw, stride, pad))
 
 
+@pytest.mark.parametrize("loop_order", ["rows", "lines"])
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=IDS)
+def test_both_loop_orders_of_the_book_layout_kernels(geometry, loop_order, dtype, rng):
+    """Each order on every geometry, on images [1, N) only: the backend picks one by shape."""
+    N, C, H, W, fh, fw, stride, pad = geometry
+    unfold, fold = {"rows": (k.im2col_rows, k.col2im_rows), "lines": (k.im2col_lines, k.col2im_lines)}[loop_order]
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    expected = reference.im2col(x, fh, fw, stride, pad)
+    first_row = expected.shape[0] // N
+    col = np.full(expected.shape, np.nan, dtype=dtype)
+    unfold(x, fh, fw, stride, pad, col, 1, N)
+    np.testing.assert_array_equal(col[first_row:], expected[first_row:])
+    assert np.isnan(col[:first_row]).all()  # image 0 belongs to another range
+    dcol = rng.standard_normal(expected.shape).astype(dtype)
+    dx = np.full(x.shape, 7.0, dtype=dtype)
+    fold(dcol, fh, fw, stride, pad, dx, 1, N)
+    assert_close_to_reference(dx[1:], reference.col2im(dcol[first_row:], (N - 1, C, H, W), fh, fw, stride, pad))
+    assert (dx[:1] == 7.0).all()
+
+
+def test_line_order_is_chosen_for_windows_with_few_taps():
+    assert nb._by_lines(1, 3, 3, 28)  # the network's first layer
+    assert not nb._by_lines(16, 3, 3, 28)
+
+
 # --------------------------------------------------------------------------- convolution
 
 @pytest.fixture

@@ -145,18 +145,26 @@ def _out_size(size, window, stride, pad):
 
 # --------------------------------------------------------------------------- im2col / col2im
 
+def _by_lines(channels, filter_h, filter_w, out_w):
+    """Whether the line-ordered loops suit: windows with no more taps than a line has windows."""
+    return channels * filter_h * filter_w <= out_w
+
+
 def im2col(x, filter_h, filter_w, stride, pad):
     N, C, H, W = x.shape
-    out_hw = _out_size(H, filter_h, stride, pad) * _out_size(W, filter_w, stride, pad)
+    out_w = _out_size(W, filter_w, stride, pad)
+    out_hw = _out_size(H, filter_h, stride, pad) * out_w
     col = np.empty((N * out_hw, C * filter_h * filter_w), dtype=x.dtype)
-    _split(_k.im2col_rows, N, col.size // max(N, 1), x, filter_h, filter_w, stride, pad, col)
+    kernel = _k.im2col_lines if _by_lines(C, filter_h, filter_w, out_w) else _k.im2col_rows
+    _split(kernel, N, col.size // max(N, 1), x, filter_h, filter_w, stride, pad, col)
     return col
 
 
 def col2im(col, x_shape, filter_h, filter_w, stride, pad):
-    N = x_shape[0]
+    N, C, _, W = x_shape
     x = np.empty(x_shape, dtype=col.dtype)
-    _split(_k.col2im_rows, N, col.size // max(N, 1), col, filter_h, filter_w, stride, pad, x)
+    kernel = _k.col2im_lines if _by_lines(C, filter_h, filter_w, _out_size(W, filter_w, stride, pad)) else _k.col2im_rows
+    _split(kernel, N, col.size // max(N, 1), col, filter_h, filter_w, stride, pad, x)
     return x
 
 
