@@ -10,6 +10,8 @@ import pytest
 import fastconv
 from fastconv import _registry, kernels
 
+from conftest import assert_close_to_reference
+
 
 def run_python(code, **env):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("FASTCONV_")}
@@ -154,3 +156,18 @@ def test_num_threads_from_environment():
     assert result.stdout.strip() == "3"
     result = run_python("import fastconv; fastconv.get_num_threads()", FASTCONV_NUM_THREADS="zero")
     assert "FASTCONV_NUM_THREADS must be a positive integer" in result.stderr
+
+
+@pytest.mark.parametrize("batch, features, outputs", [(100, 50, 10), (100, 1024, 50)])
+def test_affine_of_small_and_large_products_matches_reference(batch, features, outputs, backend, dtype, rng):
+    """Small products skip the one-thread BLAS limit of the fast backends, large ones hold it."""
+    from fastconv.backends import _blas, reference
+    x = rng.standard_normal((batch, features)).astype(dtype)
+    W = rng.standard_normal((features, outputs)).astype(dtype)
+    b = rng.standard_normal(outputs).astype(dtype)
+    dout = rng.standard_normal((batch, outputs)).astype(dtype)
+    assert_close_to_reference(kernels.affine_forward(x, W, b), reference.affine_forward(x, W, b))
+    for got, expected in zip(kernels.affine_backward(dout, x, W), reference.affine_backward(dout, x, W)):
+        assert_close_to_reference(got, expected)
+    limited = _blas._limit_for(x, W) is _blas.single_threaded_blas
+    assert limited == (batch * features * outputs >= _blas.ONE_THREAD_PRODUCT)

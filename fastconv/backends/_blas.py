@@ -6,6 +6,7 @@ taking turns with a parallel kernel leaves its threads spinning on the cores
 the kernel needs (a train step of the chapter-8 network got 3 to 30 times
 slower on 2 cores), so the limit is held for every product a backend runs.
 """
+import contextlib
 import threading
 
 import numpy as np
@@ -60,12 +61,23 @@ single_threaded_blas = SingleThreadedBlas()
 
 # The affine layers are plain GEMMs, small enough that one thread does them
 # well; running them on the multi-threaded BLAS between the parallel kernels
-# cost about a third of a float32 train step.
+# cost about a third of a float32 train step. Products of fewer multiply-adds
+# than this run on the calling thread anyway (OpenBLAS's threshold: 4 x 65536),
+# so they skip the limit and the few microseconds it costs to set and restore.
+ONE_THREAD_PRODUCT = 1 << 18
+
+
+def _limit_for(x, W):
+    if x.shape[0] * x.shape[1] * W.shape[1] < ONE_THREAD_PRODUCT:
+        return contextlib.nullcontext()
+    return single_threaded_blas
+
+
 def affine_forward(x, W, b):
-    with single_threaded_blas:
+    with _limit_for(x, W):
         return np.dot(x, W) + b
 
 
 def affine_backward(dout, x, W):
-    with single_threaded_blas:
+    with _limit_for(x, W):
         return np.dot(dout, W.T), np.dot(x.T, dout), np.sum(dout, axis=0)
