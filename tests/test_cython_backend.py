@@ -11,6 +11,7 @@ from threadpoolctl import threadpool_info
 import fastconv
 from fastconv import info, kernels
 from fastconv._ext import _buildinfo
+from fastconv.backends import reference
 from fastconv.layers import Convolution, Pooling
 from fastconv.models import DeepConvNet
 from conftest import assert_close_to_reference
@@ -61,6 +62,40 @@ def test_conv_layer_reuses_its_scratch_and_stays_correct_as_batch_and_dtype_chan
         if reused is not None:
             assert np.shares_memory(scratch, previous_scratch) == reused, (batch, size, dtype)
         previous_scratch = scratch
+
+
+# (N, C, H, W, fh, fw, stride, pad): same-size, strided, non-square, pad larger than the filter,
+# windows larger than the image
+CONV_GEOMETRIES = [
+    (3, 2, 7, 7, 3, 3, 1, 1),
+    (2, 3, 9, 6, 3, 2, 2, 1),
+    (3, 1, 8, 9, 2, 3, 3, 0),
+    (2, 2, 5, 5, 2, 2, 1, 3),
+    (2, 2, 2, 3, 5, 5, 1, 2),
+]
+
+
+@pytest.mark.parametrize("pieces", ["blocks of images", "whole images", "one line", "three lines"])
+@pytest.mark.parametrize("geometry", CONV_GEOMETRIES, ids=lambda g: "N{}C{}_{}x{}_f{}x{}_s{}p{}".format(*g))
+def test_convolution_cut_into_blocks_images_or_lines_matches_reference(geometry, pieces, cython_backend, dtype,
+                                                                       rng, monkeypatch):
+    N, C, H, W, fh, fw, stride, pad = geometry
+    gemm_columns, tile_bytes = {"blocks of images": (10**6, 0), "whole images": (1, 0),
+                                "one line": (1, 1), "three lines": (1, None)}[pieces]
+    monkeypatch.setattr(cython_backend, "GEMM_COLUMNS", gemm_columns)
+    out_w = (W + 2 * pad - fw) // stride + 1
+    line_bytes = C * fh * fw * out_w * np.dtype(dtype).itemsize
+    monkeypatch.setattr(cython_backend, "TILE_BYTES", 3 * line_bytes if tile_bytes is None else tile_bytes)
+    monkeypatch.setenv("FASTCONV_NUM_THREADS", "2")
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    Wt = rng.standard_normal((4, C, fh, fw)).astype(dtype)
+    b = rng.standard_normal(4).astype(dtype)
+    out, cache = kernels.conv_forward(x, Wt, b, stride, pad)
+    expected_out, expected_cache = reference.conv_forward(x, Wt, b, stride, pad, None)
+    assert_close_to_reference(out, expected_out)
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    for got, expected in zip(kernels.conv_backward(dout, cache, Wt), reference.conv_backward(dout, expected_cache, Wt)):
+        assert_close_to_reference(got, expected)
 
 
 def test_pool_layer_reuses_its_indices_and_stays_correct_as_the_batch_changes(cython_backend, rng):

@@ -75,8 +75,12 @@ cpdef Py_ssize_t scratch_per_thread(Py_ssize_t K, Py_ssize_t FN, Py_ssize_t bloc
 def conv_forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w2, const floating[::1] b,
                  floating[:, :, ::1] out, floating[::1] scratch,
                  Py_ssize_t filter_h, Py_ssize_t filter_w, Py_ssize_t stride, Py_ssize_t pad,
-                 Py_ssize_t block, int num_threads):
-    """out (N, FN, out_h*out_w) = convolution of x with W2 (FN, C*FH*FW), plus b."""
+                 Py_ssize_t block, Py_ssize_t tile_lines, int num_threads):
+    """out (N, FN, out_h*out_w) = convolution of x with W2 (FN, C*FH*FW), plus b.
+
+    Work comes in pieces: ``block`` images, or (with block = 1) ``tile_lines``
+    output lines of one image.
+    """
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t FN = w2.shape[0], K = w2.shape[1]
     cdef Py_ssize_t out_h = (H + 2 * pad - filter_h) // stride + 1
@@ -89,6 +93,9 @@ def conv_forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w2, cons
         raise ValueError("out has the wrong shape")
     if block < 1 or scratch.shape[0] < num_threads * per_thread:
         raise ValueError("block must be >= 1 and scratch large enough for it")
+    if tile_lines < 1 or (block > 1 and tile_lines < out_h):
+        raise ValueError("tile_lines must be >= 1, and cover the image when a block has several")
+    cdef Py_ssize_t tiles = (out_h + tile_lines - 1) // tile_lines
     cdef const floating *xp = &x[0, 0, 0, 0]
     cdef const floating *wp = &w2[0, 0]
     cdef const floating *bp = &b[0]
@@ -99,26 +106,29 @@ def conv_forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w2, cons
     cdef const floating *source
     cdef floating *target
     cdef floating bias
-    cdef Py_ssize_t blk, first, count, columns, j, f, i
+    cdef Py_ssize_t piece, first, count, oy0, oy1, part, columns, j, f, i
     with nogil, parallel(num_threads=num_threads):
         colT = scratchp + threadid() * per_thread
         product = colT + K * block * HW
-        for blk in prange((N + block - 1) // block, schedule="dynamic"):
-            first = blk * block
+        for piece in prange(((N + block - 1) // block) * tiles, schedule="dynamic"):
+            first = (piece // tiles) * block
             count = min(block, N - first)
-            columns = count * HW
+            oy0 = (piece % tiles) * tile_lines
+            oy1 = min(oy0 + tile_lines, out_h)
+            part = (oy1 - oy0) * out_w  # columns of one image
+            columns = count * part
             for j in range(count):
-                unfold_image(xp + (first + j) * C * H * W, colT + j * HW, columns,
-                                C, H, W, filter_h, filter_w, stride, pad, out_h, out_w)
+                unfold_image(xp + (first + j) * C * H * W, colT + j * part, columns,
+                             C, H, W, filter_h, filter_w, stride, pad, out_h, out_w, oy0, oy1)
             # row-major (FN, columns) = W2 @ colT, as column-major (columns, FN) = colT.T @ W2.T
             _gemm(c'N', c'N', <int>columns, <int>FN, <int>K, colT, <int>columns, wp, <int>K,
                   0, product, <int>columns)
             for j in range(count):
                 for f in range(FN):
-                    source = product + f * columns + j * HW
-                    target = outp + ((first + j) * FN + f) * HW
+                    source = product + f * columns + j * part
+                    target = outp + ((first + j) * FN + f) * HW + oy0 * out_w
                     bias = bp[f]
-                    for i in range(HW):
+                    for i in range(part):
                         target[i] = source[i] + bias
 
 
@@ -126,11 +136,12 @@ def conv_backward(const floating[:, :, :, ::1] x, const floating[:, ::1] w2, con
                   floating[:, :, :, ::1] dx, floating[:, ::1] dw2, floating[::1] db,
                   floating[:, ::1] dw_groups, double[:, ::1] db_groups, floating[::1] scratch,
                   Py_ssize_t filter_h, Py_ssize_t filter_w, Py_ssize_t stride, Py_ssize_t pad,
-                  Py_ssize_t block, int num_threads):
+                  Py_ssize_t block, Py_ssize_t tile_lines, int num_threads):
     """Fill dx (N, C, H, W), dw2 (FN, C*FH*FW) and db (FN,) from dout (N, FN, out_h*out_w).
 
     ``dw_groups`` (G, FN*C*FH*FW) and ``db_groups`` (G, FN) hold the sums of
-    each of the G groups of images; G sets the order of summation.
+    each of the G groups of images; G sets the order of summation. Pieces of
+    work as in ``conv_forward``.
     """
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t FN = w2.shape[0], K = w2.shape[1]
@@ -150,6 +161,8 @@ def conv_backward(const floating[:, :, :, ::1] x, const floating[:, ::1] w2, con
         raise ValueError("dw_groups or db_groups has the wrong shape")
     if block < 1 or scratch.shape[0] < num_threads * per_thread:
         raise ValueError("block must be >= 1 and scratch large enough for it")
+    if tile_lines < 1 or (block > 1 and tile_lines < out_h):
+        raise ValueError("tile_lines must be >= 1, and cover the image when a block has several")
     cdef const floating *xp = &x[0, 0, 0, 0]
     cdef const floating *wp = &w2[0, 0]
     cdef const floating *doutp = &dout[0, 0, 0]
@@ -162,7 +175,7 @@ def conv_backward(const floating[:, :, :, ::1] x, const floating[:, ::1] w2, con
     cdef floating *gathered = NULL
     cdef const floating *block_dout
     cdef floating beta
-    cdef Py_ssize_t g, first, end, count, columns, n, j, f
+    cdef Py_ssize_t g, first, end, count, oy0, oy1, part, columns, dout_ld, n, j, f
     cdef double total
     with nogil, parallel(num_threads=num_threads):
         colT = scratchp + threadid() * per_thread
@@ -171,36 +184,45 @@ def conv_backward(const floating[:, :, :, ::1] x, const floating[:, ::1] w2, con
         for g in prange(G, schedule="dynamic"):
             end = (g + 1) * N // G
             first = g * N // G
+            beta = 0  # the group's first product overwrites its sums
             while first < end:
                 count = min(block, end - first)
-                columns = count * HW
-                beta = 0 if first == g * N // G else 1
                 for f in range(FN):
                     total = 0
                     for n in range(first, first + count):
                         total = total + _row_sum(doutp + (n * FN + f) * HW, HW)
                     dbgp[g * FN + f] = total if beta == 0 else dbgp[g * FN + f] + total
-                if count == 1:
-                    block_dout = doutp + first * FN * HW
-                else:  # the images' (FN, HW) blocks side by side: (FN, count*HW)
-                    for f in range(FN):
-                        for j in range(count):
-                            memcpy(gathered + f * columns + j * HW, doutp + ((first + j) * FN + f) * HW,
-                                   HW * sizeof(floating))
-                    block_dout = gathered
-                for j in range(count):
-                    unfold_image(xp + (first + j) * C * H * W, colT + j * HW, columns,
-                                    C, H, W, filter_h, filter_w, stride, pad, out_h, out_w)
-                # row-major (FN, K) += dout @ colT.T, as column-major (K, FN) += colT @ dout.T
-                _gemm(c'T', c'N', <int>K, <int>FN, <int>columns, colT, <int>columns, block_dout, <int>columns,
-                      beta, dwgp + g * FN * K, <int>K)
-                # row-major (K, columns) = W2.T @ dout, as column-major (columns, K) = dout.T @ W2
-                _gemm(c'N', c'T', <int>columns, <int>K, <int>FN, block_dout, <int>columns, wp, <int>K,
-                      0, dcolT, <int>columns)
                 for j in range(count):
                     memset(dxp + (first + j) * C * H * W, 0, C * H * W * sizeof(floating))
-                    fold_image(dcolT + j * HW, columns, dxp + (first + j) * C * H * W,
-                                  C, H, W, filter_h, filter_w, stride, pad, out_h, out_w)
+                oy0 = 0
+                while oy0 < out_h:
+                    oy1 = min(oy0 + tile_lines, out_h)
+                    part = (oy1 - oy0) * out_w
+                    columns = count * part
+                    if count == 1:  # the image's (FN, HW) gradients, lines [oy0, oy1)
+                        block_dout = doutp + first * FN * HW + oy0 * out_w
+                        dout_ld = HW
+                    else:  # the images' (FN, HW) blocks side by side: (FN, count*HW)
+                        for f in range(FN):
+                            for j in range(count):
+                                memcpy(gathered + f * columns + j * HW, doutp + ((first + j) * FN + f) * HW,
+                                       HW * sizeof(floating))
+                        block_dout = gathered
+                        dout_ld = columns
+                    for j in range(count):
+                        unfold_image(xp + (first + j) * C * H * W, colT + j * part, columns,
+                                     C, H, W, filter_h, filter_w, stride, pad, out_h, out_w, oy0, oy1)
+                    # row-major (FN, K) += dout @ colT.T, as column-major (K, FN) += colT @ dout.T
+                    _gemm(c'T', c'N', <int>K, <int>FN, <int>columns, colT, <int>columns, block_dout, <int>dout_ld,
+                          beta, dwgp + g * FN * K, <int>K)
+                    beta = 1
+                    # row-major (K, columns) = W2.T @ dout, as column-major (columns, K) = dout.T @ W2
+                    _gemm(c'N', c'T', <int>columns, <int>K, <int>FN, block_dout, <int>dout_ld, wp, <int>K,
+                          0, dcolT, <int>columns)
+                    for j in range(count):
+                        fold_image(dcolT + j * part, columns, dxp + (first + j) * C * H * W,
+                                   C, H, W, filter_h, filter_w, stride, pad, out_h, out_w, oy0, oy1)
+                    oy0 = oy1
                 first = first + count
     cdef floating *dw2p = &dw2[0, 0]
     with nogil:

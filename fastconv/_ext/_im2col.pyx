@@ -37,7 +37,7 @@ def im2col(const floating[:, :, :, ::1] x, floating[:, ::1] col,
     with nogil, parallel(num_threads=num_threads):
         colT = scratchp + threadid() * K * HW
         for n in prange(N, schedule="dynamic"):
-            unfold_image(xp + n * C * H * W, colT, HW, C, H, W, filter_h, filter_w, stride, pad, out_h, out_w)
+            unfold_image(xp + n * C * H * W, colT, HW, C, H, W, filter_h, filter_w, stride, pad, out_h, out_w, 0, out_h)
             _transpose(colT, K, HW, colp + n * HW * K)
 
 
@@ -63,7 +63,7 @@ def col2im(const floating[:, ::1] col, floating[:, :, :, ::1] x,
         for n in prange(N, schedule="dynamic"):
             _transpose(colp + n * HW * K, HW, K, colT)
             memset(xp + n * C * H * W, 0, C * H * W * sizeof(floating))
-            fold_image(colT, HW, xp + n * C * H * W, C, H, W, filter_h, filter_w, stride, pad, out_h, out_w)
+            fold_image(colT, HW, xp + n * C * H * W, C, H, W, filter_h, filter_w, stride, pad, out_h, out_w, 0, out_h)
 
 
 cdef void _transpose(const floating *source, Py_ssize_t rows, Py_ssize_t cols, floating *target) noexcept nogil:

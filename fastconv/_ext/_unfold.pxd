@@ -52,16 +52,23 @@ cdef inline void zero_side_columns(floating *row, Py_ssize_t out_w, Py_ssize_t o
 cdef inline void unfold_image(const floating *x, floating *colT, Py_ssize_t ld,
                               Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
                               Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stride, Py_ssize_t pad,
-                              Py_ssize_t out_h, Py_ssize_t out_w) noexcept nogil:
-    """Write the colT of one image (rows ``ld`` apart)."""
+                              Py_ssize_t out_h, Py_ssize_t out_w,
+                              Py_ssize_t oy0, Py_ssize_t oy1) noexcept nogil:
+    """Write the colT columns of output lines [oy0, oy1) of one image (rows ``ld`` apart).
+
+    Column (oy - oy0) * out_w + ox holds window (oy, ox): a part of an image
+    can be unfolded on its own, small enough to stay in cache.
+    """
     cdef bint same_grid = stride == 1 and out_w == W
     cdef Py_ssize_t c, ky, kx, oy, ox, oy_lo, oy_hi, ox_lo, ox_hi, src, shift, j, j_lo, j_hi
+    cdef Py_ssize_t base = oy0 * out_w  # column 0 is this window
     cdef floating *row
     cdef floating *line
     cdef const floating *plane
     for ky in range(fh):
-        oy_lo = first_inside(ky - pad, stride)
-        oy_hi = end_inside(ky - pad, stride, H, out_h, oy_lo)
+        # lines whose tap row ky lies inside the image, within [oy0, oy1)
+        oy_lo = min(max(first_inside(ky - pad, stride), oy0), oy1)
+        oy_hi = max(min(end_inside(ky - pad, stride, H, out_h, oy_lo), oy1), oy_lo)
         for kx in range(fw):
             ox_lo = first_inside(kx - pad, stride)
             ox_hi = end_inside(kx - pad, stride, W, out_w, ox_lo)
@@ -76,10 +83,10 @@ cdef inline void unfold_image(const floating *x, floating *colT, Py_ssize_t ld,
                     j_lo = max(oy_lo * W, -shift)
                     j_hi = min(oy_hi * W, H * W - shift)
                     if j_hi > j_lo:  # the C library's memcpy uses the widest vector stores the CPU has
-                        memcpy(row + j_lo, plane + j_lo + shift, (j_hi - j_lo) * sizeof(floating))
+                        memcpy(row + j_lo - base, plane + j_lo + shift, (j_hi - j_lo) * sizeof(floating))
                 else:
                     for oy in range(oy_lo, oy_hi):
-                        line = row + oy * out_w
+                        line = row + oy * out_w - base
                         src = (c * H + oy * stride + ky - pad) * W + kx - pad
                         if stride == 1:
                             for ox in range(ox_lo, ox_hi):
@@ -87,30 +94,33 @@ cdef inline void unfold_image(const floating *x, floating *colT, Py_ssize_t ld,
                         else:
                             for ox in range(ox_lo, ox_hi):
                                 line[ox] = x[src + ox * stride]
-                zero_side_columns(row, out_w, oy_lo, oy_hi, ox_lo, ox_hi)
-                if oy_lo > 0:
-                    memset(row, 0, oy_lo * out_w * sizeof(floating))
-                if oy_hi < out_h:
-                    memset(row + oy_hi * out_w, 0, (out_h - oy_hi) * out_w * sizeof(floating))
+                zero_side_columns(row, out_w, oy_lo - oy0, oy_hi - oy0, ox_lo, ox_hi)
+                if oy_lo > oy0:
+                    memset(row, 0, (oy_lo - oy0) * out_w * sizeof(floating))
+                if oy_hi < oy1:
+                    memset(row + oy_hi * out_w - base, 0, (oy1 - oy_hi) * out_w * sizeof(floating))
 
 
 cdef inline void fold_image(floating *colT, Py_ssize_t ld, floating *x,
                             Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
                             Py_ssize_t fh, Py_ssize_t fw, Py_ssize_t stride, Py_ssize_t pad,
-                            Py_ssize_t out_h, Py_ssize_t out_w) noexcept nogil:
-    """Add every row of colT (rows ``ld`` apart) onto the image cells it was taken from: the adjoint of unfolding.
+                            Py_ssize_t out_h, Py_ssize_t out_w,
+                            Py_ssize_t oy0, Py_ssize_t oy1) noexcept nogil:
+    """Add every row of colT (output lines [oy0, oy1), rows ``ld`` apart) onto the image cells it was
+    taken from: the adjoint of unfolding.
 
     colT is scratch: its padding cells may be overwritten with zeros.
     """
     cdef bint same_grid = stride == 1 and out_w == W
     cdef Py_ssize_t c, ky, kx, oy, ox, oy_lo, oy_hi, ox_lo, ox_hi, dst, shift, j, j_lo, j_hi
+    cdef Py_ssize_t base = oy0 * out_w
     cdef floating *row
     cdef const floating *line
     cdef floating *plane
     for c in range(C):
         for ky in range(fh):
-            oy_lo = first_inside(ky - pad, stride)
-            oy_hi = end_inside(ky - pad, stride, H, out_h, oy_lo)
+            oy_lo = min(max(first_inside(ky - pad, stride), oy0), oy1)
+            oy_hi = max(min(end_inside(ky - pad, stride, H, out_h, oy_lo), oy1), oy_lo)
             for kx in range(fw):
                 ox_lo = first_inside(kx - pad, stride)
                 ox_hi = end_inside(kx - pad, stride, W, out_w, ox_lo)
@@ -118,16 +128,16 @@ cdef inline void fold_image(floating *colT, Py_ssize_t ld, floating *x,
                 if same_grid:
                     # as in unfolding: one long addition, once the padding
                     # columns (which would wrap around) hold zeros
-                    zero_side_columns(row, out_w, oy_lo, oy_hi, ox_lo, ox_hi)
+                    zero_side_columns(row, out_w, oy_lo - oy0, oy_hi - oy0, ox_lo, ox_hi)
                     plane = x + c * H * W
                     shift = (ky - pad) * W + kx - pad
                     j_lo = max(oy_lo * W, -shift)
                     j_hi = min(oy_hi * W, H * W - shift)
                     for j in range(j_lo, j_hi):
-                        plane[j + shift] += row[j]
+                        plane[j + shift] += row[j - base]
                     continue
                 for oy in range(oy_lo, oy_hi):
-                    line = row + oy * out_w
+                    line = row + oy * out_w - base
                     dst = (c * H + oy * stride + ky - pad) * W + kx - pad
                     if stride == 1:
                         for ox in range(ox_lo, ox_hi):

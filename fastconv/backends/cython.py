@@ -56,6 +56,11 @@ DW_GROUPS = 16
 # this many output pixels per GEMM: small GEMMs waste time packing operands.
 GEMM_COLUMNS = 256
 
+# An image with more output pixels than that is unfolded a few output lines at
+# a time, about this many bytes of unfolded windows per piece, so that they
+# are still in cache when the GEMM reads them (0: whole images).
+TILE_BYTES = 1 << 17
+
 # Least work that earns a thread of its own, about 100 us: waking a sleeping
 # thread costs tens of microseconds on an idle machine, and milliseconds on a
 # busy one, where it has to wait for a core. Convolutions always have enough.
@@ -146,6 +151,13 @@ def _images_per_gemm(batch, out_hw):
     return max(1, min(batch, -(-GEMM_COLUMNS // out_hw)))
 
 
+def _tile_lines(block, K, out_h, out_w, itemsize):
+    """Output lines per piece of work: all of them for a block of several images."""
+    if block > 1 or TILE_BYTES <= 0:
+        return out_h
+    return max(1, min(out_h, TILE_BYTES // (K * out_w * itemsize)))
+
+
 def conv_forward(x, W, b, stride, pad, workspace):
     FN, C, FH, FW = W.shape
     N, _, H, Wd = x.shape
@@ -160,7 +172,8 @@ def conv_forward(x, W, b, stride, pad, workspace):
     out = np.empty((N, FN, out_h, out_w), dtype=x.dtype)
     with _single_threaded_blas:
         _conv.conv_forward(x, W.reshape(FN, -1), b, out.reshape(N, FN, out_h * out_w), scratch,
-                           FH, FW, stride, pad, block, threads)
+                           FH, FW, stride, pad, block, _tile_lines(block, C * FH * FW, out_h, out_w, x.itemsize),
+                           threads)
     dw_groups = getattr(workspace, "dw_groups", None)
     return out, ConvCache(x, stride, pad, (out_h, out_w), scratch, dw_groups)
 
@@ -184,7 +197,8 @@ def conv_backward(dout, cache, W):
     with _single_threaded_blas:
         _conv.conv_backward(x, W.reshape(FN, -1), dout.reshape(N, FN, out_h * out_w),
                             dx, dW.reshape(FN, -1), db, dw_groups, db_groups,
-                            cache.scratch, FH, FW, cache.stride, cache.pad, block, threads)
+                            cache.scratch, FH, FW, cache.stride, cache.pad, block,
+                            _tile_lines(block, C * FH * FW, out_h, out_w, x.itemsize), threads)
     return dx, dW, db
 
 
