@@ -86,7 +86,8 @@ def test_unfolding_kernels_give_the_transposed_book_col(geometry, dtype, rng):
     x = rng.standard_normal((N, C, H, W)).astype(dtype)
     n0, n1 = 1, N  # a range not starting at image 0
     expected = reference.im2col(x[n0:n1], fh, fw, stride, pad).T
-    unfolders = [lambda c: k.im2col_t_by_rows(x, fh, fw, stride, pad, c, n0, n1)]
+    plane = np.full((H + 2 * pad) * (W + 2 * pad), np.nan, dtype=dtype)
+    unfolders = [lambda c: k.im2col_t_padded(x, fh, fw, stride, pad, c, n0, n1, plane)]
     if is_same_size(H, W, fh, fw, stride, pad):
         unfolders.append(lambda c: k.im2col_t_same_size(x, fh, fw, pad, c, n0, n1))
     for unfold in unfolders:
@@ -101,7 +102,8 @@ def test_unfolding_kernels_write_only_their_own_cells(geometry, rng):
     N, C, H, W, fh, fw, stride, pad = geometry
     x = rng.standard_normal((N, C, H, W))
     expected = reference.im2col(x[:1], fh, fw, stride, pad).T
-    unfolders = [lambda c: k.im2col_t_by_rows(x, fh, fw, stride, pad, c, 0, 1)]
+    plane = np.full((H + 2 * pad) * (W + 2 * pad), np.nan)
+    unfolders = [lambda c: k.im2col_t_padded(x, fh, fw, stride, pad, c, 0, 1, plane)]
     if is_same_size(H, W, fh, fw, stride, pad):
         unfolders.append(lambda c: k.im2col_t_same_size(x, fh, fw, pad, c, 0, 1))
     for unfold in unfolders:
@@ -114,8 +116,9 @@ def test_unfolding_kernels_write_only_their_own_cells(geometry, rng):
 def test_same_size_unfolding_is_used_and_tested():
     """The fast path has its own kernel: at least one geometry above must reach it."""
     assert any(is_same_size(g[2], g[3], g[4], g[5], g[6], g[7]) for g in GEOMETRIES)
-    shape = (1, 1, 5, 5)
-    assert nb._unfolder(shape, 3, 3, 1, 1) is not nb._unfolder(shape, 3, 3, 1, 0)
+    assert nb._long_copies((1, 1, 28, 28), 3, 3, 1, 1)
+    assert not nb._long_copies((1, 1, 28, 28), 3, 3, 1, 0)  # not same-size
+    assert not nb._long_copies((1, 1, 8, 8), 3, 3, 1, 1)  # a small plane
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=IDS)
@@ -124,10 +127,14 @@ def test_col2im_t_folds_like_the_reference_and_only_its_images(geometry, dtype, 
     n0, n1 = 1, N
     rows = (n1 - n0) * out_size(H, fh, stride, pad) * out_size(W, fw, stride, pad)
     colT = rng.standard_normal((C * fh * fw, rows)).astype(dtype)
-    dx = np.full((N, C, H, W), 7.0, dtype=dtype)
-    k.col2im_t(colT, fh, fw, stride, pad, dx, n0, n1)
-    assert_close_to_reference(dx[n0:n1], reference.col2im(colT.T, (n1 - n0, C, H, W), fh, fw, stride, pad))
-    assert (dx[:n0] == 7.0).all()  # another thread's images
+    plane = np.full((H + 2 * pad) * (W + 2 * pad), np.nan, dtype=dtype)
+    expected = reference.col2im(colT.T, (n1 - n0, C, H, W), fh, fw, stride, pad)
+    for fold in (lambda dx: k.col2im_t(colT, fh, fw, stride, pad, dx, n0, n1),
+                 lambda dx: k.col2im_t_padded(colT, fh, fw, stride, pad, dx, n0, n1, plane)):
+        dx = np.full((N, C, H, W), 7.0, dtype=dtype)
+        fold(dx)
+        assert_close_to_reference(dx[n0:n1], expected)
+        assert (dx[:n0] == 7.0).all()  # another thread's images
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=IDS)
@@ -198,6 +205,13 @@ def assert_conv_matches_reference(x, Wt, b, dout, stride, pad):
 
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=IDS)
 def test_convolution_in_one_piece(geometry, dtype, rng, numba_backend):
+    assert_conv_matches_reference(*conv_case(geometry, dtype, rng))
+
+
+@pytest.mark.parametrize("per_image_dw", [False, True])
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=IDS)
+def test_dw_as_one_product_or_as_per_image_products(geometry, per_image_dw, dtype, rng, numba_backend, monkeypatch):
+    monkeypatch.setattr(nb, "PER_IMAGE_DW_MAX_TAPS", 10**6 if per_image_dw else 0)
     assert_conv_matches_reference(*conv_case(geometry, dtype, rng))
 
 

@@ -60,7 +60,8 @@ def _valid_span(out_w, width, k, stride, pad):
 
 @_kernel
 def im2col_t_same_size(x, fh, fw, pad, colT, n0, n1):
-    """``im2col_t_by_rows`` when the output has the input's size (stride 1, pad = (f - 1) / 2).
+    """colT[(c, ky, kx), (n - n0, oy, ox)] = x[n, c, oy - pad + ky, ox - pad + kx] (0 in the padding) when
+    the output has the input's size (stride 1, pad = (f - 1) / 2).
 
     Then a tap's view of an image is the image shifted by a constant offset:
     one long copy per tap and image, after which the columns that wrapped
@@ -102,47 +103,85 @@ def im2col_t_same_size(x, fh, fw, pad, colT, n0, n1):
 
 
 @_kernel
-def im2col_t_by_rows(x, fh, fw, stride, pad, colT, n0, n1):
-    """colT[(c, ky, kx), (n - n0, oy, ox)] = x[n, c, oy*stride - pad + ky, ox*stride - pad + kx], 0 in the padding.
+def im2col_t_padded(x, fh, fw, stride, pad, colT, n0, n1, plane):
+    """colT[(c, ky, kx), (n - n0, oy, ox)] = x[n, c, oy*stride - pad + ky, ox*stride - pad + kx], 0 in the
+    padding, for any geometry, through a zero-padded copy of each image plane.
 
-    Any geometry; one output row at a time.
+    ``plane`` is scratch of (H + 2*pad) * (W + 2*pad) elements. With the
+    padding in place every window line is a plain (strided) copy with no
+    bounds to work out: faster on small planes, where the bounds and zeroing
+    of the other kernels cost more than the copying.
     """
     _, C, H, W = x.shape
-    out_h = (H + 2 * pad - fh) // stride + 1
-    out_w = (W + 2 * pad - fw) // stride + 1
+    Hp = H + 2 * pad
+    Wp = W + 2 * pad
+    out_h = (Hp - fh) // stride + 1
+    out_w = (Wp - fw) // stride + 1
+    hw = out_h * out_w
     width = colT.shape[1]
     src = x.reshape(-1)
     dst = colT.reshape(-1)
-    for c in range(C):
-        for ky in range(fh):
-            for kx in range(fw):
-                row = ((c * fh + ky) * fw + kx) * width
-                lo, hi = _valid_span(out_w, W, kx, stride, pad)
-                for i in range(n1 - n0):
-                    plane = ((n0 + i) * C + c) * H * W
+    padded = plane.reshape(-1)
+    for j in range(Hp * Wp):  # the border stays 0; the interior is overwritten plane by plane
+        padded[_ix(j)] = 0
+    for i in range(n1 - n0):
+        for c in range(C):
+            s = ((n0 + i) * C + c) * H * W
+            for y in range(H):
+                for j in range(W):
+                    padded[_ix((y + pad) * Wp + pad + j)] = src[_ix(s + y * W + j)]
+            for ky in range(fh):
+                for kx in range(fw):
+                    d = ((c * fh + ky) * fw + kx) * width + i * hw
                     for oy in range(out_h):
-                        d = row + (i * out_h + oy) * out_w
-                        y = oy * stride - pad + ky
-                        if y < 0 or y >= H:
-                            for j in range(out_w):
-                                dst[_ix(d + j)] = 0
-                            continue
-                        for j in range(lo):
-                            dst[_ix(d + j)] = 0
-                        s = plane + y * W + lo * stride + kx - pad
+                        q = (oy * stride + ky) * Wp + kx
+                        e = d + oy * out_w
                         if stride == 1:
-                            for j in range(hi - lo):
-                                dst[_ix(d + lo + j)] = src[_ix(s + j)]
+                            for j in range(out_w):
+                                dst[_ix(e + j)] = padded[_ix(q + j)]
                         else:
-                            for j in range(hi - lo):
-                                dst[_ix(d + lo + j)] = src[_ix(s + j * stride)]
-                        for j in range(hi, out_w):
-                            dst[_ix(d + j)] = 0
+                            for j in range(out_w):
+                                dst[_ix(e + j)] = padded[_ix(q + j * stride)]
+
+
+@_kernel
+def col2im_t_padded(colT, fh, fw, stride, pad, dx, n0, n1, plane):
+    """``col2im_t`` through a padded plane (scratch as in ``im2col_t_padded``), copied into dx without its border."""
+    _, C, H, W = dx.shape
+    Hp = H + 2 * pad
+    Wp = W + 2 * pad
+    out_h = (Hp - fh) // stride + 1
+    out_w = (Wp - fw) // stride + 1
+    hw = out_h * out_w
+    width = colT.shape[1]
+    src = colT.reshape(-1)
+    dst = dx.reshape(-1)
+    padded = plane.reshape(-1)
+    for i in range(n1 - n0):
+        for c in range(C):
+            for j in range(Hp * Wp):
+                padded[_ix(j)] = 0
+            for ky in range(fh):
+                for kx in range(fw):
+                    s = ((c * fh + ky) * fw + kx) * width + i * hw
+                    for oy in range(out_h):
+                        q = (oy * stride + ky) * Wp + kx
+                        e = s + oy * out_w
+                        if stride == 1:
+                            for j in range(out_w):
+                                padded[_ix(q + j)] += src[_ix(e + j)]
+                        else:
+                            for j in range(out_w):
+                                padded[_ix(q + j * stride)] += src[_ix(e + j)]
+            d = ((n0 + i) * C + c) * H * W
+            for y in range(H):
+                for j in range(W):
+                    dst[_ix(d + y * W + j)] = padded[_ix((y + pad) * Wp + pad + j)]
 
 
 @_kernel
 def col2im_t(colT, fh, fw, stride, pad, dx, n0, n1):
-    """dx[n0:n1] = the adjoint of ``im2col_t_by_rows``: every tap added back to its pixel, padding dropped."""
+    """dx[n0:n1] = the adjoint of unfolding: every tap added back to its pixel, padding dropped."""
     _, C, H, W = dx.shape
     images = n1 - n0
     width = colT.shape[1]
