@@ -164,7 +164,8 @@ def run_every_kernel(backend, rng_seed, dtype):
     pool_in = np.round(rng.standard_normal((2, backend.MIN_POOL_CELLS_PER_THREAD)).astype(dtype)).reshape(16, -1, 32, 32)
     pooled, pool_cache = kernels.maxpool_forward(pool_in, 3, 3, 2, 1)
     pool_dx = kernels.maxpool_backward(rng.standard_normal(pooled.shape).astype(dtype), pool_cache)
-    relu_in = rng.standard_normal((2, backend.MIN_RELU_ELEMENTS_PER_THREAD)).astype(dtype)
+    relu_bytes = 2 * max(backend.MIN_RELU_FORWARD_BYTES_PER_THREAD, backend.MIN_RELU_BACKWARD_BYTES_PER_THREAD)
+    relu_in = rng.standard_normal(relu_bytes // np.dtype(dtype).itemsize).astype(dtype)
     relu_out, mask = kernels.relu_forward(relu_in)
     relu_dx = kernels.relu_backward(rng.standard_normal(mask.shape).astype(dtype), mask)
     return out, dx, dW, db, col, folded, pooled, pool_dx, relu_out, mask, relu_dx
