@@ -338,7 +338,10 @@ def col2im_lines(col, fh, fw, stride, pad, dx, n0, n1):
 
 @_kernel
 def add_bias_to_nchw(rows, b, out, n0, n1):
-    """out[n, f, :] = rows[f, (n - n0) block] + b[f] for images [n0, n1); ``rows`` is (F, (n1-n0)*hw)."""
+    """out[n, f, :] = rows[f, (n - n0) block] + b[f] for images [n0, n1); ``rows`` is (F, (n1-n0)*hw).
+
+    ``rows`` may be ``out[n0]`` itself (one image): each cell is read before it is written.
+    """
     _, F, hw = out.shape
     width = rows.shape[1]
     src = rows.reshape(-1)

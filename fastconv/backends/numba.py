@@ -310,8 +310,12 @@ def conv_forward(x, W, b, stride, pad, workspace):
             m = (stop - start) * hw
             col, rows = buffers.views(ckk, FN, m)
             unfold(x, col, start, stop, buffers.plane)
-            np.matmul(W_rows, col, out=rows)
-            _k.add_bias_to_nchw(rows, b, out, start, stop)
+            if stop - start == 1:  # straight into the image's output, the bias added in place
+                np.matmul(W_rows, col, out=out[start])
+                _k.add_bias_to_nchw(out[start], b, out, start, stop)
+            else:
+                np.matmul(W_rows, col, out=rows)
+                _k.add_bias_to_nchw(rows, b, out, start, stop)
 
     with _single_threaded_blas:
         plan.run(work, scratch)
@@ -324,7 +328,7 @@ def conv_backward(dout, cache, W):
     N, C = x.shape[:2]
     FN, _, FH, FW = W.shape
     hw, ckk = dout.shape[2] * dout.shape[3], C * FH * FW
-    dout = dout.reshape(N, FN, hw)
+    dout = np.ascontiguousarray(dout.reshape(N, FN, hw))
     W_rows = W.reshape(FN, ckk)
     unfold = _unfolder(x.shape, FH, FW, stride, pad)
     fold = _folder(x.shape, FH, FW, stride, pad)
@@ -338,7 +342,11 @@ def conv_backward(dout, cache, W):
             col, rows = buffers.views(ckk, FN, m)
             dcol, dW_term = buffers.backward_views(ckk, FN, m)
             unfold(x, col, start, stop, buffers.plane)
-            _k.nchw_to_rows(dout, rows, db_parts[g], start, stop)
+            if stop - start == 1:  # the image's gradients are already (F, hw) rows
+                rows = dout[start]
+                db_parts[g] += rows.sum(axis=1, dtype=np.float64)
+            else:
+                _k.nchw_to_rows(dout, rows, db_parts[g], start, stop)
             if ckk < PER_IMAGE_DW_MAX_TAPS and stop - start > 1:
                 # one product per image, summed: BLAS is slow on a long sum of tiny products
                 per_image = np.matmul(rows.reshape(FN, stop - start, hw).transpose(1, 0, 2),
