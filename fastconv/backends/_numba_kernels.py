@@ -308,6 +308,8 @@ def im2col_lines(x, fh, fw, stride, pad, col, n0, n1):
                             dst[_ix(e + ox * taps)] = src[_ix(s + ox * stride)]
                         for ox in range(hi, out_w):
                             dst[_ix(e + ox * taps)] = 0
+
+
 @_kernel
 def col2im_lines(col, fh, fw, stride, pad, dx, n0, n1):
     """``col2im_rows`` in the loop order of ``im2col_lines``."""
