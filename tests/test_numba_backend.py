@@ -224,6 +224,20 @@ def test_convolution_cut_into_chunks_groups_and_threads(geometry, dtype, rng, nu
     assert cache.plan.threads == 2
 
 
+def test_convolution_of_large_same_size_planes_uses_the_long_copies(dtype, rng, numba_backend):
+    geometry = (3, 2, 12, 12, 3, 3, 1, 1)  # 144-cell planes
+    assert nb._long_copies(geometry[:4], 3, 3, 1, 1)
+    assert_conv_matches_reference(*conv_case(geometry, dtype, rng))
+
+
+def test_per_image_dw_summed_over_several_chunks_of_a_group(dtype, rng, numba_backend, monkeypatch):
+    geometry = (6, 1, 5, 5, 3, 3, 1, 1)  # 9 taps
+    monkeypatch.setattr(nb, "CHUNK_BYTES", 2 * 9 * 25 * np.dtype(dtype).itemsize)  # two images per chunk
+    monkeypatch.setattr(nb, "SUM_GROUPS", 1)
+    cache = assert_conv_matches_reference(*conv_case(geometry, dtype, rng))
+    assert cache.plan.groups == [[(0, 2), (2, 4), (4, 6)]]
+
+
 def test_convolution_exposes_the_books_col_and_col_W(rng, numba_backend):
     x, Wt, b, _, stride, pad = conv_case(GEOMETRIES[2], np.float64, rng)
     _, cache = kernels.conv_forward(x, Wt, b, stride, pad)
