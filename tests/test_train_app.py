@@ -433,6 +433,32 @@ def test_ensemble_averages_the_members_softmax(synthetic_dir, tmp_path, capsys):
     assert not np.array_equal(*[np.load(out / f"member-{k}" / "params.npz")["W1"] for k in (1, 2)])
 
 
+def test_single_runs_combine_into_the_ensemble_they_would_be_members_of(synthetic_dir, tmp_path, capsys):
+    import shutil
+    for seed in (5, 6):
+        assert train(*tiny(synthetic_dir, tmp_path / f"s{seed}", "--epochs", 1, "--seed", seed)) == 0
+    assembled = tmp_path / "assembled"
+    assembled.mkdir()
+    config = read_json(tmp_path / "s5" / "config.json")
+    config["ensemble"] = 2
+    (assembled / "config.json").write_text(json.dumps(config))
+    for k, seed in enumerate((5, 6), start=1):
+        (assembled / f"member-{k}").mkdir()
+        for name in ("params.npz", "history.json", "curves.png"):
+            shutil.copy(tmp_path / f"s{seed}" / name, assembled / f"member-{k}" / name)
+    capsys.readouterr()
+    assert train("--resume", "--out", assembled, "--data-dir", synthetic_dir) == 0
+    assert "member 2/2 (seed 6): already trained" in capsys.readouterr().out
+
+    direct = tmp_path / "direct"
+    assert train(*tiny(synthetic_dir, direct, "--epochs", 1, "--seed", 5, "--ensemble", 2)) == 0
+    for k in (1, 2):  # the same members, so the same ensemble
+        with np.load(assembled / f"member-{k}" / "params.npz") as a, np.load(direct / f"member-{k}" / "params.npz") as b:
+            for key in KEYS:
+                assert np.array_equal(a[key], b[key]), (k, key)
+    assert read_json(assembled / "history.json")["test_acc"] == read_json(direct / "history.json")["test_acc"]
+
+
 def test_recipe_best_sets_augmentation_and_cosine_decay(synthetic_dir, tmp_path):
     out = tmp_path / "best"
     assert train(*tiny(synthetic_dir, out, "--recipe", "best", "--epochs", 1)) == 0
