@@ -33,6 +33,13 @@ cdef inline Py_ssize_t end_inside(Py_ssize_t offset, Py_ssize_t stride, Py_ssize
     return end
 
 
+cdef inline void tap_lines(Py_ssize_t offset, Py_ssize_t stride, Py_ssize_t size, Py_ssize_t out_h,
+                           Py_ssize_t oy0, Py_ssize_t oy1, Py_ssize_t *lo, Py_ssize_t *hi) noexcept nogil:
+    """Output lines [lo, hi) within [oy0, oy1) whose tap at ``offset`` lies inside [0, size)."""
+    lo[0] = min(max(first_inside(offset, stride), oy0), oy1)
+    hi[0] = max(min(end_inside(offset, stride, size, out_h, lo[0]), oy1), lo[0])
+
+
 cdef inline void zero_side_columns(floating *row, Py_ssize_t out_w, Py_ssize_t oy_lo, Py_ssize_t oy_hi,
                                     Py_ssize_t ox_lo, Py_ssize_t ox_hi) noexcept nogil:
     """Zero the columns outside [ox_lo, ox_hi) of lines [oy_lo, oy_hi) of a colT row.
@@ -66,9 +73,7 @@ cdef inline void unfold_image(const floating *x, floating *colT, Py_ssize_t ld,
     cdef floating *line
     cdef const floating *plane
     for ky in range(fh):
-        # lines whose tap row ky lies inside the image, within [oy0, oy1)
-        oy_lo = min(max(first_inside(ky - pad, stride), oy0), oy1)
-        oy_hi = max(min(end_inside(ky - pad, stride, H, out_h, oy_lo), oy1), oy_lo)
+        tap_lines(ky - pad, stride, H, out_h, oy0, oy1, &oy_lo, &oy_hi)
         for kx in range(fw):
             ox_lo = first_inside(kx - pad, stride)
             ox_hi = end_inside(kx - pad, stride, W, out_w, ox_lo)
@@ -119,8 +124,7 @@ cdef inline void fold_image(floating *colT, Py_ssize_t ld, floating *x,
     cdef floating *plane
     for c in range(C):
         for ky in range(fh):
-            oy_lo = min(max(first_inside(ky - pad, stride), oy0), oy1)
-            oy_hi = max(min(end_inside(ky - pad, stride, H, out_h, oy_lo), oy1), oy_lo)
+            tap_lines(ky - pad, stride, H, out_h, oy0, oy1, &oy_lo, &oy_hi)
             for kx in range(fw):
                 ox_lo = first_inside(kx - pad, stride)
                 ox_hi = end_inside(kx - pad, stride, W, out_w, ox_lo)

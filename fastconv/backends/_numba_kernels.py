@@ -59,6 +59,13 @@ def _valid_span(out_w, width, k, stride, pad):
 
 
 @_kernel
+def _zero_images(flat, n0, n1, image_size):
+    """flat[n0*image_size : n1*image_size] = 0: the images of one range, before adding into them."""
+    for j in range(n0 * image_size, n1 * image_size):
+        flat[_ix(j)] = 0
+
+
+@_kernel
 def im2col_t_same_size(x, fh, fw, pad, colT, n0, n1):
     """colT[(c, ky, kx), (n - n0, oy, ox)] = x[n, c, oy - pad + ky, ox - pad + kx] (0 in the padding) when
     the output has the input's size (stride 1, pad = (f - 1) / 2).
@@ -189,9 +196,7 @@ def col2im_t(colT, fh, fw, stride, pad, dx, n0, n1):
     out_w = (W + 2 * pad - fw) // stride + 1
     src = colT.reshape(-1)
     dst = dx.reshape(-1)
-    first = n0 * C * H * W
-    for j in range(images * C * H * W):
-        dst[_ix(first + j)] = 0
+    _zero_images(dst, n0, n1, C * H * W)
     for c in range(C):
         for ky in range(fh):
             for kx in range(fw):
@@ -254,9 +259,7 @@ def col2im_rows(col, fh, fw, stride, pad, dx, n0, n1):
     src = col.reshape(-1)
     dst = dx.reshape(-1)
     taps = C * fh * fw
-    first = n0 * C * H * W
-    for j in range((n1 - n0) * C * H * W):
-        dst[_ix(first + j)] = 0
+    _zero_images(dst, n0, n1, C * H * W)
     for n in range(n0, n1):
         for oy in range(out_h):
             for ox in range(out_w):
@@ -319,9 +322,7 @@ def col2im_lines(col, fh, fw, stride, pad, dx, n0, n1):
     src = col.reshape(-1)
     dst = dx.reshape(-1)
     taps = C * fh * fw
-    first = n0 * C * H * W
-    for j in range((n1 - n0) * C * H * W):
-        dst[_ix(first + j)] = 0
+    _zero_images(dst, n0, n1, C * H * W)
     for n in range(n0, n1):
         for oy in range(out_h):
             line = (n * out_h + oy) * out_w * taps
@@ -465,8 +466,7 @@ def maxpool_backward(dout, source, dx, n0, n1):
     src = dout.reshape(-1)
     where = source.reshape(-1)
     dst = dx.reshape(-1)
-    for j in range((n1 - n0) * C * hw):
-        dst[_ix(n0 * C * hw + j)] = 0
+    _zero_images(dst, n0, n1, C * hw)
     for plane in range(n0 * C, n1 * C):
         first = plane * out_hw
         for i in range(out_hw):

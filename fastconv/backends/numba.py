@@ -162,8 +162,9 @@ def im2col(x, filter_h, filter_w, stride, pad):
 
 def col2im(col, x_shape, filter_h, filter_w, stride, pad):
     N, C, _, W = x_shape
+    out_w = _out_size(W, filter_w, stride, pad)
     x = np.empty(x_shape, dtype=col.dtype)
-    kernel = _k.col2im_lines if _by_lines(C, filter_h, filter_w, _out_size(W, filter_w, stride, pad)) else _k.col2im_rows
+    kernel = _k.col2im_lines if _by_lines(C, filter_h, filter_w, out_w) else _k.col2im_rows
     _split(kernel, N, col.size // max(N, 1), col, filter_h, filter_w, stride, pad, x)
     return x
 
@@ -328,7 +329,7 @@ def conv_backward(dout, cache, W):
     N, C = x.shape[:2]
     FN, _, FH, FW = W.shape
     hw, ckk = dout.shape[2] * dout.shape[3], C * FH * FW
-    dout = np.ascontiguousarray(dout.reshape(N, FN, hw))
+    dout = dout.reshape(N, FN, hw)
     W_rows = W.reshape(FN, ckk)
     unfold = _unfolder(x.shape, FH, FW, stride, pad)
     fold = _folder(x.shape, FH, FW, stride, pad)
@@ -347,18 +348,14 @@ def conv_backward(dout, cache, W):
                 db_parts[g] += rows.sum(axis=1, dtype=np.float64)
             else:
                 _k.nchw_to_rows(dout, rows, db_parts[g], start, stop)
+            term = dW_parts[g] if i == 0 else dW_term  # the group's first chunk starts its sum
             if ckk < PER_IMAGE_DW_MAX_TAPS and stop - start > 1:
                 # one product per image, summed: BLAS is slow on a long sum of tiny products
-                per_image = np.matmul(rows.reshape(FN, stop - start, hw).transpose(1, 0, 2),
-                                      col.reshape(ckk, stop - start, hw).transpose(1, 2, 0))
-                if i == 0:
-                    np.sum(per_image, axis=0, out=dW_parts[g])
-                else:
-                    dW_parts[g] += per_image.sum(axis=0)
-            elif i == 0:
-                np.matmul(rows, col.T, out=dW_parts[g])
+                np.sum(np.matmul(rows.reshape(FN, stop - start, hw).transpose(1, 0, 2),
+                                 col.reshape(ckk, stop - start, hw).transpose(1, 2, 0)), axis=0, out=term)
             else:
-                np.matmul(rows, col.T, out=dW_term)
+                np.matmul(rows, col.T, out=term)
+            if i > 0:
                 dW_parts[g] += dW_term
             np.matmul(W_rows.T, rows, out=dcol)
             fold(dcol, dx, start, stop, buffers.plane)
