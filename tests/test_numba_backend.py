@@ -80,6 +80,47 @@ def run_python(code, cwd=None, **env):
 
 # --------------------------------------------------------------------------- unfolding kernels
 
+def unfolding_kernels(x, geometry, plane, n0, n1, oy0, oy1):
+    """``unfold(colT)`` for each kernel that handles the geometry: images [n0, n1), output lines [oy0, oy1)."""
+    _, _, H, W, fh, fw, stride, pad = geometry
+    unfolders = [lambda c: k.im2col_t_padded(x, fh, fw, stride, pad, c, n0, n1, oy0, oy1, plane)]
+    if is_same_size(H, W, fh, fw, stride, pad):
+        unfolders.append(lambda c: k.im2col_t_same_size(x, fh, fw, pad, c, n0, n1, oy0, oy1))
+    return unfolders
+
+
+def line_ranges(out_h, lines):
+    return [(oy0, min(oy0 + lines, out_h)) for oy0 in range(0, out_h, lines)]
+
+
+@pytest.mark.parametrize("lines", [1, 2])
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=IDS)
+def test_unfolding_and_folding_a_few_output_lines_at_a_time(geometry, lines, dtype, rng):
+    """Line by line (or two by two), one image: the same columns, and the same dx, as the whole image at once."""
+    N, C, H, W, fh, fw, stride, pad = geometry
+    out_h, out_w = out_size(H, fh, stride, pad), out_size(W, fw, stride, pad)
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    n = N - 1
+    expected = reference.im2col(x[n:], fh, fw, stride, pad).T
+    dcol = rng.standard_normal(expected.shape).astype(dtype)
+    expected_dx = reference.col2im(dcol.T, (1, C, H, W), fh, fw, stride, pad)
+    plane = np.full((H + 2 * pad) * (W + 2 * pad), np.nan, dtype=dtype)
+    folders = [lambda c, dx, a, z: k.col2im_t_padded(c, fh, fw, stride, pad, dx, n, n + 1, a, z, plane)]
+    if is_same_size(H, W, fh, fw, stride, pad):
+        folders.append(lambda c, dx, a, z: k.col2im_t(c, fh, fw, stride, pad, dx, n, n + 1, a, z))
+    for oy0, oy1 in line_ranges(out_h, lines):
+        cells = slice(oy0 * out_w, oy1 * out_w)
+        for unfold in unfolding_kernels(x, geometry, plane, n, n + 1, oy0, oy1):
+            colT = np.full((expected.shape[0], (oy1 - oy0) * out_w), np.nan, dtype=dtype)
+            unfold(colT)
+            np.testing.assert_array_equal(colT, expected[:, cells])
+    for fold in folders:
+        dx = np.full((N, C, H, W), 7.0, dtype=dtype)  # the first line range zeroes the image, the others add
+        for oy0, oy1 in line_ranges(out_h, lines):
+            fold(np.ascontiguousarray(dcol[:, oy0 * out_w:oy1 * out_w]), dx, oy0, oy1)
+        assert_close_to_reference(dx[n:], expected_dx)
+        assert (dx[:n] == 7.0).all()
+
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=IDS)
 def test_unfolding_kernels_give_the_transposed_book_col(geometry, dtype, rng):
     N, C, H, W, fh, fw, stride, pad = geometry
@@ -87,9 +128,7 @@ def test_unfolding_kernels_give_the_transposed_book_col(geometry, dtype, rng):
     n0, n1 = 1, N  # a range not starting at image 0
     expected = reference.im2col(x[n0:n1], fh, fw, stride, pad).T
     plane = np.full((H + 2 * pad) * (W + 2 * pad), np.nan, dtype=dtype)
-    unfolders = [lambda c: k.im2col_t_padded(x, fh, fw, stride, pad, c, n0, n1, plane)]
-    if is_same_size(H, W, fh, fw, stride, pad):
-        unfolders.append(lambda c: k.im2col_t_same_size(x, fh, fw, pad, c, n0, n1))
+    unfolders = unfolding_kernels(x, geometry, plane, n0, n1, 0, out_size(H, fh, stride, pad))
     for unfold in unfolders:
         colT = np.full(expected.shape, np.nan, dtype=dtype)
         unfold(colT)
@@ -103,10 +142,7 @@ def test_unfolding_kernels_write_only_their_own_cells(geometry, rng):
     x = rng.standard_normal((N, C, H, W))
     expected = reference.im2col(x[:1], fh, fw, stride, pad).T
     plane = np.full((H + 2 * pad) * (W + 2 * pad), np.nan)
-    unfolders = [lambda c: k.im2col_t_padded(x, fh, fw, stride, pad, c, 0, 1, plane)]
-    if is_same_size(H, W, fh, fw, stride, pad):
-        unfolders.append(lambda c: k.im2col_t_same_size(x, fh, fw, pad, c, 0, 1))
-    for unfold in unfolders:
+    for unfold in unfolding_kernels(x, geometry, plane, 0, 1, 0, out_size(H, fh, stride, pad)):
         colT = np.full((expected.shape[0], expected.shape[1] + 5), -123.0)
         unfold(colT)
         np.testing.assert_array_equal(colT[:, :expected.shape[1]], expected)
@@ -129,8 +165,9 @@ def test_col2im_t_folds_like_the_reference_and_only_its_images(geometry, dtype, 
     colT = rng.standard_normal((C * fh * fw, rows)).astype(dtype)
     plane = np.full((H + 2 * pad) * (W + 2 * pad), np.nan, dtype=dtype)
     expected = reference.col2im(colT.T, (n1 - n0, C, H, W), fh, fw, stride, pad)
-    for fold in (lambda dx: k.col2im_t(colT, fh, fw, stride, pad, dx, n0, n1),
-                 lambda dx: k.col2im_t_padded(colT, fh, fw, stride, pad, dx, n0, n1, plane)):
+    out_h = out_size(H, fh, stride, pad)
+    for fold in (lambda dx: k.col2im_t(colT, fh, fw, stride, pad, dx, n0, n1, 0, out_h),
+                 lambda dx: k.col2im_t_padded(colT, fh, fw, stride, pad, dx, n0, n1, 0, out_h, plane)):
         dx = np.full((N, C, H, W), 7.0, dtype=dtype)
         fold(dx)
         assert_close_to_reference(dx[n0:n1], expected)
@@ -235,7 +272,7 @@ def test_per_image_dw_summed_over_several_chunks_of_a_group(dtype, rng, numba_ba
     monkeypatch.setattr(nb, "CHUNK_BYTES", 2 * 9 * 25 * np.dtype(dtype).itemsize)  # two images per chunk
     monkeypatch.setattr(nb, "SUM_GROUPS", 1)
     cache = assert_conv_matches_reference(*conv_case(geometry, dtype, rng))
-    assert cache.plan.groups == [[(0, 2), (2, 4), (4, 6)]]
+    assert cache.plan.groups == [[(0, 2, 0, 5), (2, 4, 0, 5), (4, 6, 0, 5)]]
 
 
 def test_convolution_exposes_the_books_col_and_col_W(rng, numba_backend):
@@ -317,12 +354,39 @@ def test_plan_depends_on_sizes_not_on_threads(monkeypatch):
     plans = []
     for threads in ("1", "2", "5"):
         monkeypatch.setenv("FASTCONV_NUM_THREADS", threads)
-        plans.append(nb._ConvPlan(100, 144 * 784, 4))
+        plans.append(nb._ConvPlan(100, 144, 28, 28, 4))
     assert all(p.groups == plans[0].groups for p in plans)
     assert [p.threads for p in plans] == [1, 2, 5]
-    chunks = [chunk for group in plans[0].groups for chunk in group]
-    assert chunks[0] == (0, plans[0].images_per_chunk) and chunks[-1][1] == 100
-    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))  # contiguous, in order
+    pieces = [piece for group in plans[0].groups for piece in group]
+    assert pieces[0] == (0, plans[0].images_per_chunk, 0, 28) and pieces[-1][1] == 100
+    assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))  # contiguous, in order
+    assert [tuple(p) for p in plans[0].pieces.tolist()] == pieces  # what the kernels get
+
+
+def test_large_images_are_cut_into_lines_in_order_when_tiling_is_on(monkeypatch):
+    monkeypatch.setattr(nb, "TILE_BYTES", 144 * 28 * 4 * 5)  # five lines of windows
+    plan = nb._ConvPlan(3, 144, 28, 28, 4)
+    assert plan.images_per_chunk == 1 and plan.columns == 5 * 28
+    pieces = [tuple(p) for p in plan.pieces.tolist()]
+    assert pieces == [(n, n + 1, a, min(a + 5, 28)) for n in range(3) for a in range(0, 28, 5)]
+    assert plan.chunk_bounds == [0, 6, 12, 18]  # a chunk: the pieces of one image
+    assert nb._ConvPlan(3, 144, 8, 8, 4).pieces.tolist() == [[0, 3, 0, 8]]  # too few columns to cut
+
+
+@pytest.mark.parametrize("geometry", [(3, 2, 12, 12, 3, 3, 1, 1), (3, 2, 11, 12, 3, 2, 2, 2)],
+                         ids=["long_copies", "padded_plane"])
+@pytest.mark.parametrize("lines", [1, 3])
+def test_convolution_cut_into_lines(geometry, lines, dtype, rng, numba_backend, monkeypatch):
+    N, C, H, W, fh, fw, stride, pad = geometry
+    monkeypatch.setattr(nb, "TILE_BYTES", lines * C * fh * fw * out_size(W, fw, stride, pad) * np.dtype(dtype).itemsize)
+    monkeypatch.setattr(nb, "TILE_MIN_COLUMNS", 1)
+    monkeypatch.setattr(nb, "SUM_GROUPS", 2)
+    monkeypatch.setenv("FASTCONV_NUM_THREADS", "2")
+    monkeypatch.setattr(nb, "MIN_ELEMENTS_PER_THREAD", 1)
+    cache = assert_conv_matches_reference(*conv_case(geometry, dtype, rng))
+    out_h = out_size(H, fh, stride, pad)
+    assert [tuple(p)[2:] for p in cache.plan.pieces.tolist()][:-(-out_h // lines)] == line_ranges(out_h, lines)
+    assert cache.plan.threads == 2
 
 
 def test_results_do_not_depend_on_the_thread_count(rng, numba_backend, monkeypatch):
@@ -593,3 +657,43 @@ def test_compiled_kernels_stay_inside_their_arrays(tmp_path):
         print("ok")
     """, NUMBA_BOUNDSCHECK="1", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
     assert result.stdout.strip() == "ok"
+
+
+# --------------------------------------------------------------------------- BLAS from jitted code
+
+@pytest.mark.parametrize("trans_a", ["N", "T"])
+@pytest.mark.parametrize("trans_b", ["N", "T"])
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_gemm_on_column_major_blocks_with_leading_dimensions(trans_a, trans_b, beta, dtype, rng):
+    """c = op(a) @ op(b) + beta*c on Fortran-order blocks inside larger flat buffers, as the convolution
+    loops call it (JIT on: SciPy's BLAS; JIT off: the NumPy stand-in)."""
+    from fastconv.backends import _numba_conv as conv
+    m, n, kk, spare = 5, 4, 3, 2
+    op_a = rng.standard_normal((m, kk)).astype(dtype)
+    op_b = rng.standard_normal((kk, n)).astype(dtype)
+    c0 = rng.standard_normal((m, n)).astype(dtype)
+
+    def stored(matrix, transposed):
+        """matrix (or its transpose) column-major in a flat buffer, leading dimension rows + spare."""
+        block = matrix.T if transposed else matrix
+        rows, cols = block.shape
+        flat = np.full((rows + spare) * cols, np.nan, dtype=dtype)
+        flat.reshape(cols, rows + spare)[:, :rows] = block.T
+        return flat, rows + spare
+
+    a, lda = stored(op_a, trans_a == "T")
+    b, ldb = stored(op_b, trans_b == "T")
+    c, ldc = stored(c0, False)
+    conv.gemm(ord(trans_a), ord(trans_b), m, n, kk, a, lda, b, ldb, beta, c, ldc)
+    got = c.reshape(n, ldc)[:, :m].T
+    assert_close_to_reference(got, op_a @ op_b + beta * c0)
+    assert np.isnan(c.reshape(n, ldc)[:, m:]).all()  # the rows between blocks are not written
+
+
+def test_the_import_error_names_scipy_when_its_blas_is_missing(monkeypatch):
+    import importlib.util
+    from fastconv.backends import _numba_conv as conv
+    monkeypatch.setitem(sys.modules, "scipy.linalg.cython_blas", None)
+    spec = importlib.util.spec_from_file_location("numba_conv_without_scipy", conv.__file__)
+    with pytest.raises(ImportError, match="the numba backend needs SciPy for its BLAS"):
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))

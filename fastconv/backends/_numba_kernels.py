@@ -35,20 +35,33 @@ _OPTIONS = {"nogil": True, "error_model": "numpy"}
 _uncached = []  # names of the kernels compiled without a disk cache
 
 
-def _kernel(function):
+def _kernel(function, **options):
     """``njit`` with the options above, caching compiled code on disk where possible."""
+    options = {**_OPTIONS, **options}
     try:
-        return njit(cache=True, **_OPTIONS)(function)
+        return njit(cache=True, **options)(function)
     except RuntimeError as exc:  # Numba found no writable cache directory
         if not _uncached:
             warnings.warn(f"fastconv's numba kernels will be compiled in every process: {exc}; "
                           "set NUMBA_CACHE_DIR to a writable directory to cache them", RuntimeWarning,
                           stacklevel=2)
         _uncached.append(function.__name__)
-        return njit(**_OPTIONS)(function)
+        return njit(**options)(function)
 
 
-@_kernel
+def _inlined(function):
+    """``_kernel`` for a function that other kernels call: its code is inlined into theirs.
+
+    A kernel compiled while its callee comes from the disk cache can only
+    call the callee's machine code, not inline and optimize it with its own:
+    measured, unfolding called from a convolution loop ran 3 times slower
+    whenever the callee had been cached first. Inlined, every kernel's cached
+    code is the same however the cache was filled.
+    """
+    return _kernel(function, inline="always")
+
+
+@_inlined
 def _valid_span(out_w, width, k, stride, pad):
     """Window columns [lo, hi) whose tap at offset ``k`` falls inside ``[0, width)`` (not in the padding)."""
     lo = 0
@@ -58,17 +71,17 @@ def _valid_span(out_w, width, k, stride, pad):
     return lo, max(hi, lo)
 
 
-@_kernel
+@_inlined
 def _zero_images(flat, n0, n1, image_size):
     """flat[n0*image_size : n1*image_size] = 0: the images of one range, before adding into them."""
     for j in range(n0 * image_size, n1 * image_size):
         flat[_ix(j)] = 0
 
 
-@_kernel
-def im2col_t_same_size(x, fh, fw, pad, colT, n0, n1):
-    """colT[(c, ky, kx), (n - n0, oy, ox)] = x[n, c, oy - pad + ky, ox - pad + kx] (0 in the padding) when
-    the output has the input's size (stride 1, pad = (f - 1) / 2).
+@_inlined
+def im2col_t_same_size(x, fh, fw, pad, colT, n0, n1, oy0, oy1):
+    """colT[(c, ky, kx), (n - n0, oy - oy0, ox)] = x[n, c, oy - pad + ky, ox - pad + kx] (0 in the padding)
+    for output lines [oy0, oy1), when the output has the input's size (stride 1, pad = (f - 1) / 2).
 
     Then a tap's view of an image is the image shifted by a constant offset:
     one long copy per tap and image, after which the columns that wrapped
@@ -76,30 +89,31 @@ def im2col_t_same_size(x, fh, fw, pad, colT, n0, n1):
     """
     _, C, H, W = x.shape
     hw = H * W
+    cells = (oy1 - oy0) * W  # of one image in a row of colT
     width = colT.shape[1]
     src = x.reshape(-1)
     dst = colT.reshape(-1)
     for c in range(C):
         for ky in range(fh):
-            # rows [oy_lo, oy_hi) and columns [lo, hi) of the output see the image, not the padding
-            oy_lo = min(max(pad - ky, 0), H)
-            oy_hi = max(min(H + pad - ky, H), oy_lo)
+            # lines [oy_lo, oy_hi) of the range, and columns [lo, hi), see the image, not the padding
+            oy_lo = min(max(max(pad - ky, 0), oy0), oy1)
+            oy_hi = max(min(H + pad - ky, oy1), oy_lo)
             for kx in range(fw):
                 lo = min(max(pad - kx, 0), W)
                 hi = max(min(W + pad - kx, W), lo)
                 shift = (ky - pad) * W + (kx - pad)
-                # cells [j_lo, j_hi) of the image's block are copied, the rest are padding
-                j_lo = min(max(oy_lo * W, -shift), hw)
+                # cells [j_lo, j_hi) of the image's block are copied, the rest of [oy0*W, oy1*W) is padding
+                j_lo = min(max(oy_lo * W, -shift), oy1 * W)
                 j_hi = max(min(oy_hi * W, hw - shift), j_lo)
                 row = ((c * fh + ky) * fw + kx) * width
                 for i in range(n1 - n0):
-                    d = row + i * hw
+                    d = row + i * cells - oy0 * W  # cell j of the image goes to d + j
                     s = ((n0 + i) * C + c) * hw + shift
-                    for j in range(j_lo):
+                    for j in range(oy0 * W, j_lo):
                         dst[_ix(d + j)] = 0
                     for j in range(j_hi - j_lo):
                         dst[_ix(d + j_lo + j)] = src[_ix(s + j_lo + j)]
-                    for j in range(j_hi, hw):
+                    for j in range(j_hi, oy1 * W):
                         dst[_ix(d + j)] = 0
                     if lo > 0 or hi < W:
                         for oy in range(oy_lo, oy_hi):
@@ -109,23 +123,25 @@ def im2col_t_same_size(x, fh, fw, pad, colT, n0, n1):
                                 dst[_ix(d + oy * W + ox)] = 0
 
 
-@_kernel
-def im2col_t_padded(x, fh, fw, stride, pad, colT, n0, n1, plane):
-    """colT[(c, ky, kx), (n - n0, oy, ox)] = x[n, c, oy*stride - pad + ky, ox*stride - pad + kx], 0 in the
-    padding, for any geometry, through a zero-padded copy of each image plane.
+@_inlined
+def im2col_t_padded(x, fh, fw, stride, pad, colT, n0, n1, oy0, oy1, plane):
+    """colT[(c, ky, kx), (n - n0, oy - oy0, ox)] = x[n, c, oy*stride - pad + ky, ox*stride - pad + kx], 0 in
+    the padding, for output lines [oy0, oy1) and any geometry, through a zero-padded copy of each image plane.
 
     ``plane`` is scratch of (H + 2*pad) * (W + 2*pad) elements. With the
     padding in place every window line is a plain (strided) copy with no
     bounds to work out: faster on small planes, where the bounds and zeroing
-    of the other kernels cost more than the copying.
+    of the other kernels cost more than the copying. Only the input rows that
+    the lines read are copied into it.
     """
     _, C, H, W = x.shape
     Hp = H + 2 * pad
     Wp = W + 2 * pad
-    out_h = (Hp - fh) // stride + 1
     out_w = (Wp - fw) // stride + 1
-    hw = out_h * out_w
+    cells = (oy1 - oy0) * out_w
     width = colT.shape[1]
+    y_first = max(oy0 * stride - pad, 0)
+    y_end = min((oy1 - 1) * stride - pad + fh, H)
     src = x.reshape(-1)
     dst = colT.reshape(-1)
     padded = plane.reshape(-1)
@@ -134,15 +150,15 @@ def im2col_t_padded(x, fh, fw, stride, pad, colT, n0, n1, plane):
     for i in range(n1 - n0):
         for c in range(C):
             s = ((n0 + i) * C + c) * H * W
-            for y in range(H):
+            for y in range(y_first, y_end):
                 for j in range(W):
                     padded[_ix((y + pad) * Wp + pad + j)] = src[_ix(s + y * W + j)]
             for ky in range(fh):
                 for kx in range(fw):
-                    d = ((c * fh + ky) * fw + kx) * width + i * hw
-                    for oy in range(out_h):
+                    d = ((c * fh + ky) * fw + kx) * width + i * cells
+                    for oy in range(oy0, oy1):
                         q = (oy * stride + ky) * Wp + kx
-                        e = d + oy * out_w
+                        e = d + (oy - oy0) * out_w
                         if stride == 1:
                             for j in range(out_w):
                                 dst[_ix(e + j)] = padded[_ix(q + j)]
@@ -151,29 +167,32 @@ def im2col_t_padded(x, fh, fw, stride, pad, colT, n0, n1, plane):
                                 dst[_ix(e + j)] = padded[_ix(q + j * stride)]
 
 
-@_kernel
-def col2im_t_padded(colT, fh, fw, stride, pad, dx, n0, n1, plane):
-    """``col2im_t`` through a padded plane (scratch as in ``im2col_t_padded``), copied into dx without its border."""
+@_inlined
+def col2im_t_padded(colT, fh, fw, stride, pad, dx, n0, n1, oy0, oy1, plane):
+    """``col2im_t`` through a padded plane (scratch as in ``im2col_t_padded``), added into dx without its border."""
     _, C, H, W = dx.shape
     Hp = H + 2 * pad
     Wp = W + 2 * pad
-    out_h = (Hp - fh) // stride + 1
     out_w = (Wp - fw) // stride + 1
-    hw = out_h * out_w
+    cells = (oy1 - oy0) * out_w
     width = colT.shape[1]
+    py0 = oy0 * stride  # padded rows [py0, py1) receive the lines' taps
+    py1 = (oy1 - 1) * stride + fh
     src = colT.reshape(-1)
     dst = dx.reshape(-1)
     padded = plane.reshape(-1)
+    if oy0 == 0:
+        _zero_images(dst, n0, n1, C * H * W)
     for i in range(n1 - n0):
         for c in range(C):
-            for j in range(Hp * Wp):
+            for j in range(py0 * Wp, py1 * Wp):
                 padded[_ix(j)] = 0
             for ky in range(fh):
                 for kx in range(fw):
-                    s = ((c * fh + ky) * fw + kx) * width + i * hw
-                    for oy in range(out_h):
+                    s = ((c * fh + ky) * fw + kx) * width + i * cells
+                    for oy in range(oy0, oy1):
                         q = (oy * stride + ky) * Wp + kx
-                        e = s + oy * out_w
+                        e = s + (oy - oy0) * out_w
                         if stride == 1:
                             for j in range(out_w):
                                 padded[_ix(q + j)] += src[_ix(e + j)]
@@ -181,22 +200,25 @@ def col2im_t_padded(colT, fh, fw, stride, pad, dx, n0, n1, plane):
                             for j in range(out_w):
                                 padded[_ix(q + j * stride)] += src[_ix(e + j)]
             d = ((n0 + i) * C + c) * H * W
-            for y in range(H):
+            for y in range(max(py0 - pad, 0), min(py1 - pad, H)):
                 for j in range(W):
-                    dst[_ix(d + y * W + j)] = padded[_ix((y + pad) * Wp + pad + j)]
+                    dst[_ix(d + y * W + j)] += padded[_ix((y + pad) * Wp + pad + j)]
 
 
-@_kernel
-def col2im_t(colT, fh, fw, stride, pad, dx, n0, n1):
-    """dx[n0:n1] = the adjoint of unfolding: every tap added back to its pixel, padding dropped."""
+@_inlined
+def col2im_t(colT, fh, fw, stride, pad, dx, n0, n1, oy0, oy1):
+    """dx[n0:n1] += the adjoint of unfolding output lines [oy0, oy1): every tap added back to its pixel,
+    padding dropped. The images are zeroed first when the range starts at line 0.
+    """
     _, C, H, W = dx.shape
     images = n1 - n0
+    lines = oy1 - oy0
     width = colT.shape[1]
-    out_h = (H + 2 * pad - fh) // stride + 1
     out_w = (W + 2 * pad - fw) // stride + 1
     src = colT.reshape(-1)
     dst = dx.reshape(-1)
-    _zero_images(dst, n0, n1, C * H * W)
+    if oy0 == 0:
+        _zero_images(dst, n0, n1, C * H * W)
     for c in range(C):
         for ky in range(fh):
             for kx in range(fw):
@@ -204,11 +226,11 @@ def col2im_t(colT, fh, fw, stride, pad, dx, n0, n1):
                 lo, hi = _valid_span(out_w, W, kx, stride, pad)
                 for i in range(images):
                     plane = ((n0 + i) * C + c) * H * W
-                    for oy in range(out_h):
+                    for oy in range(oy0, oy1):
                         y = oy * stride - pad + ky
                         if y < 0 or y >= H:
                             continue
-                        s = row + (i * out_h + oy) * out_w + lo
+                        s = row + (i * lines + oy - oy0) * out_w + lo
                         d = plane + y * W + lo * stride + kx - pad
                         if stride == 1:
                             for j in range(hi - lo):
@@ -339,7 +361,7 @@ def col2im_lines(col, fh, fw, stride, pad, dx, n0, n1):
                             dst[_ix(d + ox * stride)] += src[_ix(e + ox * taps)]
 
 
-@_kernel
+@_inlined
 def add_bias_to_nchw(rows, b, out, n0, n1):
     """out[n, f, :] = rows[f, (n - n0) block] + b[f] for images [n0, n1); ``rows`` is (F, (n1-n0)*hw).
 
@@ -358,7 +380,7 @@ def add_bias_to_nchw(rows, b, out, n0, n1):
                 dst[_ix(d + p)] = src[_ix(s + p)] + bias
 
 
-@_kernel
+@_inlined
 def nchw_to_rows(dout, rows, db, n0, n1):
     """rows[f, (n - n0) block] = dout[n, f, :] for images [n0, n1), and db[f] += their sum.
 
@@ -393,7 +415,7 @@ def nchw_to_rows(dout, rows, db, n0, n1):
             db[f] += (t0 + t1) + (t2 + t3)
 
 
-@_kernel
+@_inlined
 def _inside_span(out_size, size, window, stride, pad):
     """Windows [lo, hi) along one axis that lie wholly inside ``[0, size)`` (no padding)."""
     lo = min((pad + stride - 1) // stride, out_size)

@@ -40,6 +40,7 @@ except Exception as exc:  # a broken install can raise more than ImportError
     raise ImportError(f"the numba backend needs a working numba (pip install numba): {exc}") from exc
 
 from fastconv._threads import get_num_threads
+from fastconv.backends import _numba_conv as _conv
 from fastconv.backends import _numba_kernels as _k
 from fastconv.backends._blas import affine_backward, affine_forward  # noqa: F401  (part of the interface)
 from fastconv.backends._blas import single_threaded_blas as _single_threaded_blas
@@ -51,6 +52,14 @@ NAME = "numba"
 # multiplied, large enough for the products to run near full speed (1 MiB was
 # the best of 256 KiB to 2 MiB for the chapter-8 network on a 2-core EPYC).
 CHUNK_BYTES = 1 << 20
+
+# An image whose windows make a product of at least TILE_MIN_COLUMNS columns
+# and take more than TILE_BYTES can be unfolded and multiplied a few output
+# lines at a time (0: whole images). Off: unlike the cython backend's, these
+# pieces made the chapter-8 network's second layer slower (float64, 2
+# threads: forward 10.2 ms in 128 KB pieces against 8.6 ms whole).
+TILE_BYTES = 0
+TILE_MIN_COLUMNS = 256
 
 # Convolution backward sums dW and db over at most this many chunk groups.
 SUM_GROUPS = 16
@@ -172,53 +181,67 @@ def col2im(col, x_shape, filter_h, filter_w, stride, pad):
 # --------------------------------------------------------------------------- convolution
 
 class _ConvPlan:
-    """How a batch is cut: chunks of images (cache-sized), groups of chunks, and how many threads.
+    """How a batch is cut: pieces of work, chunks of pieces, groups of chunks, and how many threads.
 
-    Threads take the next unprocessed group until none is left, so a thread
-    that the OS puts aside for a while (other processes) delays nobody.
+    A piece (n0, n1, oy0, oy1) is images [n0, n1) and output lines
+    [oy0, oy1). Images small enough come several to a piece (all lines, about
+    ``CHUNK_BYTES`` of windows); an image that alone makes a wide enough
+    product and has more than ``TILE_BYTES`` of windows is cut into pieces of
+    a few lines each. A chunk is one piece of several images, or the pieces of
+    one image. Forward hands out chunks; backward hands out groups, and sums
+    dW and db per group, in order, then over the groups: the result depends on
+    the sizes, never on the number of threads. Threads take the next
+    unprocessed chunk or group until none is left, so a thread that the OS
+    puts aside for a while (other processes) delays nobody.
     """
 
-    def __init__(self, n_images, elements_per_image, itemsize):
-        per_chunk = CHUNK_BYTES // max(elements_per_image * itemsize, 1)
-        self.images_per_chunk = max(1, min(n_images, per_chunk))
-        chunks = [(s, min(s + self.images_per_chunk, n_images))
-                  for s in range(0, n_images, self.images_per_chunk)]
+    def __init__(self, n_images, taps, out_h, out_w, itemsize):
+        image_bytes = taps * out_h * out_w * itemsize
+        lines = out_h
+        if 0 < TILE_BYTES < image_bytes and out_h * out_w >= TILE_MIN_COLUMNS:
+            self.images_per_chunk = 1
+            lines = max(1, min(out_h, TILE_BYTES // (taps * out_w * itemsize)))
+        else:
+            self.images_per_chunk = max(1, min(n_images, CHUNK_BYTES // max(image_bytes, 1)))
+        chunks = [[(n0, min(n0 + self.images_per_chunk, n_images), oy0, min(oy0 + lines, out_h))
+                   for oy0 in range(0, out_h, lines)]
+                  for n0 in range(0, n_images, self.images_per_chunk)]
         n_groups = min(len(chunks), SUM_GROUPS)
-        self.groups = [chunks[a:z] for a, z in _spans(len(chunks), n_groups)]
-        self.threads = max(1, min(n_groups, _thread_count(n_images, elements_per_image)))
+        self.groups = [[piece for chunk in chunks[a:z] for piece in chunk] for a, z in _spans(len(chunks), n_groups)]
+        self.pieces = np.array([piece for group in self.groups for piece in group], dtype=np.int64).reshape(-1, 4)
+        self.chunk_bounds = np.cumsum([0] + [len(chunk) for chunk in chunks]).tolist()
+        self.group_bounds = np.cumsum([0] + [len(group) for group in self.groups]).tolist()
+        self.columns = min(self.images_per_chunk, max(n_images, 1)) * lines * out_w  # of the widest piece
+        self.threads = max(1, min(n_groups, _thread_count(n_images, taps * out_h * out_w)))
 
-    def run(self, work, scratch):
-        """``work(group, buffers)`` for every group, on ``self.threads`` threads each with its own buffers."""
-        groups = iter(range(len(self.groups)))  # next() on it is atomic: it runs holding the GIL
+    def run(self, bounds, work, scratch):
+        """``work(i, p0, p1, buffers)`` for every range i of pieces [bounds[i], bounds[i + 1]), on
+        ``len(scratch)`` threads, each with its own buffers."""
+        ranges = iter(range(len(bounds) - 1))  # next() on it is atomic: it runs holding the GIL
 
         def drain(buffers):
-            for g in groups:
-                work(g, buffers)
+            for i in ranges:
+                work(i, bounds[i], bounds[i + 1], buffers)
         _workers.run([lambda b=b: drain(b) for b in scratch])
 
 
 class _ConvScratch:
-    """One thread's buffers: unfolded windows, product rows, a padded image plane, folded gradient, a dW term."""
+    """One thread's flat buffers: unfolded windows, product rows, a padded image plane, folded gradient."""
 
-    __slots__ = ("key", "col", "rows", "plane", "dcol", "dW")
+    __slots__ = ("key", "col", "rows", "plane", "_dcol")
 
-    def __init__(self, key, dtype, ckk, n_filters, width, plane_size):
+    def __init__(self, key, dtype, taps, n_filters, columns, plane_size):
         self.key = key
-        self.col = np.empty(ckk * width, dtype=dtype)
-        self.rows = np.empty(n_filters * width, dtype=dtype)
+        self.col = np.empty(taps * columns, dtype=dtype)
+        self.rows = np.empty(n_filters * columns, dtype=dtype)
         self.plane = np.empty(plane_size, dtype=dtype)
-        self.dcol = None  # backward only
-        self.dW = None
+        self._dcol = None  # backward only
 
-    def views(self, ckk, n_filters, width):
-        return (self.col[:ckk * width].reshape(ckk, width),
-                self.rows[:n_filters * width].reshape(n_filters, width))
-
-    def backward_views(self, ckk, n_filters, width):
-        if self.dcol is None:
-            self.dcol = np.empty_like(self.col)
-            self.dW = np.empty((n_filters, ckk), dtype=self.col.dtype)
-        return self.dcol[:ckk * width].reshape(ckk, width), self.dW
+    @property
+    def dcol(self):
+        if self._dcol is None:
+            self._dcol = np.empty_like(self.col)
+        return self._dcol
 
 
 class ConvCache:
@@ -267,59 +290,36 @@ def _long_copies(x_shape, fh, fw, stride, pad):
     return same_size and H * W >= LONG_COPY_MIN_CELLS
 
 
-def _unfolder(x_shape, fh, fw, stride, pad):
-    """``unfold(x, colT, n0, n1, plane)``: the fastest unfolding kernel for this geometry."""
-    if _long_copies(x_shape, fh, fw, stride, pad):
-        return lambda x, colT, n0, n1, plane: _k.im2col_t_same_size(x, fh, fw, pad, colT, n0, n1)
-    return lambda x, colT, n0, n1, plane: _k.im2col_t_padded(x, fh, fw, stride, pad, colT, n0, n1, plane)
-
-
-def _folder(x_shape, fh, fw, stride, pad):
-    """``fold(colT, dx, n0, n1, plane)``: the adjoint of ``_unfolder``'s choice."""
-    if _long_copies(x_shape, fh, fw, stride, pad):
-        return lambda colT, dx, n0, n1, plane: _k.col2im_t(colT, fh, fw, stride, pad, dx, n0, n1)
-    return lambda colT, dx, n0, n1, plane: _k.col2im_t_padded(colT, fh, fw, stride, pad, dx, n0, n1, plane)
-
-
 def _plane_size(x_shape, pad):
     return (x_shape[2] + 2 * pad) * (x_shape[3] + 2 * pad)
 
 
-def _conv_scratch(workspace, threads, dtype, ckk, n_filters, width, plane_size):
+def _conv_scratch(workspace, threads, dtype, taps, n_filters, columns, plane_size):
     """One scratch per thread, taken from the previous cache when it fits."""
-    key = (np.dtype(dtype), ckk, n_filters, width, plane_size)
+    key = (np.dtype(dtype), taps, n_filters, columns, plane_size)
     previous = getattr(workspace, "scratch", None) or []
-    return [s if s.key == key else _ConvScratch(key, dtype, ckk, n_filters, width, plane_size)
+    return [s if s.key == key else _ConvScratch(key, dtype, taps, n_filters, columns, plane_size)
             for s in previous[:threads]] + [
-        _ConvScratch(key, dtype, ckk, n_filters, width, plane_size) for _ in range(threads - len(previous))]
+        _ConvScratch(key, dtype, taps, n_filters, columns, plane_size) for _ in range(threads - len(previous))]
 
 
 def conv_forward(x, W, b, stride, pad, workspace):
     N, C, H, Wd = x.shape
     FN, _, FH, FW = W.shape
     out_h, out_w = _out_size(H, FH, stride, pad), _out_size(Wd, FW, stride, pad)
-    hw, ckk = out_h * out_w, C * FH * FW
-    plan = _ConvPlan(N, ckk * hw, x.dtype.itemsize)
-    width = plan.images_per_chunk * hw
-    scratch = _conv_scratch(workspace, plan.threads, x.dtype, ckk, FN, width, _plane_size(x.shape, pad))
-    W_rows = W.reshape(FN, ckk)
-    unfold = _unfolder(x.shape, FH, FW, stride, pad)
-    out = np.empty((N, FN, hw), dtype=x.dtype)
+    taps = C * FH * FW
+    plan = _ConvPlan(N, taps, out_h, out_w, x.dtype.itemsize)
+    scratch = _conv_scratch(workspace, plan.threads, x.dtype, taps, FN, plan.columns, _plane_size(x.shape, pad))
+    W_rows = W.reshape(FN, taps)
+    long_copies = _long_copies(x.shape, FH, FW, stride, pad)
+    out = np.empty((N, FN, out_h * out_w), dtype=x.dtype)
 
-    def work(g, buffers):
-        for start, stop in plan.groups[g]:
-            m = (stop - start) * hw
-            col, rows = buffers.views(ckk, FN, m)
-            unfold(x, col, start, stop, buffers.plane)
-            if stop - start == 1:  # straight into the image's output, the bias added in place
-                np.matmul(W_rows, col, out=out[start])
-                _k.add_bias_to_nchw(out[start], b, out, start, stop)
-            else:
-                np.matmul(W_rows, col, out=rows)
-                _k.add_bias_to_nchw(rows, b, out, start, stop)
+    def work(_, p0, p1, buffers):
+        _conv.conv_forward_pieces(x, W_rows, b, out, plan.pieces, p0, p1, FH, FW, stride, pad, long_copies,
+                                  buffers.col, buffers.rows, buffers.plane)
 
     with _single_threaded_blas:
-        plan.run(work, scratch)
+        plan.run(plan.chunk_bounds, work, scratch)
     cache = ConvCache(x, W, stride, pad, (out_h, out_w), plan, scratch)
     return out.reshape(N, FN, out_h, out_w), cache
 
@@ -328,40 +328,22 @@ def conv_backward(dout, cache, W):
     x, stride, pad, plan = cache.x, cache.stride, cache.pad, cache.plan
     N, C = x.shape[:2]
     FN, _, FH, FW = W.shape
-    hw, ckk = dout.shape[2] * dout.shape[3], C * FH * FW
-    dout = dout.reshape(N, FN, hw)
-    W_rows = W.reshape(FN, ckk)
-    unfold = _unfolder(x.shape, FH, FW, stride, pad)
-    fold = _folder(x.shape, FH, FW, stride, pad)
+    taps = C * FH * FW
+    dout = dout.reshape(N, FN, dout.shape[2] * dout.shape[3])
+    W_rows = W.reshape(FN, taps)
+    long_copies = _long_copies(x.shape, FH, FW, stride, pad)
+    per_image_dw = taps < PER_IMAGE_DW_MAX_TAPS
     dx = np.empty(x.shape, dtype=x.dtype)
-    dW_parts = np.empty((len(plan.groups), FN, ckk), dtype=x.dtype)
+    dW_parts = np.empty((len(plan.groups), FN * taps), dtype=x.dtype)
     db_parts = np.zeros((len(plan.groups), FN), dtype=np.float64)
 
-    def work(g, buffers):
-        for i, (start, stop) in enumerate(plan.groups[g]):
-            m = (stop - start) * hw
-            col, rows = buffers.views(ckk, FN, m)
-            dcol, dW_term = buffers.backward_views(ckk, FN, m)
-            unfold(x, col, start, stop, buffers.plane)
-            if stop - start == 1:  # the image's gradients are already (F, hw) rows
-                rows = dout[start]
-                db_parts[g] += rows.sum(axis=1, dtype=np.float64)
-            else:
-                _k.nchw_to_rows(dout, rows, db_parts[g], start, stop)
-            term = dW_parts[g] if i == 0 else dW_term  # the group's first chunk starts its sum
-            if ckk < PER_IMAGE_DW_MAX_TAPS and stop - start > 1:
-                # one product per image, summed: BLAS is slow on a long sum of tiny products
-                np.sum(np.matmul(rows.reshape(FN, stop - start, hw).transpose(1, 0, 2),
-                                 col.reshape(ckk, stop - start, hw).transpose(1, 2, 0)), axis=0, out=term)
-            else:
-                np.matmul(rows, col.T, out=term)
-            if i > 0:
-                dW_parts[g] += dW_term
-            np.matmul(W_rows.T, rows, out=dcol)
-            fold(dcol, dx, start, stop, buffers.plane)
+    def work(g, p0, p1, buffers):
+        _conv.conv_backward_pieces(x, W_rows, dout, dx, dW_parts[g], db_parts[g], plan.pieces, p0, p1,
+                                   FH, FW, stride, pad, long_copies, per_image_dw,
+                                   buffers.col, buffers.rows, buffers.dcol, buffers.plane)
 
     with _single_threaded_blas:
-        plan.run(work, cache.scratch)
+        plan.run(plan.group_bounds, work, cache.scratch)
     dW = dW_parts.sum(axis=0).reshape(W.shape)
     db = db_parts.sum(axis=0).astype(x.dtype)
     return dx, dW, db
