@@ -92,8 +92,19 @@ def _fold(col, fh, fw, stride, pad, dx, n0, n1, oy0, oy1, plane, long_copies):
         col2im_t_padded(col, fh, fw, stride, pad, dx, n0, n1, oy0, oy1, plane)
 
 
+@_inlined
+def _product_in_column_pieces(trans_b, width, n, k, a, lda, b, ldb, c, ldc, max_columns):
+    """c = a @ op(b) (column-major: a is (width, k)) computed max_columns rows of c at a time."""
+    pieces = (width + max_columns - 1) // max_columns
+    for p in range(pieces):
+        lo = width * p // pieces
+        hi = width * (p + 1) // pieces
+        gemm(N, trans_b, hi - lo, n, k, a[lo:], lda, b, ldb, 0.0, c[lo:], ldc)
+
+
 @_kernel
-def conv_forward_pieces(x, W_rows, b, out, pieces, p0, p1, fh, fw, stride, pad, long_copies, col, rows, plane):
+def conv_forward_pieces(x, W_rows, b, out, pieces, p0, p1, fh, fw, stride, pad, long_copies, max_columns,
+                        col, rows, plane):
     """out[n, :, lines] = W_rows @ (windows of the piece) + b, for pieces [p0, p1).
 
     ``out`` is (N, F, out_h*out_w); ``col``, ``rows`` and ``plane`` are flat
@@ -111,19 +122,19 @@ def conv_forward_pieces(x, W_rows, b, out, pieces, p0, p1, fh, fw, stride, pad, 
         _unfold(x, fh, fw, stride, pad, col[:K * width].reshape((K, width)), n0, n1, oy0, oy1, plane, long_copies)
         if n1 - n0 == 1:
             first = n0 * F * hw + oy0 * out_w
-            gemm(N, N, width, F, K, col, width, weights, K, 0.0, flat_out[first:], hw)
+            _product_in_column_pieces(N, width, F, K, col, width, weights, K, flat_out[first:], hw, max_columns)
             for f in range(F):
                 start = first + f * hw
                 for j in range(width):
                     flat_out[_ix(start + j)] += b[f]
         else:
-            gemm(N, N, width, F, K, col, width, weights, K, 0.0, rows, width)
+            _product_in_column_pieces(N, width, F, K, col, width, weights, K, rows, width, max_columns)
             add_bias_to_nchw(rows[:F * width].reshape((F, width)), b, out, n0, n1)
 
 
 @_kernel
 def conv_backward_pieces(x, W_rows, dout, dx, dW, db, pieces, p0, p1, fh, fw, stride, pad, long_copies,
-                         per_image_dw, col, rows, dcol, plane):
+                         per_image_dw, max_columns, col, rows, dcol, plane):
     """dx of pieces [p0, p1), and their sums dW = dout @ windows.T (flat, F*K) and db (float64, F).
 
     The pieces of an image come in order, its first starting at line 0
@@ -170,5 +181,5 @@ def conv_backward_pieces(x, W_rows, dout, dx, dW, db, pieces, p0, p1, fh, fw, st
             gemm(T, N, K, F, width, col, width, grad, ld, beta, dW, K)
             beta = 1.0
         # dcol (K, width) = W_rows.T @ grad, folded back into dx
-        gemm(N, T, width, K, F, grad, ld, weights, K, 0.0, dcol, width)
+        _product_in_column_pieces(T, width, K, F, grad, ld, weights, K, dcol, width, max_columns)
         _fold(dcol[:K * width].reshape((K, width)), fh, fw, stride, pad, dx, n0, n1, oy0, oy1, plane, long_copies)

@@ -454,16 +454,27 @@ def maxpool_forward(x, ph, pw, stride, pad, out, source, n0, n1):
                 for ox in range(out_w):
                     x0 = ox * stride - pad
                     if y_lo <= oy < y_hi and x_lo <= ox < x_hi:
+                        # no branch on the data: which cell wins is random on real
+                        # data, and mispredicted branches cost more than the search
                         corner = y0 * W + x0
                         best = src[_ix(plane + corner)]
                         best_at = corner
+                        nan_seen = best != best
                         for k in range(1, cells):
-                            v = src[_ix(plane + corner + offset[k])]
-                            # kept inline: moved into a helper function, this test
-                            # compiled to branches that random data mispredicts (3x slower)
-                            if best == best and (v > best or v != v):
-                                best = v
-                                best_at = corner + offset[k]
+                            at = corner + offset[k]
+                            v = src[_ix(plane + at)]
+                            take = v > best
+                            best_at += take * (at - best_at)
+                            best = v if take else best
+                            nan_seen |= v != v
+                        if nan_seen:  # rare: the exact search, where the first NaN wins
+                            best = src[_ix(plane + corner)]
+                            best_at = corner
+                            for k in range(1, cells):
+                                v = src[_ix(plane + corner + offset[k])]
+                                if best == best and (v > best or v != v):
+                                    best = v
+                                    best_at = corner + offset[k]
                     else:  # a window over the border: its padded cells are -inf
                         best = -np.inf
                         best_at = -1

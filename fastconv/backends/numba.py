@@ -61,6 +61,12 @@ CHUNK_BYTES = 1 << 20
 TILE_BYTES = 0
 TILE_MIN_COLUMNS = 256
 
+# Products wider than this many columns (windows) are computed in pieces:
+# OpenBLAS multiplies the second layer's (16, 144) filters into 392 columns
+# at once faster than into 784 (float64, 2 threads: forward 6.0 ms against
+# 7.0 ms; float32: 3.4 ms against 5.2 ms).
+GEMM_COLUMNS = 512
+
 # Convolution backward sums dW and db over at most this many chunk groups.
 SUM_GROUPS = 16
 
@@ -316,7 +322,7 @@ def conv_forward(x, W, b, stride, pad, workspace):
 
     def work(_, p0, p1, buffers):
         _conv.conv_forward_pieces(x, W_rows, b, out, plan.pieces, p0, p1, FH, FW, stride, pad, long_copies,
-                                  buffers.col, buffers.rows, buffers.plane)
+                                  GEMM_COLUMNS, buffers.col, buffers.rows, buffers.plane)
 
     with _single_threaded_blas:
         plan.run(plan.chunk_bounds, work, scratch)
@@ -339,7 +345,7 @@ def conv_backward(dout, cache, W):
 
     def work(g, p0, p1, buffers):
         _conv.conv_backward_pieces(x, W_rows, dout, dx, dW_parts[g], db_parts[g], plan.pieces, p0, p1,
-                                   FH, FW, stride, pad, long_copies, per_image_dw,
+                                   FH, FW, stride, pad, long_copies, per_image_dw, GEMM_COLUMNS,
                                    buffers.col, buffers.rows, buffers.dcol, buffers.plane)
 
     with _single_threaded_blas:
@@ -384,7 +390,7 @@ def maxpool_forward(x, pool_h, pool_w, stride, pad, workspace):
     out = np.empty((N, C, out_h, out_w), dtype=x.dtype)
     source = getattr(workspace, "source", None)
     if source is None or source.shape != out.shape:
-        source = np.empty(out.shape, dtype=np.intp)
+        source = np.empty(out.shape, dtype=np.int32)
     _split(_k.maxpool_forward, N, C * H * W, x, pool_h, pool_w, stride, pad, out, source)
     cache = PoolCache(source, pool_h, pool_w, stride, pad, x.shape, x.dtype, (out_h, out_w))
     return out, cache
