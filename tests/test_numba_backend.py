@@ -479,6 +479,7 @@ def test_maxpool_matches_reference_with_ties_nan_and_infinities(pool, dtype, rng
     ph, pw, stride, pad = pool
     x = rng.integers(-2, 3, (4, 3, 7, 6)).astype(dtype)  # many ties
     x[0, 0, :2, :2] = np.nan
+    x[3, 0, 3, 4] = x[3, 1, 5, 5] = np.nan  # inside windows, after their first cell: the NaN wins
     x[1, 1] = -np.inf  # whole planes of -inf: the window's first cell wins, even a padded one
     x[2, 2, 3, 3] = np.inf
     out, cache = kernels.maxpool_forward(x, ph, pw, stride, pad)
