@@ -261,6 +261,14 @@ def test_convolution_cut_into_chunks_groups_and_threads(geometry, dtype, rng, nu
     assert cache.plan.threads == 2
 
 
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=IDS)
+def test_products_in_column_pieces(geometry, dtype, rng, numba_backend, monkeypatch):
+    """Every product cut into pieces of at most 3 columns (windows), an uneven split for most shapes."""
+    monkeypatch.setattr(nb, "GEMM_COLUMNS", 3)
+    x, Wt, b, dout, stride, pad = conv_case(geometry, dtype, rng)
+    assert_conv_matches_reference(np.concatenate([x] * 2), Wt, b, np.concatenate([dout] * 2), stride, pad)
+
+
 def test_convolution_of_large_same_size_planes_uses_the_long_copies(dtype, rng, numba_backend):
     geometry = (3, 2, 12, 12, 3, 3, 1, 1)  # 144-cell planes
     assert nb._long_copies(geometry[:4], 3, 3, 1, 1)
@@ -640,6 +648,7 @@ def test_compiled_kernels_stay_inside_their_arrays(tmp_path):
         import numpy as np
         import fastconv
         from fastconv import kernels
+        from fastconv.backends import numba as nb
         geometries = {GEOMETRIES!r}
         rng = np.random.default_rng(0)
         with fastconv.use_backend("numba"):
@@ -647,8 +656,10 @@ def test_compiled_kernels_stay_inside_their_arrays(tmp_path):
                 for dtype in (np.float32, np.float64):
                     x = rng.standard_normal((N, C, H, W)).astype(dtype)
                     Wt = rng.standard_normal((2, C, fh, fw)).astype(dtype)
-                    out, cache = kernels.conv_forward(x, Wt, np.zeros(2, dtype), stride, pad)
-                    kernels.conv_backward(np.ones_like(out), cache, Wt)
+                    for tile_bytes, gemm_columns in ((0, 512), (1, 2)):  # whole images; one line, 2-column products
+                        nb.TILE_BYTES, nb.TILE_MIN_COLUMNS, nb.GEMM_COLUMNS = tile_bytes, 1, gemm_columns
+                        out, cache = kernels.conv_forward(x, Wt, np.zeros(2, dtype), stride, pad)
+                        kernels.conv_backward(np.ones_like(out), cache, Wt)
                     kernels.col2im(kernels.im2col(x, fh, fw, stride, pad), x.shape, fh, fw, stride, pad)
                     if 2 * pad <= min(fh, fw):
                         pooled, pool_cache = kernels.maxpool_forward(x, fh, fw, stride, pad)

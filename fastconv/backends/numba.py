@@ -1,4 +1,4 @@
-"""The numba backend: jitted loops for unfolding, pooling and ReLU, NumPy's BLAS for the products.
+"""The numba backend: jitted loops for convolution, pooling and ReLU; the convolutions call SciPy's BLAS.
 
 Threading: the jitted kernels are serial and release the GIL; this module
 cuts the batch into contiguous ranges of images (ReLU: of elements) and runs
@@ -12,10 +12,11 @@ parallel kernel runtime, spin-wait against each other and lose several times
 their speed.
 
 Convolution never builds the book's batch-sized ``col``: each thread unfolds
-a few images at a time into a buffer sized for the CPU cache, multiplies it
-there, and the backward pass unfolds the input again rather than reading a
-stored copy. The book's ``col`` and ``col_W`` stay available as cache
-attributes computed on first access.
+a few images at a time into a buffer sized for the CPU cache and multiplies
+it there, a whole chunk of images in one jitted call (``_numba_conv``), and
+the backward pass unfolds the input again rather than reading a stored
+copy. The book's ``col`` and ``col_W`` stay available as cache attributes
+computed on first access.
 
 Buffers: outputs (``out``, ``dx``, ``dW``, ``db``, ``mask``, ``col``,
 ``arg_max``) are always new arrays, since the caller may keep them. Scratch
