@@ -133,13 +133,15 @@ def conv_forward_pieces(x, W_rows, b, out, pieces, p0, p1, fh, fw, stride, pad, 
 
 
 @_kernel
-def conv_backward_pieces(x, W_rows, dout, dx, dW, db, pieces, p0, p1, fh, fw, stride, pad, long_copies,
+def conv_backward_pieces(x, W_rows, dout, dx, dW_T, db, pieces, p0, p1, fh, fw, stride, pad, long_copies,
                          per_image_dw, max_columns, col, rows, dcol, plane):
-    """dx of pieces [p0, p1), and their sums dW = dout @ windows.T (flat, F*K) and db (float64, F).
+    """dx of pieces [p0, p1), and their sums dW_T = windows @ dout.T (flat, K*F: dW transposed) and db
+    (float64, F). The transposed order is the faster product in float32 (about 1.7 times on the
+    second layer's shapes) and as fast in float64.
 
     The pieces of an image come in order, its first starting at line 0
     (folding zeroes the image there, then adds). With ``per_image_dw`` a
-    piece of several images adds one product per image to dW: BLAS is slow
+    piece of several images adds one product per image to dW_T: BLAS is slow
     on one long sum of tiny products.
     """
     F, K = W_rows.shape
@@ -171,14 +173,14 @@ def conv_backward_pieces(x, W_rows, dout, dx, dW, db, pieces, p0, p1, fh, fw, st
             nchw_to_rows(dout, rows[:F * width].reshape((F, width)), db, n0, n1)
             grad = rows
             ld = width
-        # dW (F, K) += grad (F, width) @ col.T (width, K)
+        # dW_T (K, F) += col (K, width) @ grad.T (width, F)
         if per_image_dw and images > 1:
             cells = width // images
             for i in range(images):
-                gemm(T, N, K, F, cells, col[i * cells:], width, grad[i * cells:], ld, beta, dW, K)
+                gemm(T, N, F, K, cells, grad[i * cells:], ld, col[i * cells:], width, beta, dW_T, F)
                 beta = 1.0
         else:
-            gemm(T, N, K, F, width, col, width, grad, ld, beta, dW, K)
+            gemm(T, N, F, K, width, grad, ld, col, width, beta, dW_T, F)
             beta = 1.0
         # dcol (K, width) = W_rows.T @ grad, folded back into dx
         _product_in_column_pieces(T, width, K, F, grad, ld, weights, K, dcol, width, max_columns)

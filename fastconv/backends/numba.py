@@ -341,17 +341,17 @@ def conv_backward(dout, cache, W):
     long_copies = _long_copies(x.shape, FH, FW, stride, pad)
     per_image_dw = taps < PER_IMAGE_DW_MAX_TAPS
     dx = np.empty(x.shape, dtype=x.dtype)
-    dW_parts = np.empty((len(plan.groups), FN * taps), dtype=x.dtype)
+    dW_T_parts = np.empty((len(plan.groups), taps * FN), dtype=x.dtype)
     db_parts = np.zeros((len(plan.groups), FN), dtype=np.float64)
 
     def work(g, p0, p1, buffers):
-        _conv.conv_backward_pieces(x, W_rows, dout, dx, dW_parts[g], db_parts[g], plan.pieces, p0, p1,
+        _conv.conv_backward_pieces(x, W_rows, dout, dx, dW_T_parts[g], db_parts[g], plan.pieces, p0, p1,
                                    FH, FW, stride, pad, long_copies, per_image_dw, GEMM_COLUMNS,
                                    buffers.col, buffers.rows, buffers.dcol, buffers.plane)
 
     with _single_threaded_blas:
         plan.run(plan.group_bounds, work, cache.scratch)
-    dW = dW_parts.sum(axis=0).reshape(W.shape)
+    dW = np.ascontiguousarray(dW_T_parts.sum(axis=0).reshape(taps, FN).T).reshape(W.shape)
     db = db_parts.sum(axis=0).astype(x.dtype)
     return dx, dW, db
 
