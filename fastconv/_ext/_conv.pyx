@@ -139,7 +139,7 @@ def conv_backward(const floating[:, :, :, ::1] x, const floating[:, ::1] w2, con
                   Py_ssize_t block, Py_ssize_t tile_lines, int num_threads):
     """Fill dx (N, C, H, W), dw2 (FN, C*FH*FW) and db (FN,) from dout (N, FN, out_h*out_w).
 
-    ``dw_groups`` (G, FN*C*FH*FW) and ``db_groups`` (G, FN) hold the sums of
+    ``dw_groups`` (G, C*FH*FW*FN: dW transposed) and ``db_groups`` (G, FN) hold the sums of
     each of the G groups of images; G sets the order of summation. Pieces of
     work as in ``conv_forward``.
     """
@@ -212,9 +212,11 @@ def conv_backward(const floating[:, :, :, ::1] x, const floating[:, ::1] w2, con
                     for j in range(count):
                         unfold_image(xp + (first + j) * C * H * W, colT + j * part, columns,
                                      C, H, W, filter_h, filter_w, stride, pad, out_h, out_w, oy0, oy1)
-                    # row-major (FN, K) += dout @ colT.T, as column-major (K, FN) += colT @ dout.T
-                    _gemm(c'T', c'N', <int>K, <int>FN, <int>columns, colT, <int>columns, block_dout, <int>dout_ld,
-                          beta, dwgp + g * FN * K, <int>K)
+                    # the group's dW transposed: row-major (K, FN) += colT @ dout.T, as column-major
+                    # (FN, K) += dout @ colT.T; in float32 this order is the faster product (about 1.7
+                    # times on the second layer's shapes), in float64 as fast
+                    _gemm(c'T', c'N', <int>FN, <int>K, <int>columns, block_dout, <int>dout_ld, colT, <int>columns,
+                          beta, dwgp + g * FN * K, <int>FN)
                     beta = 1
                     # row-major (K, columns) = W2.T @ dout, as column-major (columns, K) = dout.T @ W2
                     _gemm(c'N', c'T', <int>columns, <int>K, <int>FN, block_dout, <int>dout_ld, wp, <int>K,
@@ -225,11 +227,14 @@ def conv_backward(const floating[:, :, :, ::1] x, const floating[:, ::1] w2, con
                     oy0 = oy1
                 first = first + count
     cdef floating *dw2p = &dw2[0, 0]
+    cdef floating dw_sum
     with nogil:
-        memcpy(dw2p, dwgp, FN * K * sizeof(floating))
-        for g in range(1, G):
-            for j in range(FN * K):
-                dw2p[j] += dwgp[g * FN * K + j]
+        for j in range(K):  # the groups' (K, FN) sums, in group order, into dw2 (FN, K)
+            for f in range(FN):
+                dw_sum = dwgp[j * FN + f]
+                for g in range(1, G):
+                    dw_sum = dw_sum + dwgp[g * FN * K + j * FN + f]
+                dw2p[f * K + j] = dw_sum
         for f in range(FN):
             total = 0
             for g in range(G):
