@@ -423,6 +423,13 @@ def _inside_span(out_size, size, window, stride, pad):
     return lo, hi
 
 
+@_inlined
+def _larger(v, at, best, best_at):
+    """(v, at) if v > best, else (best, best_at), without a branch on the data."""
+    take = v > best
+    return (v if take else best), best_at + take * (at - best_at)
+
+
 @_kernel
 def maxpool_forward(x, ph, pw, stride, pad, out, source, n0, n1):
     """Window maxima of images [n0, n1) and where each came from.
@@ -460,13 +467,17 @@ def maxpool_forward(x, ph, pw, stride, pad, out, source, n0, n1):
                         best = src[_ix(plane + corner)]
                         best_at = corner
                         nan_seen = best != best
-                        for k in range(1, cells):
-                            at = corner + offset[k]
-                            v = src[_ix(plane + at)]
-                            take = v > best
-                            best_at += take * (at - best_at)
-                            best = v if take else best
-                            nan_seen |= v != v
+                        if cells == 4 and pw == 2:  # 2x2, the common case: unrolled
+                            for at in (corner + 1, corner + W, corner + W + 1):
+                                v = src[_ix(plane + at)]
+                                best, best_at = _larger(v, at, best, best_at)
+                                nan_seen |= v != v
+                        else:
+                            for k in range(1, cells):
+                                at = corner + offset[k]
+                                v = src[_ix(plane + at)]
+                                best, best_at = _larger(v, at, best, best_at)
+                                nan_seen |= v != v
                         if nan_seen:  # rare: the exact search, where the first NaN wins
                             best = src[_ix(plane + corner)]
                             best_at = corner
