@@ -6,6 +6,7 @@ taking turns with a parallel kernel leaves its threads spinning on the cores
 the kernel needs (a train step of the chapter-8 network got 3 to 30 times
 slower on 2 cores), so the limit is held for every product a backend runs.
 """
+import contextlib
 import threading
 
 from threadpoolctl import ThreadpoolController
@@ -67,19 +68,17 @@ single_threaded_blas = SingleThreadedBlas()
 ONE_THREAD_PRODUCT = 1 << 18
 
 
-def _one_thread_anyway(x, W):
-    return x.shape[0] * x.shape[1] * W.shape[1] < ONE_THREAD_PRODUCT
+def _limit_for(x, W):
+    """The one-thread limit, or nothing for a product OpenBLAS runs on one thread anyway."""
+    small = x.shape[0] * x.shape[1] * W.shape[1] < ONE_THREAD_PRODUCT
+    return contextlib.nullcontext() if small else single_threaded_blas
 
 
 def affine_forward(x, W, b):
-    if _one_thread_anyway(x, W):
-        return reference.affine_forward(x, W, b)
-    with single_threaded_blas:
+    with _limit_for(x, W):
         return reference.affine_forward(x, W, b)
 
 
 def affine_backward(dout, x, W):
-    if _one_thread_anyway(x, W):
-        return reference.affine_backward(dout, x, W)
-    with single_threaded_blas:
+    with _limit_for(x, W):
         return reference.affine_backward(dout, x, W)

@@ -26,7 +26,7 @@ except ImportError as exc:  # the numba backend is reported unavailable with thi
     raise ImportError(f"the numba backend needs SciPy for its BLAS (pip install scipy): {exc}") from exc
 
 from fastconv.backends._numba_kernels import (_inlined, _kernel, add_bias_to_nchw, col2im_t, col2im_t_padded,
-                                              im2col_t_padded, im2col_t_same_size, nchw_to_rows)
+                                              im2col_t_padded, im2col_t_same_size, nchw_to_rows, row_sum)
 
 # Compiled code calls the BLAS by symbol name, bound to its address in each
 # process, so that it can be cached on disk (a baked-in address could not).
@@ -159,16 +159,7 @@ def conv_backward_pieces(x, W_rows, dout, dx, dW_T, db, pieces, p0, p1, fh, fw, 
             grad = flat_dout[n0 * F * hw + oy0 * out_w:]
             ld = hw
             for f in range(F):
-                start = f * hw
-                t0 = t1 = 0.0  # two running sums: independent additions pipeline
-                j = 0
-                while j + 2 <= width:
-                    t0 += grad[_ix(start + j)]
-                    t1 += grad[_ix(start + j + 1)]
-                    j += 2
-                if j < width:
-                    t0 += grad[_ix(start + j)]
-                db[f] += t0 + t1
+                db[f] += row_sum(grad, f * hw, width)
         else:
             nchw_to_rows(dout, rows[:F * width].reshape((F, width)), db, n0, n1)
             grad = rows

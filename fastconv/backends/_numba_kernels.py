@@ -96,11 +96,11 @@ def im2col_t_same_size(x, fh, fw, pad, colT, n0, n1, oy0, oy1):
     for c in range(C):
         for ky in range(fh):
             # lines [oy_lo, oy_hi) of the range, and columns [lo, hi), see the image, not the padding
-            oy_lo = min(max(max(pad - ky, 0), oy0), oy1)
-            oy_hi = max(min(H + pad - ky, oy1), oy_lo)
+            oy_lo, oy_hi = _valid_span(H, H, ky, 1, pad)
+            oy_lo = min(max(oy_lo, oy0), oy1)
+            oy_hi = max(min(oy_hi, oy1), oy_lo)
             for kx in range(fw):
-                lo = min(max(pad - kx, 0), W)
-                hi = max(min(W + pad - kx, W), lo)
+                lo, hi = _valid_span(W, W, kx, 1, pad)
                 shift = (ky - pad) * W + (kx - pad)
                 # cells [j_lo, j_hi) of the image's block are copied, the rest of [oy0*W, oy1*W) is padding
                 j_lo = min(max(oy_lo * W, -shift), oy1 * W)
@@ -381,6 +381,22 @@ def add_bias_to_nchw(rows, b, out, n0, n1):
 
 
 @_inlined
+def row_sum(flat, start, count):
+    """flat[start:start + count].sum() in float64, with four running sums: independent additions pipeline."""
+    t0 = t1 = t2 = t3 = 0.0
+    p = 0
+    while p + 4 <= count:
+        t0 += flat[_ix(start + p)]
+        t1 += flat[_ix(start + p + 1)]
+        t2 += flat[_ix(start + p + 2)]
+        t3 += flat[_ix(start + p + 3)]
+        p += 4
+    for q in range(p, count):
+        t0 += flat[_ix(start + q)]
+    return (t0 + t1) + (t2 + t3)
+
+
+@_inlined
 def nchw_to_rows(dout, rows, db, n0, n1):
     """rows[f, (n - n0) block] = dout[n, f, :] for images [n0, n1), and db[f] += their sum.
 
@@ -395,24 +411,9 @@ def nchw_to_rows(dout, rows, db, n0, n1):
         for f in range(F):
             s = ((n0 + i) * F + f) * hw
             d = f * width + i * hw
-            # four running sums instead of one: independent additions pipeline
-            t0 = t1 = t2 = t3 = 0.0
-            p = 0
-            while p + 4 <= hw:
-                v0, v1 = src[_ix(s + p)], src[_ix(s + p + 1)]
-                v2, v3 = src[_ix(s + p + 2)], src[_ix(s + p + 3)]
-                dst[_ix(d + p)], dst[_ix(d + p + 1)] = v0, v1
-                dst[_ix(d + p + 2)], dst[_ix(d + p + 3)] = v2, v3
-                t0 += v0
-                t1 += v1
-                t2 += v2
-                t3 += v3
-                p += 4
-            for q in range(p, hw):
-                v = src[_ix(s + q)]
-                dst[_ix(d + q)] = v
-                t0 += v
-            db[f] += (t0 + t1) + (t2 + t3)
+            for p in range(hw):
+                dst[_ix(d + p)] = src[_ix(s + p)]
+            db[f] += row_sum(src, s, hw)
 
 
 @_inlined
@@ -460,7 +461,9 @@ def maxpool_forward(x, ph, pw, stride, pad, out, source, n0, n1):
                 y0 = oy * stride - pad
                 for ox in range(out_w):
                     x0 = ox * stride - pad
-                    if y_lo <= oy < y_hi and x_lo <= ox < x_hi:
+                    inside = y_lo <= oy < y_hi and x_lo <= ox < x_hi
+                    nan_seen = False
+                    if inside:
                         # no branch on the data: which cell wins is random on real
                         # data, and mispredicted branches cost more than the search
                         corner = y0 * W + x0
@@ -478,15 +481,8 @@ def maxpool_forward(x, ph, pw, stride, pad, out, source, n0, n1):
                                 v = src[_ix(plane + at)]
                                 best, best_at = _larger(v, at, best, best_at)
                                 nan_seen |= v != v
-                        if nan_seen:  # rare: the exact search, where the first NaN wins
-                            best = src[_ix(plane + corner)]
-                            best_at = corner
-                            for k in range(1, cells):
-                                v = src[_ix(plane + corner + offset[k])]
-                                if best == best and (v > best or v != v):
-                                    best = v
-                                    best_at = corner + offset[k]
-                    else:  # a window over the border: its padded cells are -inf
+                    if not inside or nan_seen:
+                        # the exact search: padded cells are -inf, the first NaN wins
                         best = -np.inf
                         best_at = -1
                         for k in range(cells):

@@ -234,4 +234,3 @@ def relu_backward(dout, mask):
     threads = _threads(dout.nbytes, MIN_RELU_BACKWARD_BYTES_PER_THREAD)
     _relu.relu_backward(dout.reshape(-1), mask.reshape(-1).view(np.uint8), threads)
     return dout
-

@@ -218,7 +218,7 @@ class _ConvPlan:
         self.pieces = np.array([piece for group in self.groups for piece in group], dtype=np.int64).reshape(-1, 4)
         self.chunk_bounds = np.cumsum([0] + [len(chunk) for chunk in chunks]).tolist()
         self.group_bounds = np.cumsum([0] + [len(group) for group in self.groups]).tolist()
-        self.columns = min(self.images_per_chunk, max(n_images, 1)) * lines * out_w  # of the widest piece
+        self.columns = self.images_per_chunk * lines * out_w  # of the widest piece
         self.threads = max(1, min(n_groups, _thread_count(n_images, taps * out_h * out_w)))
 
     def run(self, bounds, work, scratch):
