@@ -1,5 +1,5 @@
 import sys
 
-from fastconv.cli import main
+from fastconv.app.cli import main
 
 sys.exit(main())

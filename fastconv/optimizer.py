@@ -106,3 +106,10 @@ class Adam:
             self.m[key] += (1 - self.beta1) * (grads[key] - self.m[key])
             self.v[key] += (1 - self.beta2) * (grads[key] ** 2 - self.v[key])
             params[key] -= lr_t * self.m[key] / (np.sqrt(self.v[key]) + 1e-7)
+
+
+# Lower-case names (as ``Trainer`` and ``fastconv train`` take them) -> classes.
+OPTIMIZERS = {
+    "sgd": SGD, "momentum": Momentum, "nesterov": Nesterov,
+    "adagrad": AdaGrad, "rmsprop": RMSprop, "adam": Adam,
+}

@@ -1,12 +1,7 @@
 """The book's ``Trainer``: mini-batch training with per-epoch evaluation."""
 import numpy as np
 
-from fastconv.optimizer import SGD, AdaGrad, Adam, Momentum, Nesterov, RMSprop
-
-OPTIMIZERS = {
-    "sgd": SGD, "momentum": Momentum, "nesterov": Nesterov,
-    "adagrad": AdaGrad, "rmsprop": RMSprop, "adam": Adam,
-}
+from fastconv.optimizer import OPTIMIZERS
 
 
 class Trainer:

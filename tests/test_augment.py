@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from fastconv.augment import RandomAffine, affine_transform
+from fastconv.app.augment import RandomAffine, affine_transform
 
 
 def hand_made_digit():

@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 
 import fastconv
-from fastconv import datasets, training
-from fastconv._interrupts import deferred_interrupts
-from fastconv.cli import main
+from fastconv import datasets
+from fastconv.app import training
+from fastconv.app._interrupts import deferred_interrupts
+from fastconv.app.cli import main
+from fastconv.app.schedules import Constant, CosineDecay, StepDecay, make_schedule
+from fastconv.app.training import PHASES, TrainConfig, Training
 from fastconv.datasets import write_idx
 from fastconv.functions import softmax
 from fastconv.models import DeepConvNet
-from fastconv.schedules import Constant, CosineDecay, StepDecay, make_schedule
-from fastconv.training import PHASES, TrainConfig, Training
 
 KEYS = [f"{kind}{i}" for i in range(1, 9) for kind in ("W", "b")]
 
@@ -499,3 +500,20 @@ def test_short_real_training_beats_85_percent(mnist_dir, tmp_path):
     history = read_json(out / "history.json")
     assert history["test_images"] == 1000
     assert history["test_acc"] > 0.85, history["epochs"]
+
+
+def test_layers_and_book_modules_import_without_the_app_dependencies():
+    # A fresh interpreter where matplotlib and tqdm cannot be imported: the layer user's install.
+    code = ("import sys\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] in ('matplotlib', 'tqdm'):\n"
+            "            raise ImportError(f'blocked: {name}')\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "import fastconv.layers, fastconv.util, fastconv.functions, fastconv.optimizer, fastconv.trainer\n"
+            "import fastconv.datasets, fastconv.models\n"
+            "from fastconv.app.cli import main\n"
+            "sys.exit(main(['train', '--epochs', '1']))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr
+    assert 'pip install "fastconv[app]"' in result.stderr

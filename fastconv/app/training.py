@@ -15,15 +15,14 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from tqdm import tqdm
 
-from fastconv._interrupts import deferred_interrupts
-from fastconv.augment import RandomAffine
-from fastconv.checkpoint import capture_rng, load_checkpoint, restore_state, save_checkpoint
+from fastconv.app._interrupts import deferred_interrupts
+from fastconv.app.augment import RandomAffine
+from fastconv.app.checkpoint import capture_rng, load_checkpoint, restore_state, save_checkpoint
+from fastconv.app.schedules import SCHEDULES, make_schedule
 from fastconv.functions import softmax
 from fastconv.models import DeepConvNet
-from fastconv.schedules import SCHEDULES, make_schedule
-from fastconv.trainer import OPTIMIZERS
+from fastconv.optimizer import OPTIMIZERS
 
 __all__ = ["TrainConfig", "RECIPES", "Training", "predict_proba", "PHASES"]
 
@@ -184,6 +183,8 @@ class Training:
         return self
 
     def _train_epoch(self, on_step):
+        from tqdm import tqdm  # here, so the command line can say it is missing before it is needed
+
         cfg = self.config
         seconds = self.totals["seconds"]
         bar = tqdm(total=self.steps_per_epoch, initial=self.step, unit="step", leave=False,

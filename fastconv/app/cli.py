@@ -17,9 +17,9 @@ _TRAIN_SETTINGS = ("recipe", "epochs", "batch_size", "optimizer", "lr", "lr_sche
 
 
 def _add_train_parser(commands):
-    from fastconv.schedules import SCHEDULES
-    from fastconv.trainer import OPTIMIZERS
-    from fastconv.training import RECIPES
+    from fastconv.app.schedules import SCHEDULES
+    from fastconv.app.training import RECIPES
+    from fastconv.optimizer import OPTIMIZERS
 
     train = commands.add_parser(
         "train", help="train the book's DeepConvNet on MNIST and evaluate it",
@@ -67,11 +67,29 @@ def _error(message):
     print(f"fastconv train: error: {message}", file=sys.stderr)
 
 
+def _missing_app_dependencies():
+    """The training app's packages (the ``app`` extra) that do not import, as a list of names."""
+    import importlib.util
+
+    missing = []
+    for name in ("matplotlib", "tqdm"):
+        try:
+            if importlib.util.find_spec(name) is None:
+                missing.append(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
 def _train(args):
+    missing = _missing_app_dependencies()
+    if missing:
+        _error(f"training needs {' and '.join(missing)}: pip install \"fastconv[app]\"")
+        return EXIT_FAILURE
     import fastconv
-    from fastconv import runs
+    from fastconv.app import runs
+    from fastconv.app.training import TrainConfig
     from fastconv.datasets import MNISTFormatError, MNISTNotFoundError
-    from fastconv.training import TrainConfig
 
     given = {name: getattr(args, name) for name in _TRAIN_SETTINGS if getattr(args, name) is not None}
     out = args.out or time.strftime("runs/train-%Y%m%d-%H%M%S")

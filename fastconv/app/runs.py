@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 
 import fastconv
-from fastconv.checkpoint import write_atomically
+from fastconv.app.checkpoint import write_atomically
+from fastconv.app.plots import plot_learning_curves, plot_misclassified
+from fastconv.app.training import TrainConfig, Training, predict_proba
 from fastconv.datasets import load_mnist
 from fastconv.models import DeepConvNet
-from fastconv.plots import plot_learning_curves, plot_misclassified
-from fastconv.training import TrainConfig, Training, predict_proba
 
 __all__ = ["run", "load_data", "saved_config", "checkpoints", "RunError", "CHECKPOINT"]
 
