@@ -1,0 +1,300 @@
+"""How the fast backends cut a direct convolution into work: one plan for both.
+
+``conv_plan(x_shape, w_shape, stride, pad, dtype, variant)`` decides, once, in
+Python, everything a direct-convolution kernel needs: whether the direct
+kernels apply at all, the register tiles, the split of work over threads, the
+fixed image groups that keep dW and db independent of the thread count, and the
+size of every buffer. A backend allocates what the plan says, packs the weights
+with the helpers below and runs its kernels over the plan's numbers; it decides
+nothing of this itself.
+
+The algorithm (stride 1; ``x`` (N, C, H, W), ``W`` (K, C, FH, FW), pad p)
+------------------------------------------------------------------------
+**Forward.** Each image is copied, once, into a *padded plane* per channel:
+``in_h x in_w = (H + 2p) x (W + 2p)``, zeros around, rows contiguous. The
+output is computed on the *grid*: ``out_h`` rows of ``in_w`` positions, laid out
+flat, so that grid position ``q = oh * in_w + ow`` reads input position
+``q + kh * in_w + kw`` of every plane: consecutive outputs read consecutive
+inputs for every tap, and a vector of ``lanes`` outputs is one unaligned load.
+The last ``in_w - out_w`` positions of each grid row are computed and thrown
+away. A register tile holds ``k_tile`` output channels x ``vectors`` vectors of
+grid positions; for each (c, kh, kw) it loads ``vectors`` input vectors and does
+``k_tile * vectors`` fused multiply-adds with a weight broadcast to all lanes.
+Accumulators start from the bias. Weights are packed as
+``(k_blocks, C, FH, FW, k_tile)`` (zero rows pad K to ``k_blocks * k_tile``):
+``pack_forward_weights``. The grid of one image is written to thread scratch
+and its valid ``out_w`` positions per row copied into the NCHW output.
+
+The padded planes of the whole batch are kept (``packed_input``): they are the
+backward's private copy of ``x``, so the caller may change ``x`` after forward.
+
+**Backward-data** is the forward tile run on ``dout`` padded by
+``FH - 1 - p`` (rows) and ``FW - 1 - p`` (columns), with the weights transposed
+(channels in <-> out) and flipped: ``pack_backward_data_weights``. Its grid has
+``H`` rows of ``out_w + 2 (FW - 1 - p)`` positions.
+
+**Backward-weights** keeps vectors over output channels instead: ``dout`` of an
+image is transposed into ``(w_blocks, out_h * out_w, lanes)`` (channels padded
+with zeros to ``w_blocks * lanes``), and for one (block of lanes output channels,
+``c_tile`` input channels, kh, kw) a tile of ``c_tile`` accumulators, one per
+input channel, adds ``dout_vector(pixel) * x(c, pixel + tap)`` over all pixels
+of the image. The accumulators of a group of images live in the group's own
+``(w_blocks, C, FH, FW, lanes)`` buffer; ``channel_tiles`` cuts C into tiles
+of the sizes the kernels are compiled for. db is summed in float64 per group
+from the same pass.
+
+Threads and determinism
+-----------------------
+Forward runs one task per image; backward one task per image group. Threads
+take tasks dynamically (an atomic counter), so whichever thread runs a task,
+its arithmetic is the same. Backward splits the batch into
+``groups = min(N, DW_GROUPS)`` fixed groups of consecutive images
+(``group_bounds``); each group sums its images in order into its own buffer,
+then the groups are added in order 0, 1, ... Results are therefore identical,
+bit for bit, for every thread count. ``threads(num_threads)`` of a pass is the
+most threads worth waking: one per task at most.
+
+Variants
+--------
+``VARIANTS`` are the instruction sets the kernels are compiled for, best first;
+``LANES[variant][dtype]`` the elements of one vector register,
+``REGISTERS[variant]`` how many vector registers the tiles may fill.
+``FORWARD_TILES[registers]`` and ``CHANNEL_TILES[registers]`` list the register
+tiles compiled for that many registers; the plan picks among them.
+
+Public names (stable): ``VARIANTS``, ``LANES``, ``REGISTERS``, ``FORWARD_TILES``,
+``CHANNEL_TILES``, ``DW_GROUPS``, ``output_size``, ``direct_supported``,
+``conv_plan``, ``ConvPlan``, ``TilePass``, ``group_bounds``, ``channel_tiles``,
+``pack_forward_weights``, ``pack_backward_data_weights``.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+from fastconv._checks import output_size  # the one output-size formula  # noqa: F401
+
+VARIANTS = ("avx512", "avx2", "generic")
+
+_VECTOR_BYTES = {"avx512": 64, "avx2": 32, "generic": 16}
+
+LANES = {variant: {np.dtype(np.float32): size // 4, np.dtype(np.float64): size // 8}
+         for variant, size in _VECTOR_BYTES.items()}
+
+REGISTERS = {"avx512": 32, "avx2": 16, "generic": 16}
+
+# (output channels, vectors of grid positions): accumulators + input vectors + one broadcast fit the registers
+FORWARD_TILES = {32: ((16, 1), (8, 3), (4, 6)), 16: ((8, 1), (4, 2), (2, 4))}
+
+# input channels of one backward-weights tile (one accumulator each, plus the dout vector), largest first
+CHANNEL_TILES = {32: (16, 8, 4, 2, 1), 16: (8, 4, 2, 1)}
+
+# dW and db are summed over this many fixed groups of images (fewer for smaller batches); it is also the
+# most threads backward can use
+DW_GROUPS = 16
+
+
+def direct_supported(filter_h, filter_w, stride, pad):
+    """Whether the direct kernels handle this geometry (stride 1, pad at most the filter size - 1)."""
+    return stride == 1 and pad <= filter_h - 1 and pad <= filter_w - 1
+
+
+def group_bounds(batch, groups):
+    """Images [first, end) of each of ``groups`` groups of consecutive images, in order."""
+    return [(g * batch // groups, (g + 1) * batch // groups) for g in range(groups)]
+
+
+def channel_tiles(channels, registers):
+    """(first channel, count) tiles covering ``channels``, each count one of CHANNEL_TILES[registers]."""
+    tiles, first = [], 0
+    for size in CHANNEL_TILES[registers]:
+        while channels - first >= size:
+            tiles.append((first, size))
+            first += size
+    return tuple(tiles)
+
+
+@dataclass(frozen=True)
+class TilePass:
+    """One run of the forward tile: ``in_channels`` padded planes to ``out_channels`` grids.
+
+    A source plane of ``src_h x src_w`` values is placed at offset
+    (``border_h``, ``border_w``) of a zeroed ``in_h x in_w`` plane; planes follow
+    each other every ``in_plane`` elements and ``in_tail`` more elements after
+    the last one may be read (by grid positions that are thrown away). The grid
+    has ``out_h`` rows of ``in_w`` positions (``grid``), of which the first
+    ``out_w`` of each row are kept; it is computed in ``grid_tiles`` tiles of
+    ``vectors * lanes`` positions (``grid_padded`` in all), for ``k_blocks``
+    blocks of ``k_tile`` output channels (``k_padded`` in all).
+    """
+
+    in_channels: int
+    out_channels: int
+    src_h: int
+    src_w: int
+    border_h: int
+    border_w: int
+    in_h: int
+    in_w: int
+    out_h: int
+    out_w: int
+    lanes: int
+    k_tile: int
+    vectors: int
+
+    @property
+    def in_plane(self):
+        return self.in_h * self.in_w
+
+    @property
+    def grid(self):
+        return self.out_h * self.in_w
+
+    @property
+    def grid_tiles(self):
+        return -(-self.grid // (self.vectors * self.lanes))
+
+    @property
+    def grid_padded(self):
+        return self.grid_tiles * self.vectors * self.lanes
+
+    @property
+    def in_tail(self):
+        return self.grid_padded - self.grid + self.lanes
+
+    @property
+    def k_blocks(self):
+        return -(-self.out_channels // self.k_tile)
+
+    @property
+    def k_padded(self):
+        return self.k_blocks * self.k_tile
+
+    @property
+    def image_elements(self):
+        """Padded planes of one image."""
+        return self.in_channels * self.in_plane
+
+    @property
+    def grid_elements(self):
+        """The output grid of one image (all padded output channels)."""
+        return self.k_padded * self.grid_padded
+
+
+def _tile_pass(in_channels, out_channels, src_h, src_w, border_h, border_w, filter_h, filter_w, lanes, registers):
+    in_h, in_w = src_h + 2 * border_h, src_w + 2 * border_w
+    out_h = in_h - filter_h + 1
+    out_w = in_w - filter_w + 1
+    grid = out_h * in_w
+
+    def cost(tile):
+        k_tile, vectors = tile
+        positions = -(-grid // (vectors * lanes)) * vectors * lanes
+        channels = -(-out_channels // k_tile) * k_tile
+        # loads (input vectors and weight broadcasts) beyond one per multiply-add slow the tile down
+        return channels * positions * max(1.0, (k_tile + vectors) / (k_tile * vectors))
+
+    k_tile, vectors = min(FORWARD_TILES[registers], key=cost)
+    return TilePass(in_channels, out_channels, src_h, src_w, border_h, border_w, in_h, in_w, out_h, out_w,
+                    lanes, k_tile, vectors)
+
+
+@dataclass(frozen=True)
+class ConvPlan:
+    """Everything the direct kernels need for one convolution (see the module docstring).
+
+    ``direct`` is False when the direct kernels do not apply (stride > 1, pad
+    of the filter size or more); the backend then uses its general path and
+    the other fields are not meaningful.
+    """
+
+    batch: int
+    channels: int
+    height: int
+    width: int
+    filters: int
+    filter_h: int
+    filter_w: int
+    stride: int
+    pad: int
+    out_h: int
+    out_w: int
+    dtype: np.dtype
+    variant: str
+    lanes: int
+    registers: int
+    direct: bool
+    forward: TilePass = None
+    backward_data: TilePass = None
+    channel_tiles: tuple = ()
+    groups: int = 0
+
+    @property
+    def w_blocks(self):
+        """Blocks of ``lanes`` output channels in backward-weights."""
+        return -(-self.filters // self.lanes)
+
+    @property
+    def packed_input(self):
+        """Elements of the batch's padded planes, kept from forward for backward."""
+        return self.batch * self.forward.image_elements + self.forward.in_tail
+
+    @property
+    def forward_scratch(self):
+        """Elements of thread scratch for forward: one image's output grid."""
+        return self.forward.grid_elements
+
+    @property
+    def backward_scratch(self):
+        """Elements of thread scratch for backward: transposed dout, padded dout, the dx grid."""
+        bd = self.backward_data
+        return (self.w_blocks * self.out_h * self.out_w * self.lanes
+                + bd.image_elements + bd.in_tail + bd.grid_elements)
+
+    @property
+    def dw_group_elements(self):
+        """Elements of one group's dW sums, ``(w_blocks, C, FH, FW, lanes)``."""
+        return self.w_blocks * self.channels * self.filter_h * self.filter_w * self.lanes
+
+    def forward_threads(self, num_threads):
+        return max(1, min(num_threads, self.batch))
+
+    def backward_threads(self, num_threads):
+        return max(1, min(num_threads, self.groups))
+
+
+def conv_plan(x_shape, w_shape, stride, pad, dtype, variant):
+    """The plan for convolving ``x_shape`` (N, C, H, W) with ``w_shape`` (K, C, FH, FW) on ``variant``."""
+    N, C, H, W = (int(s) for s in x_shape)
+    K, _, FH, FW = (int(s) for s in w_shape)
+    dtype = np.dtype(dtype)
+    lanes = LANES[variant][dtype]
+    registers = REGISTERS[variant]
+    out_h = output_size(H, FH, stride, pad, "height")
+    out_w = output_size(W, FW, stride, pad, "width")
+    common = dict(batch=N, channels=C, height=H, width=W, filters=K, filter_h=FH, filter_w=FW, stride=stride,
+                  pad=pad, out_h=out_h, out_w=out_w, dtype=dtype, variant=variant, lanes=lanes, registers=registers)
+    if not direct_supported(FH, FW, stride, pad):
+        return ConvPlan(direct=False, **common)
+    forward = _tile_pass(C, K, H, W, pad, pad, FH, FW, lanes, registers)
+    backward_data = _tile_pass(K, C, out_h, out_w, FH - 1 - pad, FW - 1 - pad, FH, FW, lanes, registers)
+    return ConvPlan(direct=True, forward=forward, backward_data=backward_data,
+                    channel_tiles=channel_tiles(C, registers), groups=min(N, DW_GROUPS), **common)
+
+
+def _pack(weights, k_tile):
+    """(K, C, FH, FW) weights as (k_blocks, C, FH, FW, k_tile), zero rows padding K."""
+    K = weights.shape[0]
+    blocks = -(-K // k_tile)
+    padded = np.zeros((blocks * k_tile,) + weights.shape[1:], dtype=weights.dtype)
+    padded[:K] = weights
+    return np.ascontiguousarray(padded.reshape((blocks, k_tile) + weights.shape[1:]).transpose(0, 2, 3, 4, 1))
+
+
+def pack_forward_weights(plan, weights):
+    """Weights (K, C, FH, FW) in the forward tile's layout ``(k_blocks, C, FH, FW, k_tile)``."""
+    return _pack(weights, plan.forward.k_tile)
+
+
+def pack_backward_data_weights(plan, weights):
+    """Weights transposed (C <-> K) and flipped (FH, FW), in the backward-data tile's layout."""
+    return _pack(weights.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1], plan.backward_data.k_tile)
