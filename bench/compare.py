@@ -26,6 +26,8 @@ from typing import Optional
 from bench.markdown import REFERENCE, format_seconds
 from bench.report import SCHEMA
 
+# schema 1 (one process for everything) has the same result records
+READABLE_SCHEMAS = (1, SCHEMA)
 # keys of the machine facts that must agree for absolute times to be comparable
 SAME_MACHINE_KEYS = ("cpu_model", "logical_cpus", "cpus_available", "fastconv_threads")
 
@@ -40,8 +42,8 @@ def load(path):
             report = json.load(f)
     except (OSError, json.JSONDecodeError) as exc:
         raise InputError(f"cannot read report {path}: {exc}") from None
-    if not isinstance(report, dict) or report.get("schema") != SCHEMA or "results" not in report:
-        raise InputError(f"{path} is not a report of schema {SCHEMA} written by `python -m bench`")
+    if not isinstance(report, dict) or report.get("schema") not in READABLE_SCHEMAS or "results" not in report:
+        raise InputError(f"{path} is not a report written by `python -m bench` (schema {SCHEMA})")
     return report
 
 

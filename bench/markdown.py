@@ -1,9 +1,12 @@
 """The markdown rendering of a report (the dict that is also written as JSON)."""
-from bench.benchmarks._network import BATCH, INFERENCE_IMAGES
-from bench.cases import NETWORK
+from bench.benchmarks._shapes import BATCH, INFERENCE_IMAGES
 
 REFERENCE = "reference"
 TORCH = "torch"
+NETWORK = "network"
+CONV_KERNELS = ("conv_forward", "conv_backward")
+# the variant whose convolutions every backend's are set against, and the backend it is a variant of
+BASELINE, BASELINE_OF = "cython-im2col", "cython"
 
 
 def format_seconds(seconds, unit=None):
@@ -34,74 +37,158 @@ def _rate(r):
     return f"{r['gflops']:.1f}", ("" if fraction is None else f"{100 * fraction:.0f}")
 
 
+_TAIL = ["impl", "median", "min–max", "first call", "speed-up vs reference", "time vs PyTorch", "GFLOP/s",
+         "% FMA peak", "samples"]
+
+
 def _row(r, leading):
     if "error" in r:
-        return "| " + " | ".join(leading + [r["impl"], "failed: " + r["error"].replace("|", "/")[:80]]
+        return "| " + " | ".join(leading + [r["impl"], "failed: " + r["error"].splitlines()[0].replace("|", "/")[:80]]
                                  + [""] * (len(_TAIL) - 2)) + " |"
     median, spread, first = _time_columns(r)
     gflops, peak = _rate(r)
-    n = len(r["samples_s"])
     return "| " + " | ".join(leading + [
         r["impl"], median, spread, first,
-        _ratio(r.get("speedup_vs_reference")), _ratio(r.get("speedup_vs_torch")),
-        gflops, peak, f"{n}x{r['number']}",
+        _ratio(r.get("speedup_vs_reference")), _ratio(r.get("time_vs_torch")),
+        gflops, peak, f"{len(r['samples_s'])}x{r['number']}",
     ]) + " |"
 
 
-_TAIL = ["impl", "median", "min–max", "first call", "× ref", "× torch", "GFLOP/s", "% peak", "samples"]
-
-
 def _table(head, rows):
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    return lines + rows
+    return ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"] + rows
+
+
+def _peak_line(report):
+    fma = report.get("fma_peak") or {}
+    if "error" in fma:
+        return f"- FMA peak: not measured ({fma['error']})"
+    parts = []
+    for dtype in report["settings"]["dtypes"]:
+        counts = fma.get(dtype, {})
+        parts.append(f"{dtype} " + ", ".join(f"{m['gflops']:.0f} GFLOP/s on {t} thread{'s' if t != '1' else ''}"
+                                             for t, m in counts.items()))
+    return (f"- FMA peak (a micro-kernel of {fma.get('chains')} independent {fma.get('vector_bits')}-bit FMA "
+            f"chains, built for this CPU with `{fma.get('compiler')}`, best of the runs before and after the "
+            f"benchmarks): " + "; ".join(parts))
+
+
+def _gemm_line(report):
+    parts = []
+    for dtype, g in (report.get("gemm_peak") or {}).items():
+        parts.append(f"{dtype} {g['gflops']:.0f} GFLOP/s")
+    n = next(iter((report.get("gemm_peak") or {}).values()), {}).get("n")
+    return f"- NumPy's GEMM (np.matmul {n}x{n}, best call): " + ", ".join(parts) if parts else None
 
 
 def _header(report):
-    m, v, s = report["machine"], report["versions"], report["settings"]
-    pools = ", ".join(f"{p.get('internal_api')} {p.get('version')} (threads: {p.get('num_threads')})"
-                      for p in (m.get("thread_pools") or []) if p.get("user_api") == "blas") or m["blas"]
-    peaks = ", ".join(f"{dtype} {p['gflops']:.1f} GFLOP/s" for dtype, p in report["gemm_peak"].items())
-    n = next(iter(report["gemm_peak"].values()), {}).get("n")
-    torch = (f"torch {v['torch']} (threads: {m['torch_threads']})" if v.get("torch")
-             else "torch not measured")
-    unavailable = [name for name, state in m["backends"].items() if state != "ok"]
-    return [
+    m, s, fc = report["machine"], report["settings"], report["fastconv"]
+    info, versions = fc["info"], fc["versions"]
+    pools = ", ".join(f"{p.get('internal_api')} {p.get('version')} ({p.get('num_threads')} threads)"
+                      for p in (fc.get("thread_pools") or []) if p.get("user_api") == "blas") or info.get("blas")
+    torch = report["workers"].get(TORCH)
+    unavailable = [name for name, state in info["backends"].items() if state != "ok"]
+    env = ", ".join(f"{k}={v}" for k, v in m["environment"].items()) or "none set"
+    lines = [
         "## fastconv benchmarks",
         "",
         f"- CPU: {m['cpu_model']}, {m['logical_cpus']} logical CPUs ({m['cpus_available']} available), "
-        f"fastconv threads {m['fastconv_threads']}; BLAS: {pools}; OpenMP: {m['openmp']}",
-        f"- Versions: python {v['python']}, numpy {v['numpy']}, fastconv {v['fastconv']}, "
-        f"numba {v['numba']}, {torch}",
-        f"- Backends measured: {', '.join(s['backends'])}"
-        + (f" (unavailable: {', '.join(unavailable)})" if unavailable else ""),
-        f"- GEMM peak (np.matmul {n}x{n}, best of {s['gemm_repeat']} calls before and as many after): {peaks}",
+        f"{' '.join(m['simd'])}; load average at the end {', '.join(f'{x:.1f}' for x in m['load_average'] or [])}",
+        f"- Threads: fastconv {m['fastconv_threads']}, PyTorch {m['torch_threads']}; thread variables of "
+        f"every measuring process: {env}",
+        f"- fastconv {versions['fastconv']}: numpy {versions['numpy']}, BLAS {pools}, OpenMP {info.get('openmp')}, "
+        f"numba {versions['numba']}; python {m['python']}"
+        + (f"; torch {torch['torch']}" if torch else "; PyTorch not measured"),
+        f"- Implementations measured: {', '.join(s['impls'])}"
+        + (f" (unavailable backends: {', '.join(unavailable)})" if unavailable else ""),
+        _peak_line(report),
+        _gemm_line(report),
         f"- Command: `{report['command']}` ({report['wall_time_s']:.0f} s)",
-        "",
-        "Medians over samples (each the mean of a number of calls; `samples` = samples x calls), "
-        "implementations interleaved round by round"
-        + (f", each sample after {s['settle_time']:g} s of untimed calls of the same implementation"
-           if s.get("settle_time") else "")
-        + ". `first call`: on fresh state (JIT compilation, "
-        "allocation), not in the median; for inference it is one batch of a fresh network. "
-        "`× ref` = reference time / this time, `× torch` = PyTorch time / this time (above 1: faster). "
-        "GFLOP/s counts the products of convolution and affine layers; `% peak` is of the GEMM peak "
-        "in the same dtype.",
     ]
+    lines += [f"- Note: {note}" for note in report.get("notes", [])]
+    lines += [
+        "",
+        "Each implementation runs in a process of its own, started for the run: one per fastconv backend "
+        "(set as a user sets it), one for the forced im2col + GEMM variant of the cython backend, and one for "
+        "PyTorch, which never imports fastconv. The processes take their samples in turns, the order rotated "
+        "every round, on the same machine"
+        + (f"; before each sample an implementation runs untimed for {s['settle_time']:g} s, so that the "
+           "threads of the one measured before go quiet" if s.get("settle_time") else "")
+        + ". Medians over samples (each the mean of a number of calls; `samples` = samples x calls). "
+        "`first call`: on fresh state in a fresh process (JIT compilation, allocation), not in the median; "
+        "for inference it is one batch of a fresh network. `speed-up vs reference` = reference time / this "
+        "time; `time vs PyTorch` = this time / PyTorch's (below 1: faster than PyTorch). GFLOP/s counts the "
+        "products of convolution and affine layers; `% FMA peak` is of the FMA peak in the same dtype at "
+        "fastconv's thread count.",
+    ]
+    return [line for line in lines if line is not None]
+
+
+def _yardstick(report):
+    check = report.get("yardstick")
+    if not check:
+        return []
+    lines = ["", "### The PyTorch yardstick, alone and in the benchmark", "",
+             "PyTorch's train step timed alone (a fresh PyTorch process while no fastconv process exists, "
+             "before and after the benchmarks) and in the benchmark (taking turns with fastconv's "
+             "processes). The same time in both says that the benchmark does not slow the yardstick down.", ""]
+    rows = []
+    for dtype, c in check.items():
+        alone = format_seconds(c["alone_median_s"])[0] if "alone_median_s" in c else "failed"
+        inside = format_seconds(c["benchmark_median_s"])[0] if "benchmark_median_s" in c else "failed"
+        rows.append(f"| train_step | {dtype} | {alone} ({len(c['alone_samples_s'])} samples) | {inside} | "
+                    f"{_ratio(c.get('benchmark_vs_alone'))} |")
+    return lines + _table(["benchmark", "dtype", "PyTorch alone", "PyTorch in the benchmark",
+                           "in the benchmark / alone"], rows)
+
+
+def _conv_cell(r):
+    if r is None:
+        return ""
+    if "error" in r:
+        return "failed"
+    fraction = r.get("peak_fraction")
+    return (f"{format_seconds(r['median_s'])[0]} · {r['gflops']:.0f} GF/s"
+            + ("" if fraction is None else f" · {100 * fraction:.0f} %"))
+
+
+def _conv_layers(report, dtype):
+    rows_by_key = {}
+    for r in report["results"]:
+        if r["dtype"] == dtype and r["kernel"] in CONV_KERNELS:
+            rows_by_key.setdefault((r["layer"], r["kernel"]), {})[r["impl"]] = r
+    if not rows_by_key:
+        return []
+    impls = [i for i in report["settings"]["impls"] if any(i in v for v in rows_by_key.values())]
+    has_baseline = BASELINE in impls and BASELINE_OF in impls
+    head = ["layer", "kernel"] + impls + ([f"{BASELINE} / {BASELINE_OF}"] if has_baseline else [])
+    rows = []
+    for (layer, kernel), by_impl in rows_by_key.items():
+        cells = [layer, kernel.replace("conv_", "")] + [_conv_cell(by_impl.get(i)) for i in impls]
+        if has_baseline:
+            old, new = by_impl.get(BASELINE), by_impl.get(BASELINE_OF)
+            ok = old and new and "error" not in old and "error" not in new
+            cells.append(_ratio(old["median_s"] / new["median_s"]) if ok else "")
+        rows.append("| " + " | ".join(cells) + " |")
+    return (["", f"### Convolutions per layer, {dtype}", "",
+             "Median time · GFLOP/s · % of the FMA peak"
+             + (f"; the last column is the speed-up of the cython backend over its im2col + GEMM path"
+                if has_baseline else "") + ". Backward includes dW, db and dx.", ""]
+            + _table(head, rows))
 
 
 def render(report):
     results = report["results"]
-    lines = _header(report)
+    lines = _header(report) + _yardstick(report)
     network = [r for r in results if r["layer"] == NETWORK]
     if network:
         lines += ["", f"### Network (batch {BATCH}; inference: time for {INFERENCE_IMAGES} images)", ""]
-        rows = [_row(r, [r["kernel"], r["dtype"]]) for r in network]
-        lines += _table(["benchmark", "dtype"] + _TAIL, rows)
+        lines += _table(["benchmark", "dtype"] + _TAIL, [_row(r, [r["kernel"], r["dtype"]]) for r in network])
+    for dtype in report["settings"]["dtypes"]:
+        lines += _conv_layers(report, dtype)
     for dtype in report["settings"]["dtypes"]:
         kernels = [r for r in results if r["layer"] != NETWORK and r["dtype"] == dtype]
-        if not kernels:
-            continue
-        lines += ["", f"### Kernels, {dtype}", ""]
-        rows = [_row(r, [r["kernel"], r["layer"], r["shape"]]) for r in kernels]
-        lines += _table(["kernel", "layer", "shape"] + _TAIL, rows)
+        if kernels:
+            lines += ["", f"### Kernels, {dtype}", ""]
+            lines += _table(["kernel", "layer", "shape"] + _TAIL,
+                            [_row(r, [r["kernel"], r["layer"], r["shape"]]) for r in kernels])
     return "\n".join(lines) + "\n"

@@ -1,35 +1,51 @@
-"""``python -m bench``: the side-by-side report of every backend (and PyTorch) in one run."""
+"""``python -m bench``: every backend and PyTorch side by side, each in a process of its own.
+
+This process imports neither fastconv nor PyTorch: it starts one worker
+process per implementation (``bench.worker``) and has them take their samples
+in turns (``bench.timing``). The PyTorch worker never imports fastconv, so the
+yardstick runs as in a program of its own; to show that it does, PyTorch's
+train step is also timed alone, in a fresh process while no fastconv process
+exists, before and after the benchmarks.
+"""
 import argparse
-import contextlib
 import datetime
 import json
 import os
 import shlex
 import sys
+import tempfile
 import time
-import warnings
 from pathlib import Path
 
-import numpy as np
-
-import fastconv
-from fastconv._threads import ENV_VAR as FASTCONV_THREADS_VAR
-from bench import machine, markdown, torch_ops
-from bench.cases import build_cases
-from bench.timing import Impl, Settings, measure, summary
+from bench import cases as bench_cases
+from bench import machine, markdown, peak
+from bench.benchmarks import _shapes
+from bench.procs import ProcessRunner
+from bench.timing import RemoteError, Settings, measure, summary
+from bench.variants import VARIANT_KERNELS, VARIANTS
 
 DTYPES = ("float32", "float64")
 REPORTS_DIR = Path(__file__).resolve().parent / "reports"
-SCHEMA = 1
+SCHEMA = 2
+TORCH = markdown.TORCH
+REFERENCE = markdown.REFERENCE
+# the environment as this process got it: workers start from it, never from anything changed later
+_START_ENV = dict(os.environ)
 
 # preset -> values of the options it changes (an option given explicitly wins)
 PRESETS = {
-    "full": dict(repeat=7, min_repeat=3, max_time=5.0, sample_time=0.01, settle_time=0.1, images=10_000, gemm_n=2048, gemm_repeat=5),
-    "quick": dict(repeat=3, min_repeat=2, max_time=1.0, sample_time=0.005, settle_time=0.05, images=1000, gemm_n=1024, gemm_repeat=3),
-    "smoke": dict(repeat=1, min_repeat=1, max_time=0.0, sample_time=0.0, settle_time=0.0, images=100, gemm_n=256, gemm_repeat=1),
+    "full": dict(repeat=7, min_repeat=3, max_time=2.0, sample_time=0.02, settle_time=0.1, images=10_000,
+                 network_repeat=11, alone_repeat=11, kernels="all", gemm_n=2048, gemm_repeat=3, peak_repeat=5),
+    "quick": dict(repeat=3, min_repeat=2, max_time=0.5, sample_time=0.005, settle_time=0.05, images=1000,
+                  network_repeat=5, alone_repeat=5, kernels="conv", gemm_n=1024, gemm_repeat=2, peak_repeat=3),
+    "smoke": dict(repeat=1, min_repeat=1, max_time=0.0, sample_time=0.0, settle_time=0.0, images=100,
+                  network_repeat=1, alone_repeat=1, kernels="all", gemm_n=256, gemm_repeat=1, peak_repeat=1),
 }
 # without --only, a smoke run times each kernel on the smallest layer of its kind, and the network
 SMOKE_ONLY = ["*/conv1", "*/pool3", "*/relu7", "*/affine2", "*/network"]
+# variables that hold a library's pool to --threads threads, set for every worker alike
+THREAD_VARS = ("FASTCONV_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+               "NUMBA_NUM_THREADS")
 
 
 def _csv(text):
@@ -39,11 +55,14 @@ def _csv(text):
 def build_parser():
     p = argparse.ArgumentParser(
         prog="python -m bench",
-        description="Time fastconv's kernels, a training step and inference at the chapter-8 network's "
-                    "shapes, for every backend and PyTorch, interleaved in one process. "
-                    "Run `python -m bench compare OLD.json NEW.json` to compare two reports.",
+        description="Time fastconv's backends and PyTorch at the chapter-8 network's shapes (train step, "
+                    "inference, every kernel at every layer), each implementation in a process of its own, "
+                    "taking samples in turns. Run `python -m bench compare OLD.json NEW.json` to compare two "
+                    "reports.",
     )
-    p.add_argument("--backends", type=_csv, help="comma-separated backends (default: every available one)")
+    p.add_argument("--backends", type=_csv,
+                   help="comma-separated implementations: backends and variants such as cython-im2col "
+                        "(default: every available backend and variant)")
     p.add_argument("--dtypes", type=_csv, default=list(DTYPES), help="comma-separated, default float32,float64")
     p.add_argument("--no-torch", action="store_true", help="leave PyTorch out even when it imports")
     p.add_argument("--only", action="append", metavar="PATTERN",
@@ -51,29 +70,40 @@ def build_parser():
                         "matches; may be repeated")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", dest="preset", action="store_const", const="quick",
-                      help="fewer samples, inference on 1000 images (scaled): about a minute")
+                      help="fewer samples, the convolution kernels only, inference on 1000 images (scaled)")
     mode.add_argument("--smoke", dest="preset", action="store_const", const="smoke",
                       help="one sample each, the smallest layer of each kind, inference on 100 images "
                            "(scaled): seconds; checks that everything runs, measures nothing reliably")
+    p.add_argument("--kernels", choices=("all", "conv", "none"),
+                   help="kernel benchmarks besides the network: all (full run), conv (forward and backward "
+                        "convolutions only; --quick) or none")
     p.add_argument("--repeat", type=int, help="samples per implementation (full run: 7)")
     p.add_argument("--min-repeat", type=int, help="fewest samples when a benchmark is slow (full run: 3)")
     p.add_argument("--max-time", type=float,
                    help="seconds of samples per implementation and benchmark after which --min-repeat "
-                        "samples suffice (full run: 5)")
-    p.add_argument("--sample-time", type=float, help="group fast calls so a sample lasts this long (0.01 s)")
+                        "samples suffice (full run: 2)")
+    p.add_argument("--network-repeat", type=int, help="samples of each train step (full run: 11)")
+    p.add_argument("--alone-repeat", type=int,
+                   help="samples of PyTorch's train step alone, before and after the benchmarks each "
+                        "(full run: 11; 0 leaves the check out)")
+    p.add_argument("--sample-time", type=float, help="group fast calls so a sample lasts this long (0.02 s)")
     p.add_argument("--settle-time", type=float,
                    help="seconds of untimed calls before each sample, so that the thread pools of the "
                         "implementation measured before go quiet (full run: 0.1)")
     p.add_argument("--images", type=int, help="inference images, a multiple of 100, scaled to 10000 (10000)")
-    p.add_argument("--gemm-n", type=int, help="size of the square matmul measuring the GEMM peak (2048)")
-    p.add_argument("--gemm-repeat", type=int, help="matmul calls for the peak, best taken (5)")
+    p.add_argument("--gemm-n", type=int, help="size of the square np.matmul measuring NumPy's GEMM rate (2048)")
+    p.add_argument("--gemm-repeat", type=int, help="matmul calls for the GEMM rate, best taken (3)")
+    p.add_argument("--peak-repeat", type=int, help="calls of the FMA micro-kernel per figure, best taken (5)")
     p.add_argument("--threads", type=int,
-                   help="threads for everything measured: sets FASTCONV_NUM_THREADS and limits BLAS, OpenMP "
-                        "and PyTorch pools (default: leave fastconv and BLAS as configured; PyTorch gets "
+                   help="threads for every implementation: sets " + ", ".join(THREAD_VARS) + " for every "
+                        "worker and PyTorch's intra-op threads (default: as configured; PyTorch gets "
                         "fastconv's thread count)")
+    p.add_argument("--cold-numba-cache", action="store_true",
+                   help="give the fastconv processes an empty numba cache, so that the numba backend's "
+                        "first calls include compiling its kernels")
     p.add_argument("--json", type=Path, metavar="PATH",
                    help="where to write the JSON report (default: bench/reports/report-<UTC time>.json)")
-    p.add_argument("--markdown", type=Path, metavar="PATH", help="also write the markdown table here")
+    p.add_argument("--markdown", type=Path, metavar="PATH", help="also write the markdown report here")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.set_defaults(preset="full")
     return p
@@ -86,58 +116,47 @@ def _resolve(args, parser):
             values[key] = getattr(args, key)
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be at least 1")
-    for key in ("repeat", "min_repeat", "images", "gemm_n", "gemm_repeat"):
+    for key in ("repeat", "min_repeat", "images", "gemm_n", "gemm_repeat", "network_repeat", "peak_repeat"):
         if values[key] < 1:
             parser.error(f"--{key.replace('_', '-')} must be at least 1")
+    if values["alone_repeat"] < 0:
+        parser.error("--alone-repeat must not be negative")
     values["min_repeat"] = min(values["min_repeat"], values["repeat"])
     for dtype in args.dtypes:
         if dtype not in DTYPES:
             parser.error(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-    available = fastconv.available_backends()
-    backends = args.backends or available
-    for name in backends:
-        if name not in available:
-            status = fastconv.backend_status().get(name, "unknown backend")
-            parser.error(f"backend {name!r} is not available ({status}); available: {', '.join(available)}")
-    return values, backends
+    return values
 
 
-def _record(case, m):
+def _worker_env(args):
+    env = dict(_START_ENV)
+    if args.threads is not None:
+        env.update({name: str(args.threads) for name in THREAD_VARS})
+    return env
+
+
+def _record(case, m, kind):
+    base = {"id": case.id, "kernel": case.kernel, "layer": case.layer, "shape": case.label, "dtype": case.dtype,
+            "impl": m.impl, "impl_kind": kind}
     if m.error is not None:
-        return {"id": case.id, "kernel": case.kernel, "layer": case.layer, "shape": case.label,
-                "dtype": case.dtype, "impl": m.impl, "impl_kind": "torch" if m.impl == markdown.TORCH else "backend",
-                "error": m.error}
+        return dict(base, error=m.error)
     median, low, high = summary(m.samples_s, case.scale)
-    return {
-        "id": case.id, "kernel": case.kernel, "layer": case.layer, "shape": case.label, "dtype": case.dtype,
-        "impl": m.impl, "impl_kind": "torch" if m.impl == markdown.TORCH else "backend",
-        "unit": case.unit, "scale": case.scale, "number": m.number,
-        "samples_s": m.samples_s, "first_call_s": m.first_call_s,
-        "median_s": median, "min_s": low, "max_s": high,
-        "flops": case.flops, "gflops": case.flops / median / 1e9 if case.flops else None,
-    }
-
-
-def _gemm_peaks(dtypes, values, before=None):
-    """The GEMM peak per dtype; measured again after the benchmarks, the best of both runs counts."""
-    peaks = {}
-    for dtype in dtypes:
-        peak = machine.gemm_peak(np.dtype(dtype), values["gemm_n"], values["gemm_repeat"])
-        if before is not None:
-            peak["samples_s"] = before[dtype]["samples_s"] + peak["samples_s"]
-            peak["gflops"] = peak["flops"] / min(peak["samples_s"]) / 1e9
-        peaks[dtype] = peak
-    return peaks
+    return dict(
+        base, unit=case.unit, scale=case.scale, number=m.number,
+        samples_s=m.samples_s, first_call_s=m.first_call_s,
+        median_s=median, min_s=low, max_s=high,
+        flops=case.flops, gflops=case.flops / median / 1e9 if case.flops else None,
+    )
 
 
 def _add_ratios(records):
-    """Speed-ups against the reference and PyTorch measured in the same benchmark."""
+    """Speed-up over the reference and time relative to PyTorch, both measured in the same benchmark."""
     by_impl = {r["impl"]: r["median_s"] for r in records if "error" not in r}
     for r in records:
         if "error" in r:
             continue
-        for key, other in (("speedup_vs_reference", markdown.REFERENCE), ("speedup_vs_torch", markdown.TORCH)):
-            r[key] = by_impl[other] / r["median_s"] if other in by_impl else None
+        r["speedup_vs_reference"] = by_impl[REFERENCE] / r["median_s"] if REFERENCE in by_impl else None
+        r["time_vs_torch"] = r["median_s"] / by_impl[TORCH] if TORCH in by_impl else None
 
 
 def _progress(index, total, case, records):
@@ -146,63 +165,183 @@ def _progress(index, total, case, records):
     print(f"[{index}/{total}] {case.id} {case.dtype}: {times}", file=sys.stderr, flush=True)
 
 
-def _limit_threads(n):
-    """Limit the BLAS and OpenMP pools to ``n`` threads (fastconv's own count is set through its variable)."""
-    fastconv.available_backends()  # import the backends so that their thread pools are loaded and limited
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=n)
+class _Run:
+    """The state of one report run: options, workers, notes."""
+
+    def __init__(self, args, parser, values, log):
+        self.args, self.parser, self.values, self.log = args, parser, values, log
+        self.notes = []  # what was left out, and why
+        self.settings = Settings(values["repeat"], values["min_repeat"], values["max_time"],
+                                 values["sample_time"], settle_time=values["settle_time"])
+
+    # --- the facts of the run, from a short-lived fastconv process -------------------------------
+    def probe(self, env, params_dir):
+        probe = ProcessRunner({"kind": "probe", "name": "probe"}, env)
+        try:
+            facts = probe.describe()
+            for dtype in self.args.dtypes:
+                probe.request("params", dtype=dtype, path=str(Path(params_dir) / f"{dtype}.npz"))
+        finally:
+            probe.close()
+        return facts
+
+    def choose_impls(self, available):
+        """(backend names, variant names) to measure."""
+        known = list(available) + [v for v, (backend, _) in VARIANTS.items() if backend in available]
+        wanted = self.args.backends or known
+        for name in wanted:
+            if name not in known:
+                self.parser.error(f"{name!r} is not available; available: {', '.join(known)}")
+        return [n for n in wanted if n in available], [n for n in wanted if n in VARIANTS]
+
+    def start_runners(self, backends, variants, env, torch_spec):
+        verbose = not self.args.quiet  # tracebacks of failures on stderr
+        runners = [ProcessRunner({"kind": "backend", "name": n, "backend": n, "verbose": verbose}, env)
+                   for n in backends]
+        for name in variants:
+            backend, variant = VARIANTS[name]
+            spec = {"kind": "backend", "name": name, "backend": backend, "variant": variant, "verbose": verbose}
+            runners.append(ProcessRunner(spec, env, covers=lambda case: case.kernel in VARIANT_KERNELS))
+        if torch_spec is not None:
+            runners.append(ProcessRunner(torch_spec, env))
+        for runner in runners:
+            runner.start()  # all import at once
+        kept = []
+        for runner in runners:
+            try:
+                facts = runner.describe()
+            except RemoteError as exc:
+                self.notes.append(f"{runner.name} not measured: {exc}")
+                runner.close()
+                continue
+            if facts.get("variant_error"):
+                self.notes.append(f"{runner.name} not measured: {facts['variant_error']}")
+                runner.close()
+                continue
+            if runner.kind == "torch" and facts["fastconv_imported"]:
+                raise RuntimeError("fastconv was imported in the PyTorch process")
+            kept.append(runner)
+        return kept
+
+    # --- PyTorch alone --------------------------------------------------------------------------
+    def torch_alone(self, torch_spec, env, cases):
+        """Train-step samples of PyTorch in a fresh process while no fastconv process runs."""
+        runner = ProcessRunner(dict(torch_spec, name=TORCH), env)
+        settings = Settings(self.values["alone_repeat"], self.values["alone_repeat"], 0.0,
+                            self.values["sample_time"], settle_time=self.values["settle_time"])
+        out = {}
+        try:
+            for case in cases:
+                (m,) = measure(case, [runner], settings)
+                out[case.dtype] = m
+        finally:
+            runner.close()
+        return out
+
+
+def _alone_summary(before, after, records):
+    """The yardstick check: PyTorch alone against PyTorch in the benchmark, per dtype."""
+    check = {}
+    for dtype, m in before.items():
+        samples = m.samples_s + (after[dtype].samples_s if dtype in after else [])
+        errors = [x.error for x in (m, after.get(dtype)) if x is not None and x.error]
+        inside = next((r for r in records if r["kernel"] == bench_cases.TRAIN_STEP and r["dtype"] == dtype
+                       and r["impl"] == TORCH and "error" not in r), None)
+        entry = {"alone_samples_s": samples, "errors": errors}
+        if samples:
+            entry["alone_median_s"] = summary(samples)[0]
+        if inside is not None:
+            entry["benchmark_median_s"] = inside["median_s"]
+            if samples:
+                entry["benchmark_vs_alone"] = inside["median_s"] / entry["alone_median_s"]
+        check[dtype] = entry
+    return check
 
 
 def run(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.threads is not None:
-        # before any backend is imported, as a backend may read it at import time
-        os.environ[FASTCONV_THREADS_VAR] = str(args.threads)
-    values, backends = _resolve(args, parser)
-    torch = None if args.no_torch else torch_ops.load_torch(num_threads=fastconv.get_num_threads())
-    limits = _limit_threads(args.threads) if args.threads is not None else contextlib.nullcontext()
-    command = "python -m bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    with limits:
-        return _run(args, parser, values, backends, torch, command.strip())
-
-
-def _run(args, parser, values, backends, torch, command):
-    settings = Settings(values["repeat"], values["min_repeat"], values["max_time"], values["sample_time"],
-                        settle_time=values["settle_time"])
-    impls = [Impl(name) for name in backends] + ([Impl(markdown.TORCH, is_backend=False)] if torch else [])
-    only = args.only or (SMOKE_ONLY if args.preset == "smoke" else None)
-    cases = build_cases(args.dtypes, values["images"], only)
-    if not cases:
-        parser.error(f"no benchmark matches --only {' '.join(only)}")
-
-    started = time.perf_counter()
+    values = _resolve(args, parser)
     log = (lambda *a: None) if args.quiet else _progress
-    peaks = _gemm_peaks(args.dtypes, values)
-    results = []
-    for index, case in enumerate(cases, 1):
-        records = [_record(case, m) for m in measure(case, impls, settings)]
-        _add_ratios(records)
-        log(index, len(cases), case, records)
-        results += records
-    peaks = _gemm_peaks(args.dtypes, values, before=peaks)
-    for r in results:
-        gflops = r.get("gflops")
-        r["peak_fraction"] = None if gflops is None else gflops / peaks[r["dtype"]]["gflops"]
+    command = "python -m bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    started = time.perf_counter()
+    state = _Run(args, parser, values, log)
+    with tempfile.TemporaryDirectory(prefix="fastconv-bench-") as temp:
+        env = _worker_env(args)
+        if args.cold_numba_cache:
+            env["NUMBA_CACHE_DIR"] = str(Path(temp) / "numba-cache")
+        try:
+            facts = state.probe(env, temp)
+        except RemoteError as exc:
+            parser.error(f"fastconv does not import in a worker process: {exc}")
+        backends, variants = state.choose_impls(facts["available"])
+        threads = facts["fastconv_threads"]
+        shapes = _shapes.network_from_dict(facts["shapes"])
+        only = args.only or (SMOKE_ONLY if args.preset == "smoke" else None)
+        cases = bench_cases.build_cases(shapes, args.dtypes, values["images"], only,
+                                        kernels=values["kernels"], network_repeat=values["network_repeat"])
+        if not cases:
+            parser.error(f"no benchmark matches --only {' '.join(only)}")
+        torch_spec = None if args.no_torch else {
+            "kind": "torch", "name": TORCH, "threads": args.threads or threads, "verbose": not args.quiet,
+            "shapes": facts["shapes"], "params_dir": temp}
 
+        thread_counts = sorted({1, min(2, machine.cpu_count()), threads})
+        peak_before = peak.measure(thread_counts, args.dtypes, repeat=values["peak_repeat"])
+        train_cases = [c for c in cases if c.kernel == bench_cases.TRAIN_STEP]
+        alone_before, alone_after = {}, {}
+        if torch_spec and train_cases and values["alone_repeat"]:
+            try:
+                alone_before = state.torch_alone(torch_spec, env, train_cases)
+            except RemoteError as exc:
+                state.notes.append(f"PyTorch alone not measured: {exc}")
+
+        runners = state.start_runners(backends, variants, env, torch_spec)
+        try:
+            reference = next((r for r in runners if r.name == REFERENCE), runners[0])
+            gemm = {dtype: reference.request("gemm_peak", dtype=dtype, n=values["gemm_n"],
+                                             repeat=values["gemm_repeat"]) for dtype in args.dtypes}
+            results = []
+            for index, case in enumerate(cases, 1):
+                taking_part = [r for r in runners if r.covers(case)]
+                records = [_record(case, m, r.kind)
+                           for r, m in zip(taking_part, measure(case, taking_part, state.settings))]
+                _add_ratios(records)
+                log(index, len(cases), case, records)
+                results += records
+            worker_facts = {r.name: r.facts for r in runners}
+        finally:
+            for r in runners:
+                r.close()
+
+        if alone_before:
+            try:
+                alone_after = state.torch_alone(torch_spec, env, train_cases)
+            except RemoteError as exc:
+                state.notes.append(f"PyTorch alone (after) not measured: {exc}")
+        peak_after = peak.measure(thread_counts, args.dtypes, repeat=values["peak_repeat"])
+    fma = peak.merge(peak_before, peak_after)
+    for r in results:
+        rate = peak.rate(fma, r["dtype"], threads) if r.get("gflops") else None
+        r["peak_fraction"] = None if rate is None else r["gflops"] / rate
+
+    torch_facts = worker_facts.get(TORCH)
     report = {
         "schema": SCHEMA,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": command,
+        "command": command.strip(),
         "wall_time_s": time.perf_counter() - started,
-        "settings": dict(values, preset=args.preset, backends=backends, dtypes=args.dtypes,
-                         torch=torch is not None, only=only, threads=args.threads),
-        "machine": machine.collect(torch),
-        "versions": machine.versions(torch),
-        "gemm_peak": peaks,
+        "settings": dict(values, preset=args.preset, impls=[r.name for r in runners], dtypes=args.dtypes,
+                         torch=torch_facts is not None, only=only, threads=args.threads,
+                         cold_numba_cache=args.cold_numba_cache),
+        "machine": dict(machine.cpu_facts(env), fastconv_threads=threads,
+                        torch_threads=torch_facts["torch_threads"] if torch_facts else None),
+        "fastconv": {"info": facts["info"], "thread_pools": facts["thread_pools"], "versions": facts["versions"]},
+        "workers": worker_facts,
+        "fma_peak": fma,
+        "gemm_peak": gemm,
+        "yardstick": _alone_summary(alone_before, alone_after, results) if alone_before else None,
+        "notes": state.notes,
         "results": results,
     }
     return report, args
@@ -214,10 +353,7 @@ def _default_json_path(report):
 
 
 def main(argv=None):
-    with warnings.catch_warnings():
-        # backends that fail to import are listed in the report; their warnings would only repeat that
-        warnings.filterwarnings("ignore", message="fastconv backend", category=RuntimeWarning)
-        report, args = run(argv)
+    report, args = run(argv)
     text = markdown.render(report)
     json_path = args.json or _default_json_path(report)
     json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -227,7 +363,8 @@ def main(argv=None):
         args.markdown.write_text(text)
     sys.stdout.write(text)
     print(f"\nJSON report: {json_path}", file=sys.stderr)
-    failed = [f"{r['id']} {r['dtype']} {r['impl']}: {r['error']}" for r in report["results"] if "error" in r]
+    failed = [f"{r['id']} {r['dtype']} {r['impl']}: {r['error'].splitlines()[0]}"
+              for r in report["results"] if "error" in r]
     if failed:
         print(f"\n{len(failed)} benchmarks FAILED:\n  " + "\n  ".join(failed), file=sys.stderr)
         return 1

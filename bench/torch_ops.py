@@ -3,12 +3,15 @@
 Each factory mirrors the fastconv one of the same name in
 ``bench.benchmarks._network``: same shapes, same data, same work (the book's
 column layout for im2col, indices kept by max pooling for its backward, the
-relu mask built with the output). PyTorch is optional; ``load_torch`` returns
-None when it does not import.
+relu mask built with the output). The network gets the seeded fastconv
+network's parameters, handed over as arrays. This module never imports
+fastconv: the report runs it in a process of its own, so that PyTorch runs as
+it does in a user's program. PyTorch is optional; ``load_torch`` returns None
+when it does not import.
 """
 import numpy as np
 
-from bench.benchmarks import _network as net
+from bench.benchmarks import _shapes as net
 
 torch = None
 F = None
@@ -110,10 +113,9 @@ def affine_backward_op(shape, dtype):
     return run
 
 
-def deep_conv_net(dtype):
-    """The chapter-8 network as a torch module, with the seeded fastconv network's weights."""
-    shapes = net.network_shapes()
-    params = net._seeded_network(dtype).params
+def deep_conv_net(shapes, params):
+    """The chapter-8 network as a torch module: ``shapes`` (``NetworkShapes``) and the book's
+    parameters ``params`` (``W1``, ``b1``, ...: NumPy arrays, in the dtype wanted)."""
     layers = []
     for i, conv in enumerate(shapes.conv):
         fn, c, fh, fw = conv.w_shape
@@ -137,8 +139,8 @@ def deep_conv_net(dtype):
     return torch.nn.Sequential(*layers)
 
 
-def train_step_op(dtype, batch=net.BATCH):
-    model = deep_conv_net(dtype).train()
+def train_step_op(shapes, params, dtype, batch=net.BATCH):
+    model = deep_conv_net(shapes, params).train()
     # eps as in the book's Adam; torch adds it after the bias correction, a negligible difference
     optimizer = torch.optim.Adam(model.parameters(), lr=0.001, betas=(0.9, 0.999), eps=1e-7)
     x, t = net.image_batch(batch, dtype)
@@ -153,8 +155,8 @@ def train_step_op(dtype, batch=net.BATCH):
     return run
 
 
-def inference_ops(dtype, n_images=net.INFERENCE_IMAGES, batch=net.BATCH):
-    model = deep_conv_net(dtype).eval()
+def inference_ops(shapes, params, dtype, n_images=net.INFERENCE_IMAGES, batch=net.BATCH):
+    model = deep_conv_net(shapes, params).eval()
     x = _t(net.image_batch(n_images, dtype)[0])
 
     def run():

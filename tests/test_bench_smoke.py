@@ -2,6 +2,7 @@
 import copy
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -14,10 +15,12 @@ import fastconv
 # `bench` lives at the repository root; appended, so that an installed fastconv still wins
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 
-from bench import compare, report  # noqa: E402
+from bench import compare, peak, report  # noqa: E402
 from bench.benchmarks import _network as net  # noqa: E402
+from bench.benchmarks import _shapes  # noqa: E402
 from bench.cases import Case  # noqa: E402
-from bench.timing import Impl, Settings, measure  # noqa: E402
+from bench.procs import ProcessRunner  # noqa: E402
+from bench.timing import LocalRunner, RemoteError, Settings, measure  # noqa: E402
 
 from conftest import assert_close_to_reference  # noqa: E402
 
@@ -50,63 +53,76 @@ def test_network_shapes_are_the_chapter8_networks():
 
 # --- the timing loop ------------------------------------------------------------
 
-def _recording_case(log, first_call_sleep=0.0):
-    """A case whose operation logs which implementation ran; the first call of each may sleep."""
-    def make(impl):
+def _fake_case(**fields):
+    return Case("fake", "layer", "", "float64", **dict({"fixed_number": 1}, **fields))
+
+
+def _runners(factories):
+    """Runners in this process; ``factories`` maps a name to ``case -> (run, warmup or None)``."""
+    return [LocalRunner(name, factory) for name, factory in factories.items()]
+
+
+def _recording(log, name, first_call_sleep=0.0):
+    """A factory whose operation logs its implementation's name; the first call may sleep."""
+    def factory(case):
         calls = []
 
         def run():
             if not calls and first_call_sleep:
                 time.sleep(first_call_sleep)
             calls.append(1)
-            log.append(impl.name)
+            log.append(name)
         return run, None
-    return Case("fake", "layer", "", "float64", make, fixed_number=1)
+    return factory
 
 
 def test_samples_are_interleaved_with_rotating_order():
     log = []
-    impls = [Impl("a", is_backend=False), Impl("b", is_backend=False)]
-    results = measure(_recording_case(log), impls, Settings(repeat=4, min_repeat=4, max_time=0))
+    runners = _runners({"a": _recording(log, "a"), "b": _recording(log, "b")})
+    results = measure(_fake_case(), runners, Settings(repeat=4, min_repeat=4, max_time=0))
     assert log[:2] == ["a", "b"]  # the first calls
     assert log[2:] == ["a", "b", "b", "a", "a", "b", "b", "a"]
     assert [len(m.samples_s) for m in results] == [4, 4]
 
 
 def test_first_call_is_reported_apart_from_the_samples():
-    results = measure(_recording_case([], first_call_sleep=0.05), [Impl("a", is_backend=False)],
-                      Settings(repeat=3, min_repeat=3, max_time=0))
-    (m,) = results
+    (m,) = measure(_fake_case(), _runners({"a": _recording([], "a", first_call_sleep=0.05)}),
+                   Settings(repeat=3, min_repeat=3, max_time=0))
     assert m.first_call_s >= 0.05
     assert len(m.samples_s) == 3 and max(m.samples_s) < 0.05
 
 
 def test_slow_implementations_stop_at_min_repeat():
-    def make(impl):
-        return (lambda: time.sleep(0.02)) if impl.name == "slow" else (lambda: None), None
-    case = Case("fake", "layer", "", "float64", make, fixed_number=1)
-    slow, fast = measure(case, [Impl("slow", False), Impl("fast", False)],
-                         Settings(repeat=6, min_repeat=2, max_time=0.03))
+    factories = {"slow": lambda case: (lambda: time.sleep(0.02), None), "fast": lambda case: (lambda: None, None)}
+    slow, fast = measure(_fake_case(), _runners(factories), Settings(repeat=6, min_repeat=2, max_time=0.03))
     assert len(slow.samples_s) == 2
     assert len(fast.samples_s) == 6
-    # a benchmark may lower the minimum further (inference does)
-    slow, fast = measure(Case("fake", "layer", "", "float64", make, fixed_number=1, min_repeat=1),
-                         [Impl("slow", False), Impl("fast", False)], Settings(repeat=6, min_repeat=2, max_time=0.01))
+    # a benchmark may lower the minimum further (inference does) ...
+    slow, fast = measure(_fake_case(min_repeat=1), _runners(factories),
+                         Settings(repeat=6, min_repeat=2, max_time=0.01))
     assert len(slow.samples_s) == 1
     assert len(fast.samples_s) == 6
+    # ... or ask for more samples than the settings (the train step does)
+    slow, fast = measure(_fake_case(repeat=8), _runners(factories), Settings(repeat=6, min_repeat=2, max_time=0.03))
+    assert len(slow.samples_s) == 2
+    assert len(fast.samples_s) == 8
 
 
 def test_a_failing_implementation_is_reported_and_the_others_measured():
-    def make(impl):
-        if impl.name == "broken":
-            def run():
-                raise RuntimeError("kernel exploded")
-            return run, None
-        return (lambda: None), None
-    case = Case("fake", "layer", "", "float64", make, fixed_number=1)
-    broken, fine = measure(case, [Impl("broken", False), Impl("fine", False)], Settings(repeat=3, min_repeat=3))
-    assert broken.error == "RuntimeError: kernel exploded" and broken.samples_s == []
-    assert fine.error is None and len(fine.samples_s) == 3
+    def broken(case):
+        def run():
+            raise RuntimeError("kernel exploded")
+        return run, None
+    released = []
+
+    class Fine(LocalRunner):
+        def release(self):
+            released.append(self.name)
+    runners = [LocalRunner("broken", broken), Fine("fine", lambda case: (lambda: None, None))]
+    broken_m, fine_m = measure(_fake_case(), runners, Settings(repeat=3, min_repeat=3))
+    assert broken_m.error == "RuntimeError: kernel exploded" and broken_m.samples_s == []
+    assert fine_m.error is None and len(fine_m.samples_s) == 3
+    assert released == ["fine"]  # every runner lets go of its operation after the benchmark
 
 
 # --- the report ------------------------------------------------------------------
@@ -115,15 +131,19 @@ def test_smoke_report(tmp_path, capsys):
     path = tmp_path / "report.json"
     md = tmp_path / "report.md"
     only = ["conv_forward/conv1", "conv_backward/conv1", "maxpool_backward/pool3", "relu_*/relu7",
-            "affine_backward/affine2"]
+            "affine_backward/affine2", "train_step/*"]
     argv = ["--smoke", "--json", str(path), "--markdown", str(md), "--quiet"]
     assert report.main(argv + [arg for pattern in only for arg in ("--only", pattern)]) == 0
     data = json.loads(path.read_text())
-    impls = set(fastconv.available_backends()) | ({"torch"} if data["settings"]["torch"] else set())
+    impls = data["settings"]["impls"]
+    assert set(fastconv.available_backends()) <= set(impls)
+    assert ("torch" in impls) == data["settings"]["torch"]
     got = {(r["id"], r["dtype"], r["impl"]) for r in data["results"]}
     ids = {"conv_forward/conv1", "conv_backward/conv1", "maxpool_backward/pool3", "relu_forward/relu7",
-           "relu_backward/relu7", "affine_backward/affine2"}
-    assert got == {(i, d, impl) for i in ids for d in ("float32", "float64") for impl in impls}
+           "relu_backward/relu7", "affine_backward/affine2", "train_step/network"}
+    variants = {"cython-im2col"} & set(impls)  # measured on the convolutions and the train step only
+    assert got == {(i, d, impl) for i in ids for d in ("float32", "float64") for impl in impls
+                   if impl not in variants or i.split("/")[0] in ("conv_forward", "conv_backward", "train_step")}
     for r in data["results"]:
         assert r["samples_s"] and all(s > 0 for s in r["samples_s"]) and r["first_call_s"] > 0
         assert r["median_s"] == pytest.approx(np.median(r["samples_s"]))
@@ -131,12 +151,23 @@ def test_smoke_report(tmp_path, capsys):
     conv = next(r for r in data["results"] if r["id"] == "conv_backward/conv1")
     assert conv["flops"] == 2 * 22_579_200
     assert conv["gflops"] == pytest.approx(conv["flops"] / conv["median_s"] / 1e9)
-    for key in ("cpu_model", "logical_cpus", "thread_pools", "openmp", "backends"):
-        assert key in data["machine"]
+    for key in ("cpu_model", "logical_cpus", "cpus_available", "fastconv_threads"):
+        assert key in data["machine"]  # what compare needs to tell machines apart
+    assert set(data["fastconv"]["info"]["backends"]) >= set(fastconv.available_backends())
     assert set(data["gemm_peak"]) == {"float32", "float64"}
+    # every implementation measured in a process of its own, none of them this one
+    pids = [facts["pid"] for facts in data["workers"].values()]
+    assert len(set(pids)) == len(pids) and os.getpid() not in pids
+    if data["settings"]["torch"]:
+        assert data["workers"]["torch"]["fastconv_imported"] is False
+        for dtype in ("float32", "float64"):
+            check = data["yardstick"][dtype]
+            assert check["alone_samples_s"] and check["benchmark_median_s"] > 0
+            assert check["benchmark_vs_alone"] == pytest.approx(check["benchmark_median_s"] / check["alone_median_s"])
     text = md.read_text()
     assert text == capsys.readouterr().out
     assert "### Kernels, float32" in text and "| conv_backward | conv1 |" in text
+    assert "### Convolutions per layer, float64" in text
 
 
 def test_inference_is_scaled_to_10k_images(tmp_path):
@@ -229,8 +260,9 @@ def test_compare_rejects_a_file_that_is_not_a_report(tmp_path):
 
 # --- the PyTorch yardstick computes what fastconv computes ---------------------------
 
-SMALL_CONV = net.ConvShape("small", (2, 3, 7, 6), (4, 3, 3, 3), 2, 1)
-SMALL_POOL = net.PoolShape("small", (2, 3, 6, 8), 2, 2, 2, 0)
+# output sizes by hand: (7 + 2 - 3) // 2 + 1 = 4, (6 + 2 - 3) // 2 + 1 = 3; pooling 6x8 by 2 -> 3x4
+SMALL_CONV = net.ConvShape("small", (2, 3, 7, 6), (4, 3, 3, 3), 2, 1, (4, 3))
+SMALL_POOL = net.PoolShape("small", (2, 3, 6, 8), 2, 2, 2, 0, (3, 4))
 SMALL_RELU = net.ReluShape("small", (2, 3, 5, 4))
 SMALL_AFFINE = net.AffineShape("small", (5, 2, 3, 2), (12, 7))
 SMALL = {"im2col": SMALL_CONV, "col2im": SMALL_CONV, "conv_forward": SMALL_CONV, "conv_backward": SMALL_CONV,
@@ -266,8 +298,8 @@ def test_torch_network_has_the_books_parameters():
     pytest.importorskip("torch", reason="PyTorch is an optional extra (pip install fastconv[torch])")
     from bench import torch_ops
     torch_ops.load_torch()
-    model = torch_ops.deep_conv_net(np.float64)
     ours = net._seeded_network(np.float64)
+    model = torch_ops.deep_conv_net(net.network_shapes(), ours.params)
     x, _ = net.image_batch(4, np.float64)
     with fastconv.use_backend("reference"):
         expected = ours.predict(x, train_flg=False) / 0.25  # the book scales by (1 - 0.5) at each Dropout
@@ -279,17 +311,71 @@ def test_torch_network_has_the_books_parameters():
 
 def test_each_sample_follows_untimed_settling_calls_of_the_same_implementation():
     log = []
-    impls = [Impl("a", is_backend=False), Impl("b", is_backend=False)]
-    measure(_recording_case(log), impls, Settings(repeat=2, min_repeat=2, max_time=0, settle_time=1e-9))
+    runners = _runners({"a": _recording(log, "a"), "b": _recording(log, "b")})
+    measure(_fake_case(), runners, Settings(repeat=2, min_repeat=2, max_time=0, settle_time=1e-9))
     # first calls, then per round: settle + sample for each, the order rotated
     assert log == ["a", "b", "a", "a", "b", "b", "b", "b", "a", "a"]
 
 
 def test_settling_uses_the_cheap_warmup_call_when_a_benchmark_has_one():
     log = []
-
-    def make(impl):
-        return (lambda: log.append("run")), (lambda: log.append("warmup"))
-    case = Case("fake", "layer", "", "float64", make, fixed_number=1)
-    measure(case, [Impl("a", is_backend=False)], Settings(repeat=2, min_repeat=2, max_time=0, settle_time=1e-9))
+    runners = _runners({"a": lambda case: ((lambda: log.append("run")), (lambda: log.append("warmup")))})
+    measure(_fake_case(), runners, Settings(repeat=2, min_repeat=2, max_time=0, settle_time=1e-9))
     assert log == ["warmup", "warmup", "run", "warmup", "run"]
+
+
+# --- worker processes ------------------------------------------------------------------
+
+def test_a_worker_that_cannot_start_reports_why(tmp_path):
+    runner = ProcessRunner({"kind": "backend", "name": "nothing", "backend": "no-such-backend"}, dict(os.environ))
+    try:
+        with pytest.raises(RemoteError, match="no-such-backend"):
+            runner.describe()
+    finally:
+        runner.close()
+
+
+def test_a_worker_measures_a_case_in_its_own_process():
+    runner = ProcessRunner({"kind": "backend", "name": "reference", "backend": "reference"}, dict(os.environ))
+    shape = net.network_shapes().conv[0]
+    case = Case("relu_forward", "relu1", "", "float32", shape=_shapes.to_dict(net.ReluShape("relu1", (2, 3, 4, 4))))
+    try:
+        facts = runner.describe()
+        assert facts["pid"] != os.getpid() and facts["backend"] == "reference"
+        (m,) = measure(case, [runner], Settings(repeat=2, min_repeat=2, max_time=0))
+        assert m.error is None and len(m.samples_s) == 2
+        bad = Case("conv_forward", "conv1", "", "float16", shape=_shapes.to_dict(shape))
+        (m,) = measure(bad, [runner], Settings(repeat=2, min_repeat=2, max_time=0))
+        assert m.error and not m.samples_s  # the worker reports the failure and carries on
+        (m,) = measure(case, [runner], Settings(repeat=1, min_repeat=1, max_time=0))
+        assert m.error is None
+    finally:
+        runner.close()
+
+
+# --- the FMA peak -----------------------------------------------------------------------
+
+def test_fma_micro_kernel_computes_its_recurrence(tmp_path):
+    try:
+        library, _ = peak.build(tmp_path)
+    except RuntimeError as exc:
+        pytest.skip(f"no working C compiler: {exc}")
+    lanes = library.vector_bytes() // 8
+    for iterations in (0, 1, 5):
+        expected = 0.0
+        for chain in range(library.chains()):
+            a = 1.0 + chain
+            for _ in range(iterations):
+                a = a * 0.5 + 0.25
+            expected += lanes * a
+        assert library.fma_float64(iterations, 1.0, 0.5, 0.25) == pytest.approx(expected, rel=1e-12)
+
+
+def test_peak_rate_takes_the_thread_count_used_and_the_best_run():
+    def run(gflops):
+        return {"float32": {"1": {"gflops": gflops}, "2": {"gflops": 2 * gflops}}}
+    best = peak.merge(run(100.0), run(110.0))
+    assert peak.rate(best, "float32", 1) == 110.0
+    assert peak.rate(best, "float32", 2) == 220.0
+    assert peak.rate(best, "float32", 8) == 220.0  # more threads than measured: the largest count measured
+    assert peak.rate({"error": "no compiler"}, "float32", 2) is None

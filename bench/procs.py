@@ -1,0 +1,119 @@
+"""Worker processes seen from the report: start, ask, stop (the other side is ``bench.worker``)."""
+import contextlib
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.timing import RemoteError
+
+# the folder that holds the ``bench`` package, so that workers import this very copy of it
+_BENCH_PARENT = str(Path(__file__).resolve().parent.parent)
+
+
+class Worker:
+    """One ``python -m bench.worker`` process and its line-by-line JSON conversation."""
+
+    def __init__(self, spec, env):
+        self.spec = spec
+        env = dict(env)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_BENCH_PARENT, env.get("PYTHONPATH")) if p)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bench.worker", json.dumps(spec)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+        )
+        self._ready = False
+
+    @property
+    def name(self):
+        return self.spec.get("name", self.spec["kind"])
+
+    def _read(self):
+        line = self.process.stdout.readline()
+        if not line:
+            code = self.process.wait()
+            raise RemoteError(f"worker process {self.name!r} exited (status {code})")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise RemoteError(answer["error"])
+        return answer
+
+    def wait_ready(self):
+        if not self._ready:
+            self._read()
+            self._ready = True
+
+    def request(self, op, **args):
+        self.wait_ready()
+        if self.process.poll() is not None:
+            raise RemoteError(f"worker process {self.name!r} exited (status {self.process.returncode})")
+        try:
+            self.process.stdin.write(json.dumps(dict(args, op=op)) + "\n")
+            self.process.stdin.flush()
+        except BrokenPipeError:
+            raise RemoteError(f"worker process {self.name!r} exited (status {self.process.wait()})") from None
+        return self._read()
+
+    @property
+    def alive(self):
+        return self.process.poll() is None
+
+    def close(self, timeout=30):
+        if self.process.poll() is None:
+            with contextlib.suppress(OSError):
+                self.process.stdin.write(json.dumps({"op": "exit"}) + "\n")
+                self.process.stdin.flush()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        for stream in (self.process.stdin, self.process.stdout):
+            with contextlib.suppress(OSError):
+                stream.close()
+
+
+class ProcessRunner:
+    """A timing runner (see ``bench.timing``) whose operations run in a worker process.
+
+    A worker that dies (a crash in compiled code) fails the benchmark it was
+    running; the next benchmark starts a new one.
+    """
+
+    def __init__(self, spec, env, covers=None):
+        self.spec, self.env = spec, env
+        self.name = spec["name"]
+        self.kind = "torch" if spec["kind"] == "torch" else "backend"
+        self.covers = covers or (lambda case: True)  # which benchmarks this implementation takes part in
+        self.worker = None
+        self.facts = None
+
+    def start(self):
+        if self.worker is None or not self.worker.alive:
+            self.worker = Worker(self.spec, self.env)
+        return self
+
+    def describe(self):
+        self.facts = self.start().worker.request("describe")
+        return self.facts
+
+    def prepare(self, case, settings):
+        answer = self.start().worker.request("prepare", case=case.to_dict(), settings=dataclasses.asdict(settings))
+        return answer["first_call_s"], answer["number"]
+
+    def sample(self, number, settle_time):
+        return self.worker.request("sample", number=number, settle_time=settle_time)["seconds"]
+
+    def release(self):
+        if self.worker is not None and self.worker.alive:
+            self.worker.request("release")
+
+    def request(self, op, **args):
+        return self.start().worker.request(op, **args)
+
+    def close(self):
+        if self.worker is not None:
+            self.worker.close()
+            self.worker = None

@@ -1,0 +1,35 @@
+"""Forced variants of a backend, measured beside the backend's own choice.
+
+``cython-im2col`` is the cython backend with its convolutions forced onto the
+im2col + GEMM path (the path before direct convolution, kept as the fallback
+for shapes the direct kernels do not cover), so that every convolution kernel
+is compared with it side by side in one run. Each variant runs in a worker
+process of its own (``bench.worker``); ``force`` is called there once, right
+after the backend is chosen.
+"""
+
+# implementation name -> (backend, variant)
+VARIANTS = {"cython-im2col": ("cython", "im2col")}
+# the benchmarks a variant takes part in: the convolutions it changes, and the train step they sum to
+VARIANT_KERNELS = ("conv_forward", "conv_backward", "train_step")
+
+
+def _cython_im2col():
+    """Force the cython backend's im2col + GEMM convolutions for this process; None, or why not."""
+    from fastconv.backends import cython
+    switch = getattr(cython, "force_conv_path", None)
+    if switch is None:
+        return "the cython backend has no switch forcing its im2col + GEMM path (force_conv_path)"
+    switch("im2col")
+    return None
+
+
+_FORCE = {("cython", "im2col"): _cython_im2col}
+
+
+def force(backend, variant):
+    """Make this process's ``backend`` use ``variant``; returns None, or why it cannot."""
+    forcing = _FORCE.get((backend, variant))
+    if forcing is None:
+        return f"unknown variant {variant!r} of backend {backend!r}"
+    return forcing()
