@@ -4,13 +4,14 @@
 book's ``dataset.mnist.load_mnist`` does (same shapes and dtypes). The four
 IDX ``.gz`` files are looked for, in order, in
 
-1. ``data_dir`` (the argument),
-2. the folder named by the environment variable ``FASTCONV_DATA``,
-3. the user cache folder ``$XDG_CACHE_HOME/fastconv/mnist`` (default
+1. the folder named by the environment variable ``FASTCONV_DATA``,
+2. the user cache folder ``$XDG_CACHE_HOME/fastconv/mnist`` (default
    ``~/.cache/fastconv/mnist``),
 
 and the first folder holding all four is used. Otherwise the missing files
-are downloaded into the cache folder from public mirrors. Downloads are
+are downloaded into the cache folder from public mirrors. A ``data_dir``
+given as an argument is the only place looked at: when it lacks a file,
+that is an error naming it, never a fall-through to other copies. Downloads are
 accepted only with the official MD5 checksum and are written atomically, so
 a partial or corrupt file never lands in the cache. Local files are checked
 by their IDX header and size, not by checksum, so that a re-encoded copy of
@@ -23,12 +24,13 @@ import os
 import shutil
 import tempfile
 import urllib.request
+import zlib
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["load_mnist", "find_mnist", "download_mnist", "read_idx", "write_idx", "default_cache_dir",
-           "MNISTNotFoundError", "MNISTFormatError", "MNIST_FILES", "MIRRORS", "CHECKSUMS", "ENV_VAR"]
+__all__ = ["load_mnist", "find_mnist", "locate_mnist", "mnist_file_paths", "download_mnist", "read_idx", "write_idx",
+           "default_cache_dir", "MNISTNotFoundError", "MNISTFormatError", "MNIST_FILES", "MIRRORS", "CHECKSUMS", "ENV_VAR"]
 
 ENV_VAR = "FASTCONV_DATA"
 
@@ -98,7 +100,7 @@ def read_idx(path, magic, count=None):
     try:
         with _open(path) as f:
             data = f.read()
-    except (OSError, EOFError) as exc:  # gzip raises both for damaged files
+    except (OSError, EOFError, zlib.error) as exc:  # what gzip raises for damaged files
         raise MNISTFormatError(f"{path}: cannot be read as an IDX file ({exc})") from None
     ndim = _IDX_NDIM[magic]
     header_size = 4 + 4 * ndim
@@ -140,9 +142,9 @@ def write_idx(path, array):
 
 
 def _candidate_folders(data_dir):
-    folders = []
     if data_dir is not None:
-        folders.append(Path(data_dir))
+        return [Path(data_dir)]
+    folders = []
     env = os.environ.get(ENV_VAR, "").strip()
     if env:
         folders.append(Path(env))
@@ -150,12 +152,26 @@ def _candidate_folders(data_dir):
     return folders
 
 
+def _missing_files(folder):
+    return [name for name, _, _ in MNIST_FILES.values() if _local_file(folder, name) is None]
+
+
 def find_mnist(data_dir=None):
-    """The first folder of the lookup order that holds all four files, or None."""
+    """The folder holding all four files: ``data_dir`` (None if it does not), or without it the first
+    of the lookup order (None if none does)."""
     for folder in _candidate_folders(data_dir):
-        if all(_local_file(folder, name) is not None for name, _, _ in MNIST_FILES.values()):
+        if not _missing_files(folder):
             return folder
     return None
+
+
+def mnist_file_paths(folder):
+    """``{file name: path}`` of the four files in ``folder`` (each the ``.gz`` or its unpacked twin)."""
+    paths = {name: _local_file(folder, name) for name, _, _ in MNIST_FILES.values()}
+    missing = [name for name, path in paths.items() if path is None]
+    if missing:
+        raise MNISTNotFoundError(f"{folder} lacks the MNIST files {', '.join(missing)}")
+    return paths
 
 
 def _md5(path):
@@ -215,13 +231,38 @@ def download_mnist(dest, mirrors=None, checksums=None, timeout=_DOWNLOAD_TIMEOUT
 
 
 def _not_found_message(data_dir, reason):
-    places = "\n".join(f"  {folder}" for folder in _candidate_folders(data_dir))
     names = ", ".join(name for name, _, _ in MNIST_FILES.values())
+    if data_dir is not None:
+        folder = Path(data_dir)
+        state = (f"lacks {', '.join(_missing_files(folder))}" if folder.is_dir()
+                 else "is not a folder" if folder.exists() else "does not exist")
+        return (f"MNIST not found: the data folder {folder} {state}.\n"
+                f"It must hold the four files {names} (or their unpacked twins without .gz).")
+    places = "\n".join(f"  {folder}" for folder in _candidate_folders(None))
     return (
         f"MNIST not found and not downloadable ({reason}).\n"
         f"Put the four files {names} into one of these folders (searched in this order):\n{places}\n"
         f"or point the environment variable {ENV_VAR} (or --data-dir / data_dir=) at a folder holding them."
     )
+
+
+def locate_mnist(data_dir=None, *, download=True, mirrors=None, checksums=None):
+    """The folder ``load_mnist`` reads, downloading into the cache folder when the lookup finds none.
+
+    With ``data_dir`` only that folder counts. Raises ``MNISTNotFoundError``
+    saying where the files were looked for.
+    """
+    folder = find_mnist(data_dir)
+    if folder is not None:
+        return folder
+    if data_dir is not None:
+        raise MNISTNotFoundError(_not_found_message(data_dir, "missing"))
+    if not download:
+        raise MNISTNotFoundError(_not_found_message(None, "downloading disabled"))
+    try:
+        return download_mnist(default_cache_dir(), mirrors=mirrors, checksums=checksums)
+    except (MNISTNotFoundError, OSError) as exc:
+        raise MNISTNotFoundError(_not_found_message(None, "download failed") + f"\n{exc}") from None
 
 
 def _one_hot(labels):
@@ -237,22 +278,13 @@ def load_mnist(normalize=True, flatten=True, one_hot_label=False, data_dir=None,
     normalize : images as float32 in [0, 1] (divided by 255), else uint8 in 0..255.
     flatten : images of shape (N, 784), else (N, 1, 28, 28).
     one_hot_label : labels as float64 one-hot rows (N, 10), else uint8 class indices (N,).
-    data_dir : a folder to look in first (see the module docstring for the lookup order).
-    download : when no folder has the files, fetch them into the cache folder.
+    data_dir : the folder holding the files; None: the lookup order of the module docstring.
+    download : without ``data_dir``, when no folder has the files, fetch them into the cache folder.
     mirrors, checksums : where to download from and the MD5 each file must have
         (default: the module's ``MIRRORS`` and ``CHECKSUMS``).
     """
-    folder = find_mnist(data_dir)
-    if folder is None:
-        if not download:
-            raise MNISTNotFoundError(_not_found_message(data_dir, "downloading disabled"))
-        try:
-            folder = download_mnist(default_cache_dir(), mirrors=mirrors, checksums=checksums)
-        except (MNISTNotFoundError, OSError) as exc:
-            raise MNISTNotFoundError(_not_found_message(data_dir, "download failed") + f"\n{exc}") from None
-
-    arrays = {key: read_idx(_local_file(folder, name), magic, count)
-              for key, (name, magic, count) in MNIST_FILES.items()}
+    paths = mnist_file_paths(locate_mnist(data_dir, download=download, mirrors=mirrors, checksums=checksums))
+    arrays = {key: read_idx(paths[name], magic, count) for key, (name, magic, count) in MNIST_FILES.items()}
     result = []
     for split in ("train", "test"):
         images = arrays[f"{split}_img"]

@@ -23,6 +23,11 @@ from fastconv.models import DeepConvNet
 
 KEYS = [f"{kind}{i}" for i in range(1, 9) for kind in ("W", "b")]
 
+# A process started with SIGINT ignored (a background job, nohup, some CI runners) keeps ignoring it.
+needs_sigint = pytest.mark.skipif(signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, None),
+                                  reason="SIGINT is ignored in this process (background job, nohup or CI runner), "
+                                         "so Ctrl-C cannot be delivered")
+
 
 def closed_port():
     import socket
@@ -172,6 +177,7 @@ def test_augmentation_changes_the_training_batches(monkeypatch):
         assert training_images_as_given != augment
 
 
+@needs_sigint
 def test_deferred_interrupts_hold_ctrl_c_until_the_block_ends():
     done = []
     with pytest.raises(KeyboardInterrupt):
@@ -346,12 +352,17 @@ def test_resume_needs_a_run_to_resume(tmp_path, capsys):
 
 
 def test_missing_data_exits_3_saying_where_to_put_it(tmp_path, capsys):
-    assert train("--data-dir", tmp_path / "nowhere", "--out", tmp_path / "run", "--no-download") == 3
+    assert train("--out", tmp_path / "run", "--no-download") == 3
     err = capsys.readouterr().err
-    assert "FASTCONV_DATA" in err and str(tmp_path / "nowhere") in err and "train-images-idx3-ubyte.gz" in err
+    assert "FASTCONV_DATA" in err and "train-images-idx3-ubyte.gz" in err
     # with downloads allowed, the (unreachable) mirror is tried and named
-    assert train("--data-dir", tmp_path / "nowhere", "--out", tmp_path / "run") == 3
+    assert train("--out", tmp_path / "run") == 3
     assert "127.0.0.1" in capsys.readouterr().err
+    # a given --data-dir is the only place looked at: missing there is missing, no download
+    assert train("--data-dir", tmp_path / "nowhere", "--out", tmp_path / "run") == 3
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'nowhere'} does not exist" in err and "127.0.0.1" not in err
+    assert not (tmp_path / "run").exists()  # a failed start leaves nothing behind
 
 
 def test_unreadable_data_exits_3(synthetic_dir, tmp_path, capsys):
@@ -387,7 +398,10 @@ def test_ctrl_c_saves_a_checkpoint_exits_130_and_resume_finishes_the_run(synthet
     restore = interrupt_on_backward_call(monkeypatch, call=3)
     assert train(*tiny(synthetic_dir, out, "--augment")) == 130
     err = capsys.readouterr().err
-    assert "interrupted" in err and f"--resume --out {out}" in err
+    resume_command = err.strip().splitlines()[-1].split()
+    assert "interrupted" in err and resume_command == [
+        "fastconv", "train", "--resume", "--out", str(out), "--data-dir", str(synthetic_dir),
+        "--backend", "reference", "--quiet"]
     assert (out / "checkpoint.npz").is_file() and not (out / "params.npz").exists()
 
     # a new run may not overwrite the unfinished one
@@ -398,7 +412,7 @@ def test_ctrl_c_saves_a_checkpoint_exits_130_and_resume_finishes_the_run(synthet
     assert "--epochs 5 (the run has 2)" in capsys.readouterr().err
 
     restore()
-    assert train("--resume", "--out", out, "--data-dir", synthetic_dir, "--backend", "reference") == 0
+    assert main(resume_command[1:]) == 0  # the command as printed
     assert "resuming" in capsys.readouterr().out
     assert not (out / "checkpoint.npz").exists()
     with np.load(out / "params.npz") as resumed, np.load(tmp_path / "straight" / "params.npz") as straight:
@@ -406,6 +420,211 @@ def test_ctrl_c_saves_a_checkpoint_exits_130_and_resume_finishes_the_run(synthet
             assert np.array_equal(resumed[key], straight[key]), key
     step_losses = [read_json(folder / "history.json")["step_loss"] for folder in (out, tmp_path / "straight")]
     assert step_losses[0] == step_losses[1]
+
+
+# -- output folders: never overwritten or mixed, nothing left by a failed start ----------------------
+
+
+def test_a_used_folder_is_refused_unless_overwrite_is_asked_for(synthetic_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(*tiny(synthetic_dir, out, "--epochs", 1)) == 0
+    first = (out / "params.npz").read_bytes()
+    assert train(*tiny(synthetic_dir, out, "--epochs", 1, "--seed", 1)) == 2
+    assert "already holds a finished run" in capsys.readouterr().err
+    assert (out / "params.npz").read_bytes() == first and read_json(out / "config.json")["seed"] == 0
+
+    (out / "notes.txt").write_text("mine")
+    assert train(*tiny(synthetic_dir, out, "--epochs", 1, "--seed", 1, "--overwrite")) == 2
+    assert "notes.txt" in capsys.readouterr().err
+    assert (out / "params.npz").read_bytes() == first
+
+    (out / "notes.txt").unlink()
+    assert train(*tiny(synthetic_dir, out, "--epochs", 1, "--seed", 1, "--overwrite")) == 0
+    assert read_json(out / "config.json")["seed"] == 1 and read_json(out / "history.json")["seed"] == 1
+    assert (out / "params.npz").read_bytes() != first
+
+
+def test_a_new_run_that_fails_before_saving_anything_removes_what_it_wrote(synthetic_dir, tmp_path, monkeypatch):
+    def broken(self, *args):
+        raise RuntimeError("broken backward")
+
+    monkeypatch.setattr(DeepConvNet, "backward", broken)
+    out = tmp_path / "new" / "folders" / "run"
+    with pytest.raises(RuntimeError, match="broken backward"):
+        train(*tiny(synthetic_dir, out))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_resumed_member_trained_with_other_settings_is_refused(synthetic_dir, tmp_path, capsys):
+    out = tmp_path / "ensemble"
+    assert train(*tiny(synthetic_dir, out, "--ensemble", 2, "--epochs", 1)) == 0
+    history = read_json(out / "member-2" / "history.json")
+    history["config"]["lr"] = 0.5
+    (out / "member-2" / "history.json").write_text(json.dumps(history))
+    assert train("--resume", "--out", out) == 2
+    assert "member-2 holds a model trained with other settings" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_an_out_that_cannot_be_a_folder_exits_2(synthetic_dir, tmp_path, capsys, where):
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" if where == "a file" else tmp_path / "file" / "run"
+    assert train(*tiny(synthetic_dir, out)) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="needs a POSIX user without root's rights")
+def test_an_unwritable_out_exits_2(synthetic_dir, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    assert train(*tiny(synthetic_dir, locked / "run")) == 2
+    assert "no permission to write" in capsys.readouterr().err
+
+
+def test_run_files_have_the_mode_new_files_get_and_no_temporaries_remain(synthetic_dir, tmp_path):
+    previous = os.umask(0o027)
+    try:
+        assert train(*tiny(synthetic_dir, tmp_path / "run", "--epochs", 1)) == 0
+    finally:
+        os.umask(previous)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "run").iterdir()}
+    assert set(modes) == {"config.json", "data.json", "params.npz", "history.json", "curves.png",
+                          "misclassified.png"}
+    assert set(modes.values()) == {0o640}, modes
+
+
+def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
+    from fastconv.app import checkpoint
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(checkpoint.os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd)))
+    monkeypatch.setattr(checkpoint.os, "replace", lambda a, b: (events.append("replace"), real_replace(a, b)))
+    checkpoint.write_atomically(tmp_path / "file.json", lambda f: f.write(b"{}"))
+    assert events[:2] == ["fsync", "replace"]
+    assert [p.name for p in tmp_path.iterdir()] == ["file.json"]
+
+
+def test_a_killed_write_leaves_a_temporary_that_the_next_start_removes(synthetic_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = ("import os, sys\n"
+            "from fastconv.app.checkpoint import write_atomically\n"
+            "write_atomically(sys.argv[1], lambda f: (f.write(b'partial'), f.flush(), os._exit(9)))\n")
+    out.mkdir()
+    killed = subprocess.run([sys.executable, "-c", code, str(out / "checkpoint.npz")], timeout=120)
+    assert killed.returncode == 9
+    left = [p.name for p in out.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".checkpoint.npz.") and left[0].endswith(".tmp")
+    assert train(*tiny(synthetic_dir, out, "--epochs", 1)) == 0  # a folder holding only leftovers is empty
+    assert not list(out.glob(".*.tmp"))
+
+
+# -- the data of a resumed run -----------------------------------------------------------------------
+
+
+def copy_of(folder, dest, relabel_seed=None):
+    dest.mkdir()
+    for path in folder.iterdir():
+        (dest / path.name).symlink_to(path)
+    if relabel_seed is not None:
+        (dest / "train-labels-idx1-ubyte.gz").unlink()
+        labels = np.random.default_rng(relabel_seed).integers(0, 10, 60000).astype(np.uint8)
+        write_idx(dest / "train-labels-idx1-ubyte.gz", labels)
+    return dest
+
+
+def test_a_resumed_run_finds_its_own_data_and_refuses_other_files(synthetic_dir, tmp_path, monkeypatch, capsys):
+    data = copy_of(synthetic_dir, tmp_path / "data")
+    other = copy_of(synthetic_dir, tmp_path / "other", relabel_seed=9)
+    out = tmp_path / "run"
+    restore = interrupt_on_backward_call(monkeypatch, call=2)
+    assert train(*tiny(data, out)) == 130
+    restore()
+    recorded = read_json(out / "data.json")
+    assert recorded["folder"] == str(data.resolve())
+    assert set(recorded["sha256"]) == {name for name, _, _ in datasets.MNIST_FILES.values()}
+
+    # other files, given or found elsewhere, are refused
+    assert train("--resume", "--out", out, "--data-dir", other) == 2
+    assert "train-labels-idx1-ubyte.gz differ" in capsys.readouterr().err
+    monkeypatch.setenv(datasets.ENV_VAR, str(other))
+    data.rename(tmp_path / "moved")
+    assert train("--resume", "--out", out) == 2
+    assert "not the ones this run trained on" in capsys.readouterr().err
+    # without --data-dir the run looks where it first found its data
+    (tmp_path / "moved").rename(data)
+    assert train("--resume", "--out", out) == 0
+    assert (out / "params.npz").is_file() and not (out / "checkpoint.npz").exists()
+
+
+def test_a_truncated_checkpoint_exits_2_naming_it(synthetic_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    restore = interrupt_on_backward_call(monkeypatch, call=3)
+    assert train(*tiny(synthetic_dir, out)) == 130
+    restore()
+    checkpoint = out / "checkpoint.npz"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:3000])
+    capsys.readouterr()
+    assert train("--resume", "--out", out) == 2
+    err = capsys.readouterr().err
+    assert f"{checkpoint} is not a readable checkpoint" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("lr", ["inf", "nan", "-inf"])
+def test_a_learning_rate_that_is_not_finite_exits_2(synthetic_dir, tmp_path, capsys, lr):
+    assert train(*tiny(synthetic_dir, tmp_path / "run", f"--lr={lr}")) == 2
+    assert "finite lr" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:overflow|invalid value:RuntimeWarning")
+def test_a_diverging_run_exits_4_and_leaves_nothing_behind(synthetic_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(*tiny(synthetic_dir, out, "--optimizer", "sgd", "--lr", "1e30")) == 4
+    err = capsys.readouterr().err
+    assert "the training loss became" in err and "lower learning rate" in err
+    assert not out.exists()
+
+
+# -- what the log says -------------------------------------------------------------------------------
+
+
+def test_the_log_says_the_settings_in_words(synthetic_dir, tmp_path, capsys):
+    assert train(*tiny(synthetic_dir, tmp_path / "run", "--epochs", 1, "--lr-schedule", "cosine")) == 0
+    first, note = capsys.readouterr().out.splitlines()[:2]
+    assert "1 epoch," in first and "1 epochs" not in first
+    assert "adam lr 0.001 decayed along a cosine to 1e-05" in first and str(synthetic_dir) in first
+    assert "dropout" in note
+
+
+def test_describe_names_each_schedule():
+    config = TrainConfig.from_recipe("book", epochs=4)
+    assert "adam lr 0.001, constant" in training.describe(config, 1000)
+    config = TrainConfig.from_recipe("book", epochs=4, lr_schedule="step")
+    assert "x0.1 at steps 20 and 30" in training.describe(config, 1000)  # 40 steps: at 1/2 and 3/4
+
+
+def test_time_left_counts_the_remaining_steps_and_evaluations(monkeypatch, reference):
+    clock = iter(range(10 ** 6))  # every reading of the clock one second later than the one before
+    monkeypatch.setattr(training.time, "perf_counter", lambda: float(next(clock)))
+    config = TrainConfig.from_recipe("book", epochs=3, batch_size=25, dtype="float32", eval_train_size=10)
+    seen = []
+
+    def record(run):
+        records = run.history["epochs"]
+        step_seconds = (sum(r["total_seconds"] - r["seconds"]["evaluate"] for r in records)
+                        + run.totals["train_seconds"])
+        steps_done = len(records) * run.steps_per_epoch + run.step
+        seen.append((run.seconds_left(), records[-1]["seconds"]["evaluate"] if records else None,
+                     step_seconds / steps_done, run.epoch, run.step))
+
+    Training(config, seed=0, data=small_data(), log=quiet).run(on_step=record)
+    # 3 epochs of 2 steps; after epoch 1 an evaluation has been timed
+    left, evaluation, per_step, epoch, step = seen[2]
+    assert (epoch, step) == (1, 1) and evaluation > 0
+    assert left == pytest.approx(3 * per_step + 2 * evaluation)  # 3 steps and 2 evaluations to go
+    left, evaluation, _, epoch, step = seen[-1]
+    assert (epoch, step) == (2, 2) and left == pytest.approx(evaluation)  # only the last evaluation
 
 
 def test_ensemble_averages_the_members_softmax(synthetic_dir, tmp_path, capsys):
@@ -469,6 +688,7 @@ def test_recipe_best_sets_augmentation_and_cosine_decay(synthetic_dir, tmp_path)
     assert read_json(out / "history.json")["epochs"][0]["seconds"]["augment"] > 0
 
 
+@needs_sigint
 def test_sigint_to_the_process_checkpoints_and_exits_130(synthetic_dir, tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, "-u", "-m", "fastconv", "train", "--quiet", "--data-dir", str(synthetic_dir),

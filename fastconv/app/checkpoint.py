@@ -9,30 +9,71 @@ continued from it takes exactly the steps it would have taken uninterrupted.
 """
 import json
 import os
-import tempfile
+import re
+import secrets
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["save_checkpoint", "load_checkpoint", "restore_state", "capture_rng", "restore_rng", "write_atomically"]
+__all__ = ["save_checkpoint", "load_checkpoint", "restore_state", "capture_rng", "restore_rng", "write_atomically",
+           "remove_temporaries", "CheckpointError"]
 
 _FORMAT = 1
+
+
+_TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{16}\.tmp$")  # the names write_atomically writes to
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is damaged, truncated or not a checkpoint."""
 
 
 def write_atomically(path, write):
     """Call ``write(file)`` on a temporary file next to ``path``, then rename it to ``path``.
 
-    Readers see the old file or the complete new one, never a partial one.
+    Readers see the old file or the complete new one, never a partial one:
+    the data reaches the disk (fsync) before the rename, and the rename
+    before this returns. The file gets the mode any new file gets (0666
+    less the umask). A process killed during the write can leave its
+    temporary file (``.NAME.<hex>.tmp``); ``remove_temporaries`` clears them.
     """
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
-        os.replace(tmp_name, path)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+        _sync_folder(path.parent)
     finally:
-        if os.path.exists(tmp_name):
-            os.remove(tmp_name)
+        if temporary.exists():
+            temporary.unlink()
+
+
+def _sync_folder(folder):
+    """Make a rename in ``folder`` durable; a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_temporaries(folder):
+    """Delete the temporary files that ``write_atomically`` calls in ``folder`` left behind; return them."""
+    folder = Path(folder)
+    stale = [p for p in folder.glob(".*.tmp") if _TEMPORARY.match(p.name) and p.is_file()] if folder.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def capture_rng(generator):
@@ -101,16 +142,22 @@ def load_checkpoint(path):
     """Read a checkpoint: a dict with ``params``, ``order`` (None if absent), ``meta`` and ``state``.
 
     ``state`` goes to ``restore_state`` together with the optimizer and the
-    generator of the run being continued.
+    generator of the run being continued. Raises ``CheckpointError`` naming
+    the file when it is truncated, damaged or not a checkpoint.
     """
-    with np.load(path, allow_pickle=False) as data:
-        arrays = {key: data[key] for key in data.files}
-    document = json.loads(str(arrays.pop("document")))
-    if document.get("format") != _FORMAT:
-        raise ValueError(f"{path}: checkpoint format {document.get('format')!r} is not {_FORMAT}")
-    params = {key[len("param."):]: value for key, value in arrays.items() if key.startswith("param.")}
-    state = {"arrays": arrays, "optimizer": document["optimizer"], "rng": document["rng"]}
-    return {"params": params, "order": arrays.get("order"), "meta": document["meta"], "state": state}
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+        document = json.loads(str(arrays.pop("document")))
+        if document.get("format") != _FORMAT:
+            raise CheckpointError(f"{path}: checkpoint format {document.get('format')!r} is not {_FORMAT}")
+        params = {key[len("param."):]: value for key, value in arrays.items() if key.startswith("param.")}
+        state = {"arrays": arrays, "optimizer": document["optimizer"], "rng": document["rng"]}
+        return {"params": params, "order": arrays.get("order"), "meta": document["meta"], "state": state}
+    except CheckpointError:
+        raise
+    except (OSError, EOFError, ValueError, KeyError, AttributeError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc})") from None
 
 
 def restore_state(state, optimizer, generator):

@@ -1,15 +1,24 @@
 """The ``fastconv`` command line.
 
-Exit codes: 0 success, 1 unexpected failure, 2 bad arguments (or an output
-folder that does not fit them), 3 MNIST missing (and not downloadable) or unreadable,
-130 interrupted by Ctrl-C (a checkpoint is saved; continue with --resume).
+Exit codes of ``fastconv train``:
+
+- 0 success
+- 1 unexpected failure (or the app's dependencies are not installed)
+- 2 bad arguments, or an output folder that does not fit them (it holds
+  another run, cannot be written, has a damaged checkpoint, or the run
+  recorded other MNIST files than those found)
+- 3 MNIST missing (and not downloadable) or unreadable
+- 4 the training diverged (the loss became NaN or infinite)
+- 130 interrupted by Ctrl-C (a checkpoint is saved; continue with --resume)
 """
 import argparse
 import contextlib
+import shlex
 import sys
 import time
+from pathlib import Path
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_NO_DATA, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_NO_DATA, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
 # TrainConfig settings that have a command-line option; None means "not given".
 _TRAIN_SETTINGS = ("recipe", "epochs", "batch_size", "optimizer", "lr", "lr_schedule", "lr_min", "augment",
@@ -46,12 +55,14 @@ def _add_train_parser(commands):
     train.add_argument("--eval-train-size", type=int, metavar="N",
                        help="training images scored after each epoch (default 10000)")
     train.add_argument("--backend", help="kernel backend (default: the fastest available; see `fastconv info`)")
-    train.add_argument("--data-dir", help="folder with the four MNIST .gz files (else $FASTCONV_DATA, "
-                                          "the user cache, or a download)")
+    train.add_argument("--data-dir", help="folder with the four MNIST .gz files (without it: $FASTCONV_DATA, "
+                                          "the user cache, or a download; with --resume: the run's own)")
     train.add_argument("--no-download", action="store_true", help="fail instead of downloading missing MNIST files")
     train.add_argument("--out", help="output folder (default runs/train-YYYYmmdd-HHMMSS)")
     train.add_argument("--resume", action="store_true",
-                       help="continue the interrupted run in --out from its checkpoint, with its settings")
+                       help="continue the interrupted run in --out from its checkpoint, with its settings and data")
+    train.add_argument("--overwrite", action="store_true",
+                       help="let a new run delete the run already in --out (without it, a used --out is refused)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -65,6 +76,20 @@ def build_parser():
 
 def _error(message):
     print(f"fastconv train: error: {message}", file=sys.stderr)
+
+
+def _resume_command(args, out):
+    """The command that continues this run, with the options that say where and how it ran."""
+    words = ["fastconv", "train", "--resume", "--out", str(out)]
+    if args.data_dir:
+        words += ["--data-dir", args.data_dir]
+    if args.no_download:
+        words.append("--no-download")
+    if args.backend:
+        words += ["--backend", args.backend]
+    if args.quiet:
+        words.append("--quiet")
+    return " ".join(shlex.quote(word) for word in words)
 
 
 def _missing_app_dependencies():
@@ -88,7 +113,8 @@ def _train(args):
         return EXIT_FAILURE
     import fastconv
     from fastconv.app import runs
-    from fastconv.app.training import TrainConfig
+    from fastconv.app.checkpoint import CheckpointError
+    from fastconv.app.training import TrainConfig, TrainingDiverged
     from fastconv.datasets import MNISTFormatError, MNISTNotFoundError
 
     given = {name: getattr(args, name) for name in _TRAIN_SETTINGS if getattr(args, name) is not None}
@@ -116,18 +142,28 @@ def _train(args):
     backend = fastconv.use_backend(args.backend) if args.backend else contextlib.nullcontext()
     try:
         with backend:
-            runs.run(config, out, resume=args.resume, data_dir=args.data_dir, download=not args.no_download,
-                     progress=not args.quiet)
+            runs.run(config, out, resume=args.resume, overwrite=args.overwrite, data_dir=args.data_dir,
+                     download=not args.no_download, progress=not args.quiet)
     except runs.RunError as exc:
         _error(exc)
+        return EXIT_USAGE
+    except CheckpointError as exc:
+        _error(f"{exc}; move it away to start that model over with --resume")
         return EXIT_USAGE
     except (MNISTNotFoundError, MNISTFormatError) as exc:
         _error(exc)
         return EXIT_NO_DATA
+    except TrainingDiverged as exc:
+        _error(exc)
+        return EXIT_DIVERGED
     except KeyboardInterrupt:
         saved = runs.checkpoints(out)
-        where = f"a checkpoint is saved in {saved[0].parent}" if saved else "no checkpoint was written yet"
-        print(f"\ninterrupted: {where}; continue with\n  fastconv train --resume --out {out}", file=sys.stderr)
+        if not (Path(out) / runs.CONFIG).is_file():
+            print("\ninterrupted before the run started; nothing was written", file=sys.stderr)
+        else:
+            where = (f"a checkpoint is saved in {saved[0].parent}" if saved
+                     else "no checkpoint was written yet, so it starts over")
+            print(f"\ninterrupted: {where}; continue with\n  {_resume_command(args, out)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     return EXIT_OK
 

@@ -1,4 +1,7 @@
-"""PNG figures of a training run, drawn with matplotlib's Agg canvas (no display, no pyplot state)."""
+"""PNG figures of a training run, drawn with matplotlib's Agg canvas (no display, no pyplot state).
+
+Each function writes to ``file``: a path or a binary file object.
+"""
 import numpy as np
 
 from fastconv.util import smooth_curve
@@ -16,8 +19,8 @@ def _figure(width, height):
     return figure
 
 
-def plot_learning_curves(history, path):
-    """Loss per step (raw and smoothed) and train/test accuracy per epoch, side by side."""
+def plot_learning_curves(history, file, title=None):
+    """Loss per step (raw and smoothed) and train/test accuracy per epoch, side by side, under ``title``."""
     from matplotlib.ticker import MaxNLocator
 
     figure = _figure(11, 4)
@@ -29,7 +32,8 @@ def plot_learning_curves(history, path):
     if step_loss.size >= 11:
         loss_axes.plot(steps, smooth_curve(step_loss), color="C0", label="smoothed")
     positive = step_loss.size and step_loss.min() > 0
-    loss_axes.set(xlabel="step", ylabel="training loss", yscale="log" if positive else "linear")
+    loss_axes.set(xlabel="step", ylabel="training loss (dropout on, as trained)",
+                  yscale="log" if positive else "linear")
     loss_axes.legend()
 
     records = history["epochs"]
@@ -40,11 +44,13 @@ def plot_learning_curves(history, path):
     accuracy_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     accuracy_axes.grid(alpha=0.3)
     accuracy_axes.legend(loc="lower right")
+    if title:
+        figure.suptitle(title, fontsize=10)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    figure.savefig(file, format="png", dpi=100)
 
 
-def plot_misclassified(images, labels, predicted, path, limit=100, columns=10):
+def plot_misclassified(images, labels, predicted, file, limit=100, columns=10):
     """A grid of the first ``limit`` misclassified images, each titled with its true and predicted label."""
     labels = np.asarray(labels)
     predicted = np.asarray(predicted)
@@ -61,4 +67,4 @@ def plot_misclassified(images, labels, predicted, path, limit=100, columns=10):
         axes.set_xticks([])
         axes.set_yticks([])
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    figure.savefig(file, format="png", dpi=100)

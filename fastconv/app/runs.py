@@ -3,6 +3,7 @@
 Layout of ``out/`` for one model::
 
     config.json        the settings (read back by --resume)
+    data.json          where the MNIST files came from, with their SHA-256 (a resumed run must find the same)
     params.npz         the trained parameters (DeepConvNet.load_params reads them)
     history.json       per-epoch accuracies, losses and time split, per-step losses, final result
     curves.png         learning curves
@@ -12,40 +13,87 @@ Layout of ``out/`` for one model::
 With ``--ensemble N`` each member trains in ``out/member-K/`` (its own
 params, history, curves and checkpoint) and ``out/history.json`` holds the
 members' and the ensemble's test accuracy.
+
+A run is never overwritten or mixed with another: a new run needs a folder
+that does not exist or is empty (``overwrite=True`` first deletes the files
+of the run there, and nothing else), and nothing is written until the data
+has loaded. A new run that fails before it has saved anything removes what
+it wrote.
 """
+import hashlib
 import json
+import os
+import re
 import time
 from pathlib import Path
 
 import numpy as np
 
 import fastconv
-from fastconv.app.checkpoint import write_atomically
+from fastconv.app.checkpoint import remove_temporaries, write_atomically
 from fastconv.app.plots import plot_learning_curves, plot_misclassified
-from fastconv.app.training import TrainConfig, Training, predict_proba
-from fastconv.datasets import load_mnist
+from fastconv.app.training import LOSS_NOTE, TrainConfig, Training, describe, predict_proba
+from fastconv.datasets import find_mnist, load_mnist, locate_mnist, mnist_file_paths
 from fastconv.models import DeepConvNet
 
-__all__ = ["run", "load_data", "saved_config", "checkpoints", "RunError", "CHECKPOINT"]
+__all__ = ["run", "load_data", "saved_config", "checkpoints", "RunError", "CHECKPOINT", "DATA"]
 
 CONFIG = "config.json"
+DATA = "data.json"
 CHECKPOINT = "checkpoint.npz"
 PARAMS = "params.npz"
 HISTORY = "history.json"
 CURVES = "curves.png"
 MISCLASSIFIED = "misclassified.png"
+_RUN_FILES = (CONFIG, DATA, CHECKPOINT, PARAMS, HISTORY, CURVES, MISCLASSIFIED)
+_MEMBER_FOLDER = re.compile(r"^member-[1-9][0-9]*$")
+_HASH_CHUNK = 1 << 20
 
 
 class RunError(Exception):
     """The output folder does not fit the request (e.g. resume without a checkpoint)."""
 
 
-def load_data(config, data_dir=None, download=True):
-    """MNIST as (N, 1, 28, 28) float32 images and class labels, cut to the config's limits."""
-    (x_train, t_train), (x_test, t_test) = load_mnist(normalize=True, flatten=False, data_dir=data_dir,
-                                                      download=download)
-    return ((x_train[:config.limit_train], t_train[:config.limit_train]),
+# -- the data a run trains on ------------------------------------------------------------------------
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_HASH_CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_data(config, data_dir=None, download=True, recorded=None):
+    """MNIST cut to the config's limits, and a record of where it came from.
+
+    Returns ``(((x_train, t_train), (x_test, t_test)), source)``: images
+    (N, 1, 28, 28) float32, class labels, and ``source`` = ``{"folder",
+    "sha256": {file name: digest}}``. With ``recorded`` (the source of an
+    earlier start of the run) the files must be the same: without
+    ``data_dir`` they are looked for in the recorded folder first, and
+    other files are refused with ``RunError``.
+    """
+    if recorded is not None and data_dir is None and find_mnist(recorded["folder"]) is not None:
+        data_dir = recorded["folder"]
+    folder = locate_mnist(data_dir, download=download)
+    source = {"folder": str(Path(folder).resolve()),
+              "sha256": {name: _sha256(path) for name, path in mnist_file_paths(folder).items()}}
+    if recorded is not None and source["sha256"] != recorded["sha256"]:
+        differing = sorted(name for name in set(recorded["sha256"]) | set(source["sha256"])
+                           if recorded["sha256"].get(name) != source["sha256"].get(name))
+        raise RunError(f"the MNIST files in {source['folder']} are not the ones this run trained on "
+                       f"({', '.join(differing)} differ from the SHA-256 recorded in {DATA}, taken in "
+                       f"{recorded['folder']}); give --data-dir a folder with the run's files")
+    (x_train, t_train), (x_test, t_test) = load_mnist(normalize=True, flatten=False, data_dir=folder,
+                                                      download=False)
+    data = ((x_train[:config.limit_train], t_train[:config.limit_train]),
             (x_test[:config.limit_test], t_test[:config.limit_test]))
+    return data, source
+
+
+# -- the folder --------------------------------------------------------------------------------------
 
 
 def _member_dirs(out, config):
@@ -68,7 +116,10 @@ def saved_config(out):
     path = Path(out) / CONFIG
     if not path.is_file():
         raise RunError(f"nothing to resume in {out}: no {CONFIG}")
-    return TrainConfig.from_dict(_read_json(path))
+    try:
+        return TrainConfig.from_dict(_read_json(path))
+    except (OSError, ValueError, TypeError) as exc:
+        raise RunError(f"{path} is not readable ({exc})") from None
 
 
 def checkpoints(out):
@@ -77,9 +128,45 @@ def checkpoints(out):
     return sorted(out.glob(CHECKPOINT)) + sorted(out.glob(f"member-*/{CHECKPOINT}"))
 
 
-def _prepare(out, config, resume):
-    """Check the folder against the request; return the settings to run with."""
+def _check_writable(out):
+    """Raise ``RunError`` unless ``out`` is a folder, or can be made one, that this process can write in."""
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is a file, not a folder")
+    place = out if out.exists() else next(p for p in out.absolute().parents if p.exists())
+    if not place.is_dir():
+        raise RunError(f"--out {out}: {place} is a file, not a folder")
+    if not os.access(place, os.W_OK | os.X_OK):
+        raise RunError(f"--out {out}: no permission to write in {place}")
+
+
+def _foreign_entries(out):
+    """What in ``out`` is not a file of a run (so ``overwrite`` must not delete it)."""
+    foreign = []
+    for entry in sorted(out.iterdir()):
+        if entry.is_file() and entry.name in _RUN_FILES:
+            continue
+        if entry.is_dir() and _MEMBER_FOLDER.match(entry.name):
+            foreign += [inner for inner in sorted(entry.iterdir())
+                        if not (inner.is_file() and inner.name in _RUN_FILES)]
+            continue
+        foreign.append(entry)
+    return foreign
+
+
+def _describe_contents(out):
+    if checkpoints(out) or ((out / CONFIG).is_file() and not (out / HISTORY).is_file()):
+        return "an unfinished run (continue it with --resume)"
+    if (out / HISTORY).is_file():
+        return "a finished run"
+    return "other files"
+
+
+def _prepare(out, config, resume, overwrite):
+    """Check the folder against the request, before anything is loaded or written; return the settings."""
+    _check_writable(out)
     if resume:
+        if overwrite:
+            raise RunError("--overwrite starts a new run; it does not go with --resume")
         saved = saved_config(out)
         if config is not None and config != saved:
             changed = [f"{k}={v!r} (saved {getattr(saved, k)!r})" for k, v in config.to_dict().items()
@@ -88,20 +175,91 @@ def _prepare(out, config, resume):
         return saved
     if config is None:
         raise RunError("no settings given")
-    unfinished = checkpoints(out)
-    if unfinished:
-        raise RunError(f"{out} holds an unfinished run ({unfinished[0]}); "
-                       "continue it with --resume, or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / CONFIG, config.to_dict())
+    if out.is_dir():
+        remove_temporaries(out)
+        if any(out.iterdir()):
+            if not overwrite:
+                raise RunError(f"{out} already holds {_describe_contents(out)}; choose another --out, "
+                               "or replace it with --overwrite")
+            foreign = _foreign_entries(out)
+            if foreign:
+                raise RunError(f"--overwrite deletes only the files of a run, and {out} holds others too "
+                               f"({', '.join(str(p) for p in foreign[:3])}); choose another --out")
     return config
 
 
-def _completed(folder):
+def _delete_run_files(out):
+    """Delete the files of a run in ``out`` (only those; ``_foreign_entries`` found no others)."""
+    for entry in out.iterdir():
+        if entry.is_dir() and _MEMBER_FOLDER.match(entry.name):
+            for inner in entry.iterdir():
+                if inner.name in _RUN_FILES:
+                    inner.unlink()
+            entry.rmdir()
+        elif entry.name in _RUN_FILES:
+            entry.unlink()
+
+
+def _start(out, config, source, overwrite):
+    """Create the folder of a new run; return the folders this call created (to undo a failed start)."""
+    if overwrite and out.is_dir():
+        _delete_run_files(out)
+    created = [p for p in [out, *out.parents] if not p.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunError(f"--out {out}: cannot create the folder ({exc})") from None
+    _write_json(out / CONFIG, config.to_dict())
+    _write_json(out / DATA, source)
+    return created
+
+
+def _undo_start(out, config, created):
+    """Remove what a new run wrote, when it failed before saving any training progress."""
+    folders = _member_dirs(out, config)
+    if any((folder / name).exists() for folder in folders for name in (CHECKPOINT, PARAMS)):
+        return
+    for folder in folders:
+        remove_temporaries(folder)
+        for name in _RUN_FILES:
+            (folder / name).unlink(missing_ok=True)
+        if folder != out and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    for folder in created:  # innermost first
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+# -- training ----------------------------------------------------------------------------------------
+
+
+def _same_training(history, config, seed):
+    """Whether a finished member's history was trained with these settings and seed."""
+    if history.get("seed") != seed:
+        return False
+    trained = history.get("config")
+    if trained is None:  # written before histories held their settings
+        return True
+    ignore = ("ensemble", "seed")  # members are single runs with their own seeds
+    return ({k: v for k, v in trained.items() if k not in ignore}
+            == {k: v for k, v in config.to_dict().items() if k not in ignore})
+
+
+def _completed(folder, config, seed):
     if not (folder / HISTORY).is_file() or not (folder / PARAMS).is_file():
         return None
     history = _read_json(folder / HISTORY)
-    return history if history.get("completed") else None
+    if not history.get("completed"):
+        return None
+    if not _same_training(history, config, seed):
+        raise RunError(f"{folder} holds a model trained with other settings or another seed than this run's "
+                       f"(seed {seed}); it cannot be part of this run")
+    return history
+
+
+def _title(config, seed, train_images, test_acc, test_images):
+    return (f"DeepConvNet on {train_images} MNIST images, seed {seed}: {100 * test_acc:.2f} % on {test_images} "
+            f"test images\n{describe(config, train_images)}")
 
 
 def _train_member(folder, config, seed, data, resume, progress, log, on_step):
@@ -114,15 +272,30 @@ def _train_member(folder, config, seed, data, resume, progress, log, on_step):
     else:
         training = Training(config, seed, data, checkpoint_path=checkpoint, progress=progress, log=log)
     training.run(on_step=on_step)
-
-    history = dict(training.history, completed=True, test_acc=training.history["epochs"][-1]["test_acc"],
-                   test_images=int(data[1][0].shape[0]), dtype=config.dtype, backend=fastconv.get_backend(),
-                   training_seconds=sum(r["total_seconds"] for r in training.history["epochs"]))
-    training.network.save_params(folder / PARAMS)
-    plot_learning_curves(history, folder / CURVES)
-    _write_json(folder / HISTORY, history)
-    checkpoint.unlink(missing_ok=True)
+    params, history = member_outcome(training, data)
+    write_member(folder, config, seed, data, params, history)
     return training.network, history, training.test_proba
+
+
+def member_outcome(training, data):
+    """The parameters and the final history of a finished ``Training`` on ``data``."""
+    config, (_, (x_test, _)) = training.config, data
+    test_acc = training.history["epochs"][-1]["test_acc"]
+    history = dict(training.history, completed=True, config=config.to_dict(), test_acc=test_acc,
+                   test_images=int(x_test.shape[0]), dtype=config.dtype, backend=fastconv.get_backend(),
+                   training_seconds=sum(r["total_seconds"] for r in training.history["epochs"]))
+    params = {key: np.asarray(value) for key, value in training.network.params.items()}
+    return params, history
+
+
+def write_member(folder, config, seed, data, params, history):
+    """Write a finished model's parameters, curves and history to ``folder``; drop its checkpoint."""
+    (x_train, _), (x_test, _) = data
+    write_atomically(folder / PARAMS, lambda f: np.savez(f, **params))
+    title = _title(config, seed, x_train.shape[0], history["test_acc"], x_test.shape[0])
+    write_atomically(folder / CURVES, lambda f: plot_learning_curves(history, f, title=title))
+    _write_json(folder / HISTORY, history)
+    (folder / CHECKPOINT).unlink(missing_ok=True)
 
 
 def _load_member(folder, history, config, x_test):
@@ -131,39 +304,72 @@ def _load_member(folder, history, config, x_test):
     return network, history, predict_proba(network, x_test)
 
 
-def run(config, out, *, resume=False, data_dir=None, download=True, progress=True, log=print, on_step=None):
+def run(config, out, *, resume=False, overwrite=False, data_dir=None, download=True, progress=True, log=print,
+        on_step=None, parallel=None):
     """Train, evaluate and write the output folder ``out``; return the final summary (a dict).
 
     ``config`` is a ``TrainConfig`` (None with ``resume``: the saved one is
-    used). ``on_step(training)`` is called after every step. A
+    used). ``overwrite`` lets a new run replace the run in ``out``.
+    ``on_step(training)`` is called after every step. A
     ``KeyboardInterrupt`` leaves a checkpoint in ``out`` and propagates.
+    ``parallel`` (a ``fastconv.app.parallel.ParallelTraining``) trains the
+    models that are not finished as independent tasks on its executor
+    (``on_step`` and the per-epoch bars are then not used).
     """
     started = time.perf_counter()
     out = Path(out)
-    config = _prepare(out, config, resume)
-    data = load_data(config, data_dir, download)
-    (_, _), (x_test, t_test) = data
-    log(f"training DeepConvNet on {data[0][0].shape[0]} images, testing on {x_test.shape[0]}; "
-        f"backend {fastconv.get_backend()}, {config.dtype}, recipe {config.recipe}: {config.epochs} epochs, "
-        f"batch {config.batch_size}, {config.optimizer} lr {config.lr:g} ({config.lr_schedule}), "
-        f"augment {'on' if config.augment else 'off'}, seed {config.seed}"
-        + (f", ensemble of {config.ensemble}" if config.ensemble > 1 else ""))
+    config = _prepare(out, config, resume, overwrite)
+    recorded = _read_json(out / DATA) if resume and (out / DATA).is_file() else None
+    data, source = load_data(config, data_dir, download, recorded)
+    if resume:
+        for folder in _member_dirs(out, config):
+            remove_temporaries(folder)
+        if recorded is None:  # a folder assembled by hand, or written before data sources were recorded
+            _write_json(out / DATA, source)
+        created = None
+    else:
+        created = _start(out, config, source, overwrite)
+    try:
+        return _run(out, config, data, source, resume, progress, log, on_step, started, parallel)
+    except Exception:
+        if created is not None:
+            _undo_start(out, config, created)
+        raise
 
-    members = []
+
+def _run(out, config, data, source, resume, progress, log, on_step, started, parallel=None):
+    (x_train, _), (x_test, t_test) = data
+    log(f"training DeepConvNet on {x_train.shape[0]} images from {source['folder']}, testing on "
+        f"{x_test.shape[0]}; backend {fastconv.get_backend()}; {describe(config, x_train.shape[0])}, seed "
+        f"{config.seed}" + (f", ensemble of {config.ensemble}" if config.ensemble > 1 else "")
+        + (f"; {parallel.description}" if parallel is not None else ""))
+    log(f"note: {LOSS_NOTE}")
+    if fastconv.get_backend() == "numba":
+        log("numba backend: its kernels compile during the first steps (about 15 s; the machine code is "
+            "cached for later runs)")
+
+    members, waiting = [], []
     for k, folder in enumerate(_member_dirs(out, config)):
         seed = config.seed + k
-        done = _completed(folder) if resume else None
+        done = _completed(folder, config, seed) if resume else None
         if config.ensemble > 1:
             log(f"member {k + 1}/{config.ensemble} (seed {seed})" + (": already trained" if done else ""))
         if done:
             members.append(_load_member(folder, done, config, x_test))
+        elif parallel is not None:
+            members.append(None)
+            waiting.append((k, folder, seed))
         else:
             members.append(_train_member(folder, config, seed, data, resume, progress, log, on_step))
+    if waiting:
+        trained = parallel.train(config, source, data, [(folder, seed) for _, folder, seed in waiting], out, log)
+        for (k, _, _), member in zip(waiting, trained):
+            members[k] = member
 
     probabilities = np.mean([proba for _, _, proba in members], axis=0)
     predicted = probabilities.argmax(axis=1)
     test_acc = float(np.mean(predicted == t_test))
-    plot_misclassified(x_test, t_test, predicted, out / MISCLASSIFIED)
+    write_atomically(out / MISCLASSIFIED, lambda f: plot_misclassified(x_test, t_test, predicted, f))
     wall = time.perf_counter() - started
 
     files = []

@@ -1,10 +1,10 @@
 """Learning-rate schedules: the learning rate as a function of the training step.
 
 A schedule is called with the step index (0 for the first update) and
-returns the learning rate for that update; the training loop assigns it to
-``optimizer.lr`` before every update. Every optimizer of
-``fastconv.optimizer`` reads ``self.lr`` at each update, so this is all the
-decay needs.
+returns the learning rate for that update (``describe()`` says it in
+words); the training loop assigns it to ``optimizer.lr`` before every
+update. Every optimizer of ``fastconv.optimizer`` reads ``self.lr`` at
+each update, so this is all the decay needs.
 """
 import math
 
@@ -22,6 +22,9 @@ class Constant:
 
     def __repr__(self):
         return f"Constant(lr={self.lr:g})"
+
+    def describe(self):
+        return f"lr {self.lr:g}, constant"
 
 
 class StepDecay:
@@ -43,6 +46,10 @@ class StepDecay:
     def __repr__(self):
         return f"StepDecay(lr={self.lr:g}, factor={self.factor:g}, boundaries={self.boundaries})"
 
+    def describe(self):
+        steps = " and ".join(str(b) for b in self.boundaries)
+        return f"lr {self.lr:g}, x{self.factor:g} at steps {steps}"
+
 
 class CosineDecay:
     """Half a cosine from ``lr`` at step 0 down to ``lr_min`` at the last step.
@@ -61,6 +68,9 @@ class CosineDecay:
 
     def __repr__(self):
         return f"CosineDecay(lr={self.lr:g}, lr_min={self.lr_min:g}, steps={self.last_step + 1})"
+
+    def describe(self):
+        return f"lr {self.lr:g} decayed along a cosine to {self.lr_min:g}"
 
 
 SCHEDULES = ("none", "step", "cosine")

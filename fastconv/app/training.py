@@ -18,13 +18,14 @@ import numpy as np
 
 from fastconv.app._interrupts import deferred_interrupts
 from fastconv.app.augment import RandomAffine
-from fastconv.app.checkpoint import capture_rng, load_checkpoint, restore_state, save_checkpoint
+from fastconv.app.checkpoint import CheckpointError, capture_rng, load_checkpoint, restore_state, save_checkpoint
 from fastconv.app.schedules import SCHEDULES, make_schedule
 from fastconv.functions import softmax
 from fastconv.models import DeepConvNet
 from fastconv.optimizer import OPTIMIZERS
 
-__all__ = ["TrainConfig", "RECIPES", "Training", "predict_proba", "PHASES"]
+__all__ = ["TrainConfig", "RECIPES", "Training", "TrainingDiverged", "predict_proba", "describe", "steps_per_epoch",
+           "PHASES", "LOSS_NOTE"]
 
 # Training recipes; options given explicitly override them.
 RECIPES = {
@@ -39,6 +40,19 @@ RECIPES = {
 
 # Where the time of an epoch goes; recorded per epoch in the history.
 PHASES = ("data", "augment", "forward", "backward", "update", "evaluate")
+
+# Why the training loss looks high next to the accuracies; said wherever the loss is shown.
+LOSS_NOTE = ("the training loss is measured as trained, with dropout on; the book's network also drops half of "
+             "its output scores, so this loss stays far above what the accuracies (measured without dropout) suggest")
+
+
+class TrainingDiverged(ArithmeticError):
+    """The training loss became NaN or infinite: the parameters are no longer usable."""
+
+
+def steps_per_epoch(train_images, batch_size):
+    """Updates per epoch: every image once, the last batch possibly smaller."""
+    return math.ceil(train_images / batch_size)
 
 
 @dataclasses.dataclass
@@ -81,8 +95,9 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not self.lr > 0 or (self.lr_min is not None and not 0 <= self.lr_min <= self.lr):
-            raise ValueError(f"need lr > 0 and 0 <= lr_min <= lr, got lr={self.lr}, lr_min={self.lr_min}")
+        lr_min_ok = self.lr_min is None or (math.isfinite(self.lr_min) and 0 <= self.lr_min <= self.lr)
+        if not (math.isfinite(self.lr) and self.lr > 0) or not lr_min_ok:
+            raise ValueError(f"need a finite lr > 0 and 0 <= lr_min <= lr, got lr={self.lr}, lr_min={self.lr_min}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {sorted(OPTIMIZERS)}")
         if self.lr_schedule not in SCHEDULES:
@@ -105,11 +120,26 @@ class TrainConfig:
         return cls(**values).validated()
 
 
-def predict_proba(network, x, batch_size=100):
-    """Softmax outputs of ``network`` (inference mode) for all of ``x``, in batches."""
-    chunks = [softmax(network.predict(x[start:start + batch_size], train_flg=False))
-              for start in range(0, x.shape[0], batch_size)]
+def predict_proba(network, x, batch_size=100, on_batch=None):
+    """Softmax outputs of ``network`` (inference mode) for all of ``x``, in batches.
+
+    ``on_batch(n)`` is called after each batch of ``n`` images.
+    """
+    chunks = []
+    for start in range(0, x.shape[0], batch_size):
+        chunks.append(softmax(network.predict(x[start:start + batch_size], train_flg=False)))
+        if on_batch is not None:
+            on_batch(chunks[-1].shape[0])
     return np.concatenate(chunks)
+
+
+def describe(config, train_images):
+    """The training settings in words (all but the seed), as a run's log and figures say them."""
+    schedule = make_schedule(config.lr_schedule, config.lr,
+                             config.epochs * steps_per_epoch(train_images, config.batch_size), config.lr_min)
+    epochs = f"{config.epochs} epoch" + ("s" if config.epochs != 1 else "")
+    return (f"recipe {config.recipe}: {epochs}, batch {config.batch_size}, {config.optimizer} "
+            f"{schedule.describe()}, augmentation {'on' if config.augment else 'off'}, {config.dtype}")
 
 
 def _fresh_epoch_totals():
@@ -140,7 +170,7 @@ class Training:
         self.augmenter = None
         if config.augment:
             self.augmenter = RandomAffine(config.shift, config.rotation, (config.scale_min, config.scale_max), self.rng)
-        self.steps_per_epoch = math.ceil(self.x_train.shape[0] / config.batch_size)
+        self.steps_per_epoch = steps_per_epoch(self.x_train.shape[0], config.batch_size)
         self.schedule = make_schedule(config.lr_schedule, config.lr, config.epochs * self.steps_per_epoch,
                                       config.lr_min)
 
@@ -183,12 +213,10 @@ class Training:
         return self
 
     def _train_epoch(self, on_step):
-        from tqdm import tqdm  # here, so the command line can say it is missing before it is needed
-
         cfg = self.config
         seconds = self.totals["seconds"]
-        bar = tqdm(total=self.steps_per_epoch, initial=self.step, unit="step", leave=False,
-                   desc=f"epoch {self.epoch + 1}/{cfg.epochs}", disable=not self.progress)
+        bar = self._bar(total=self.steps_per_epoch, initial=self.step, unit="step",
+                        desc=f"epoch {self.epoch + 1}/{cfg.epochs}")
         try:
             while self.step < self.steps_per_epoch:
                 started = time.perf_counter()
@@ -200,6 +228,11 @@ class Training:
                     x = self.augmenter(x)
                 after_augment = time.perf_counter()
                 loss = float(self.network.loss(x, t))
+                if not math.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"the training loss became {loss} at epoch {self.epoch + 1}, step {self.step + 1} "
+                        f"(learning rate {lr:g}); the parameters are no longer usable: train again with a lower "
+                        f"learning rate")
                 after_forward = time.perf_counter()
                 grads = self.network.backward()
                 after_backward = time.perf_counter()
@@ -222,7 +255,8 @@ class Training:
                 if self.progress:
                     bar.set_postfix({"loss": f"{self.totals['loss_sum'] / self.totals['images']:.4f}",
                                      "lr": f"{lr:.2e}",
-                                     "img/s": f"{self.totals['images'] / self.totals['train_seconds']:.0f}"},
+                                     "img/s": f"{self.totals['images'] / self.totals['train_seconds']:.0f}",
+                                     "run left": bar.format_interval(self.seconds_left())},
                                     refresh=False)
                     bar.update()
                 if on_step is not None:
@@ -230,12 +264,46 @@ class Training:
         finally:
             bar.close()
 
+    def _bar(self, **kwargs):
+        from tqdm import tqdm  # here, so the command line can say it is missing before it is needed
+
+        return tqdm(leave=False, disable=not self.progress, **kwargs)
+
+    def _evaluated_images(self):
+        return min(self.config.eval_train_size, self.x_train.shape[0]) + self.x_test.shape[0]
+
+    def seconds_left(self):
+        """An estimate of the time the rest of the run takes: its steps and its evaluations.
+
+        Steps take what the steps so far took on average; an evaluation what
+        the last one took, or before the first, what the forward passes of
+        as many training images took.
+        """
+        records = self.history["epochs"]
+        steps_done = len(records) * self.steps_per_epoch + self.step
+        step_seconds = self.totals["train_seconds"] + sum(r["total_seconds"] - r["seconds"]["evaluate"]
+                                                          for r in records)
+        if steps_done == 0:
+            return 0.0
+        steps_left = (self.config.epochs - self.epoch) * self.steps_per_epoch - self.step
+        if records:
+            evaluation = records[-1]["seconds"]["evaluate"]
+        else:
+            forward_per_image = self.totals["seconds"]["forward"] / max(self.totals["images"], 1)
+            evaluation = forward_per_image * self._evaluated_images()
+        return steps_left * step_seconds / steps_done + (self.config.epochs - self.epoch) * evaluation
+
     def _end_epoch(self):
         cfg = self.config
         started = time.perf_counter()
         n_eval = min(cfg.eval_train_size, self.x_train.shape[0])
-        train_pred = predict_proba(self.network, self.x_train[:n_eval]).argmax(axis=1)
-        test_proba = predict_proba(self.network, self.x_test)
+        bar = self._bar(total=self._evaluated_images(), unit="img", desc=f"epoch {self.epoch + 1}/{cfg.epochs} "
+                                                                          "evaluating")
+        try:
+            train_pred = predict_proba(self.network, self.x_train[:n_eval], on_batch=bar.update).argmax(axis=1)
+            test_proba = predict_proba(self.network, self.x_test, on_batch=bar.update)
+        finally:
+            bar.close()
         evaluate_seconds = time.perf_counter() - started
 
         totals = self.totals
@@ -277,17 +345,24 @@ class Training:
         """A ``Training`` in the state saved at ``path``, checkpointing there again."""
         checkpoint = load_checkpoint(path)
         meta = checkpoint["meta"]
-        saved = TrainConfig.from_dict(meta["config"])
+        try:
+            saved = TrainConfig.from_dict(meta["config"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: the settings it holds are not readable ({exc})") from None
         if config is not None and config != saved:
             raise ValueError(f"{path} was written by a run with other settings: {saved}")
         training = cls(saved, meta["seed"], data, checkpoint_path=path, progress=progress, log=log)
-        restore_state(checkpoint["state"], training.optimizer, training.rng)
-        training.network.set_params(checkpoint["params"])
+        try:
+            restore_state(checkpoint["state"], training.optimizer, training.rng)
+            training.network.set_params(checkpoint["params"])
+            training.order = checkpoint["order"]
+            training.epoch, training.step = meta["epoch"], meta["step"]
+            training.totals = meta["totals"]
+            training.history = meta["history"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path} is incomplete or does not fit this run ({type(exc).__name__}: "
+                                  f"{exc})") from None
         training.rng_state = capture_rng(training.rng)
-        training.order = checkpoint["order"]
-        training.epoch, training.step = meta["epoch"], meta["step"]
-        training.totals = meta["totals"]
-        training.history = meta["history"]
         return training
 
 
