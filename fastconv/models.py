@@ -1,4 +1,5 @@
 """Networks from the book, built from ``fastconv.layers``."""
+import os
 import pickle
 
 import numpy as np
@@ -117,10 +118,11 @@ class DeepConvNet:
         return grads
 
     def save_params(self, file_name="params.pkl"):
-        """Save the parameters: ``.npz`` (no pickle) or, for any other suffix, the book's pickle."""
+        """Save the parameters: ``.npz`` (no pickle) or ``.pkl`` (the book's pickle), by the name's suffix."""
         params = {key: np.asarray(val) for key, val in self.params.items()}
-        if str(file_name).endswith(".npz"):
-            np.savez(file_name, **params)
+        if _file_format(file_name) == "npz":
+            with open(file_name, "wb") as f:  # a file object: np.savez would append .npz to other suffixes
+                np.savez(f, **params)
         else:
             with open(file_name, "wb") as f:
                 pickle.dump(params, f)
@@ -128,10 +130,12 @@ class DeepConvNet:
     def load_params(self, file_name="params.pkl"):
         """Load parameters saved by ``save_params`` or by the book's code.
 
-        A ``.npz`` file is read without pickle. Any other file is unpickled,
-        which can run arbitrary code: load pickles only from sources you trust.
+        A ``.npz`` file is read without pickle. A ``.pkl`` file is unpickled,
+        which can run arbitrary code: load pickles only from sources you
+        trust. Other names are refused. Nothing changes unless every
+        parameter is valid (see ``set_params``).
         """
-        if str(file_name).endswith(".npz"):
+        if _file_format(file_name) == "npz":
             with np.load(file_name, allow_pickle=False) as data:
                 params = {key: data[key] for key in data.files}
         else:
@@ -140,14 +144,38 @@ class DeepConvNet:
         self.set_params(params)
 
     def set_params(self, params):
-        """Use ``params`` (``W1..W8``, ``b1..b8``) from now on, cast to this network's dtype."""
+        """Use ``params`` (``W1..W8``, ``b1..b8``) from now on, cast to this network's dtype.
+
+        All of them are checked first (every name present, no other names,
+        real numbers of the right shapes); on any error nothing is replaced.
+        """
+        if not isinstance(params, dict):
+            raise TypeError(f"params must be a dict of arrays, got {type(params).__name__}")
+        unknown = sorted(set(params) - set(self.params), key=str)
+        if unknown:
+            raise KeyError(f"unknown parameters {unknown}; a DeepConvNet has {sorted(self.params)}")
+        checked = {}
+        for key, current in self.params.items():
+            if key not in params:
+                raise KeyError(f"parameter {key!r} missing")
+            value = np.asarray(params[key])
+            if value.dtype.kind not in "fiu":
+                raise TypeError(f"parameter {key} must hold real numbers, got dtype {value.dtype}")
+            if value.shape != current.shape:
+                raise ValueError(f"parameter {key} has shape {value.shape}, expected {current.shape}")
+            checked[key] = np.array(value, dtype=self.dtype)
         for i, index in enumerate(self._PARAM_LAYERS):
             for name in ("W", "b"):
                 key = f"{name}{i + 1}"
-                if key not in params:
-                    raise KeyError(f"parameter {key!r} missing")
-                value = np.array(params[key], dtype=self.dtype)
-                if value.shape != self.params[key].shape:
-                    raise ValueError(f"parameter {key} has shape {value.shape}, expected {self.params[key].shape}")
-                self.params[key] = value
-                setattr(self.layers[index], name, value)
+                self.params[key] = checked[key]
+                setattr(self.layers[index], name, checked[key])
+
+
+def _file_format(file_name):
+    """"npz" or "pickle", by the suffix of ``file_name`` (any case); other suffixes are a ValueError."""
+    suffix = os.path.splitext(os.fspath(file_name))[1].lower()
+    if suffix == ".npz":
+        return "npz"
+    if suffix in (".pkl", ".pickle"):
+        return "pickle"
+    raise ValueError(f"parameter files are .npz (no pickle) or .pkl (the book's pickle), got {file_name!r}")

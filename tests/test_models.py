@@ -1,5 +1,6 @@
 """DeepConvNet: parameter save/load round trips and the split of gradient into loss and backward."""
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -117,3 +118,63 @@ def test_gradient_is_loss_then_backward():
     apart = net.backward()
     for key in KEYS:
         assert np.array_equal(together[key], apart[key]), key
+
+
+def snapshot(net):
+    return {key: value.copy() for key, value in net.params.items()}
+
+
+def assert_unchanged(net, before):
+    for key, value in before.items():
+        assert np.array_equal(net.params[key], value), key
+    for i, index in enumerate(net._PARAM_LAYERS):
+        assert net.layers[index].W is net.params[f"W{i + 1}"] and net.layers[index].b is net.params[f"b{i + 1}"]
+
+
+@pytest.mark.parametrize("damage", ["missing", "shape", "complex", "unknown", "text"])
+def test_a_bad_parameter_file_changes_nothing(tmp_path, damage):
+    params = {key: value + 1.0 for key, value in network(seed=8).params.items()}  # every key would change
+    if damage == "missing":
+        del params["b8"]  # the last key: all others would have been assigned before it
+    elif damage == "shape":
+        params["W8"] = np.zeros((3, 3))
+    elif damage == "complex":
+        params["b8"] = params["b8"] + 1j
+    elif damage == "unknown":
+        params["W9"] = np.zeros(3)
+    else:
+        params["b8"] = np.array(["1"] * params["b8"].size)
+    np.savez(tmp_path / "bad.npz", **params)
+    target = network(seed=9)
+    before = snapshot(target)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. no ComplexWarning on the way to an error
+        with pytest.raises((KeyError, ValueError, TypeError)):
+            target.load_params(tmp_path / "bad.npz")
+    assert_unchanged(target, before)
+
+
+def test_npz_names_in_any_case_are_never_unpickled(tmp_path, monkeypatch):
+    source = network(seed=10)
+    path = tmp_path / "params.NPZ"
+    source.save_params(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["params.NPZ"]  # no ".npz" appended
+    monkeypatch.setattr(pickle, "load", lambda *a, **k: pytest.fail("unpickled"))
+    target = network(seed=11)
+    target.load_params(path)
+    for key in KEYS:
+        assert np.array_equal(target.params[key], source.params[key]), key
+
+
+@pytest.mark.parametrize("name", ["params", "params.bin", "params.npz.txt"])
+def test_names_that_are_neither_npz_nor_pkl_are_refused(tmp_path, monkeypatch, name):
+    with open(tmp_path / name, "wb") as f:
+        pickle.dump(dict(network(seed=12).params), f)
+    monkeypatch.setattr(pickle, "load", lambda *a, **k: pytest.fail("unpickled"))
+    target = network(seed=13)
+    before = snapshot(target)
+    with pytest.raises(ValueError, match=r"\.npz .* or \.pkl"):
+        target.load_params(tmp_path / name)
+    with pytest.raises(ValueError, match=r"\.npz .* or \.pkl"):
+        target.save_params(tmp_path / (name + "-out"))
+    assert_unchanged(target, before)
