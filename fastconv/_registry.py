@@ -10,6 +10,8 @@ import importlib
 import os
 import warnings
 
+from fastconv import _build_check
+
 ENV_VAR = "FASTCONV_BACKEND"
 
 # Fastest first: with no choice made, the first one that imports runs.
@@ -56,6 +58,9 @@ def _load(name):
         module = importlib.import_module(_MODULES[name])
     except Exception as exc:  # any import error makes the backend unavailable, with its reason
         _failed[name] = f"{type(exc).__name__}: {exc}"
+        problem = _build_check.diagnosis() if isinstance(exc, ImportError) else None
+        if problem:
+            _failed[name] += f"\n{problem}"
         return None
     _loaded[name] = module
     return module

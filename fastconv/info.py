@@ -6,7 +6,7 @@ from importlib import metadata
 import numpy as np
 
 import fastconv
-from fastconv import _registry, _threads
+from fastconv import _build_check, _registry, _threads
 
 
 def _version(dist):
@@ -60,6 +60,7 @@ def collect():
         "num_threads": _threads.get_num_threads(),
         "backends": status,
         "active_backend": _registry.get_backend(),
+        "build_problem": _build_check.diagnosis(),
     }
 
 
@@ -79,6 +80,8 @@ def format_info(facts):
         mark = "*" if name == facts["active_backend"] else " "
         lines.append(f"  {mark} {name:<10} {'available' if state == 'ok' else 'UNAVAILABLE: ' + state}")
     lines.append(f"active backend: {facts['active_backend']} (set FASTCONV_BACKEND or fastconv.set_backend to change)")
+    if facts.get("build_problem"):
+        lines = ["WARNING: " + facts["build_problem"].replace("\n", "\n         "), ""] + lines
     return "\n".join(lines)
 
 

@@ -6,9 +6,18 @@ import numpy as np
 import pytest
 
 import fastconv
+from fastconv import _build_check
 
 BACKENDS = fastconv.available_backends()
 MNIST_DIR = Path(os.environ.get("FASTCONV_TEST_MNIST", Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mnist"))
+
+
+def pytest_configure(config):
+    # A source tree without its compiled extensions (e.g. `python -m pytest` in an unbuilt clone, which
+    # imports the clone instead of the installed package) cannot test the cython backend: stop, saying why.
+    problem = _build_check.diagnosis()
+    if problem:
+        pytest.exit(f"fastconv is not built here.\n{problem}", returncode=pytest.ExitCode.USAGE_ERROR)
 
 
 def pytest_report_header(config):

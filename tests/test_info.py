@@ -1,7 +1,9 @@
 """`python -m fastconv info` tells versions, backends, OpenMP and threads."""
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import fastconv
 from fastconv import info
@@ -30,3 +32,50 @@ def test_compiled_probe_is_built():
     assert isinstance(_buildinfo.openmp_enabled(), bool)
     assert _buildinfo.openmp_max_threads() >= 1
     assert _buildinfo.cython_version()[0].isdigit()
+
+
+def unbuilt_clone(tmp_path):
+    """A copy of the source tree as a fresh clone has it: sources only, no compiled modules."""
+    root = Path(fastconv.__file__).resolve().parents[1]
+    clone = tmp_path / "clone"
+    shutil.copytree(root / "fastconv", clone / "fastconv",
+                    ignore=shutil.ignore_patterns("*.so", "*.pyd", "*.c", "*.o", "__pycache__"))
+    (clone / "tests").mkdir()
+    shutil.copy(Path(__file__).with_name("conftest.py"), clone / "tests" / "conftest.py")
+    (clone / "tests" / "test_nothing.py").write_text("def test_nothing():\n    pass\n")
+    return clone
+
+
+def run_in(folder, *args):
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "FASTCONV_BACKEND")}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=folder, env=env)
+
+
+def test_an_unbuilt_source_tree_that_hides_the_installed_package_says_so_and_what_to_do(tmp_path):
+    clone = unbuilt_clone(tmp_path)
+    installed = Path(fastconv.__file__).resolve().parent
+    advice = ["compiled extensions are not built", "python setup.py build_ext --inplace", "pip install -e .",
+              "run from another folder", f"hides the fastconv installed at {installed}"]
+
+    info_run = run_in(clone, "-m", "fastconv", "info")
+    assert info_run.returncode == 0, info_run.stderr
+    assert info_run.stdout.startswith("WARNING: fastconv is imported from " + str(clone / "fastconv"))
+    for words in advice:
+        assert words in info_run.stdout.replace("\n         ", " ")
+
+    status = run_in(clone, "-c", "import fastconv; print(fastconv.backend_status()['cython'])")
+    assert status.returncode == 0, status.stderr
+    for words in advice:
+        assert words in status.stdout.replace("\n", " ")
+
+    tests = run_in(clone, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests")
+    assert tests.returncode == 4, tests.stdout + tests.stderr  # a usage error, before any test is collected
+    assert "fastconv is not built here" in tests.stdout + tests.stderr
+    assert "python setup.py build_ext --inplace" in tests.stdout + tests.stderr
+
+
+def test_a_built_package_has_no_build_problem():
+    from fastconv import _build_check
+
+    assert _build_check.missing_extensions() == [] and _build_check.diagnosis() is None
+    assert "WARNING" not in info.format_info(info.collect())
