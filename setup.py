@@ -1,9 +1,14 @@
 """Build the Cython extensions of fastconv.
 
-Every extension is declared once in EXTENSIONS. OpenMP is probed by compiling
-a tiny program; when the compiler has no OpenMP the extensions are built
-serial (prange becomes a plain loop) and the build still succeeds.
+Every extension is declared once in EXTENSIONS. The kernels run on a small
+thread pool of their own (``fastconv/_ext/fc_pool.c``, POSIX threads), probed
+by compiling a tiny program; without threads (or with
+``FASTCONV_SERIAL_BUILD=1``) the extensions are built serial and the build
+still succeeds. The direct-convolution kernels are compiled once per
+instruction set through target pragmas in their own sources and chosen at run
+time: nothing is built for the build machine's CPU (no ``-march``).
 """
+import glob
 import os
 import sys
 import tempfile
@@ -15,14 +20,17 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-# module name -> source, relative to the repository root
+# module name -> sources, relative to the repository root
 EXTENSIONS = {
-    "fastconv._ext._buildinfo": "fastconv/_ext/_buildinfo.pyx",
-    "fastconv._ext._im2col": "fastconv/_ext/_im2col.pyx",
-    "fastconv._ext._conv": "fastconv/_ext/_conv.pyx",
-    "fastconv._ext._pool": "fastconv/_ext/_pool.pyx",
-    "fastconv._ext._relu": "fastconv/_ext/_relu.pyx",
-    "fastconv._ext._parallel": "fastconv/_ext/_parallel.pyx",
+    "fastconv._ext._buildinfo": ["fastconv/_ext/_buildinfo.pyx"],
+    "fastconv._ext._im2col": ["fastconv/_ext/_im2col.pyx"],
+    "fastconv._ext._conv": ["fastconv/_ext/_conv.pyx"],
+    "fastconv._ext._pool": ["fastconv/_ext/_pool.pyx"],
+    "fastconv._ext._relu": ["fastconv/_ext/_relu.pyx"],
+    "fastconv._ext._parallel": ["fastconv/_ext/_parallel.pyx", "fastconv/_ext/fc_pool.c"],
+    "fastconv._ext._direct": ["fastconv/_ext/_direct.pyx", "fastconv/_ext/dconv_dispatch.c",
+                              "fastconv/_ext/dconv_avx512.c", "fastconv/_ext/dconv_avx2.c",
+                              "fastconv/_ext/dconv_generic.c"],
 }
 
 CYTHON_DIRECTIVES = {
@@ -34,53 +42,48 @@ CYTHON_DIRECTIVES = {
     "nonecheck": False,
 }
 
-OPENMP_TEST = textwrap.dedent(
+THREADS_TEST = textwrap.dedent(
     """
-    #include <omp.h>
+    #include <pthread.h>
+    static void *run(void *arg) { return arg; }
     int main(void) {
-        int n = 0;
-        #pragma omp parallel reduction(+:n)
-        n += 1;
-        return n > 0 ? 0 : 1;
+        pthread_t thread;
+        if (pthread_create(&thread, 0, run, 0)) return 1;
+        return pthread_join(thread, 0);
     }
     """
 )
 
 
-def openmp_flags(compiler):
-    """Return (compile_args, link_args) enabling OpenMP, or None if it does not build."""
-    if os.environ.get("FASTCONV_DISABLE_OPENMP", "") not in ("", "0"):
+def thread_flags(compiler):
+    """Return (compile_args, link_args) for POSIX threads, or None if they do not build."""
+    if os.environ.get("FASTCONV_SERIAL_BUILD", "") not in ("", "0") or sys.platform == "win32":
         return None
-    if sys.platform == "win32":
-        candidates = [(["/openmp"], [])]
-    elif sys.platform == "darwin":
-        candidates = [(["-Xpreprocessor", "-fopenmp"], ["-lomp"]), (["-fopenmp"], ["-fopenmp"])]
-    else:
-        candidates = [(["-fopenmp"], ["-fopenmp"])]
     with tempfile.TemporaryDirectory() as tmp:
-        source = os.path.join(tmp, "omp_probe.c")
+        source = os.path.join(tmp, "threads_probe.c")
         with open(source, "w") as f:
-            f.write(OPENMP_TEST)
-        for cflags, lflags in candidates:
-            try:
-                objects = compiler.compile([source], output_dir=tmp, extra_postargs=cflags)
-                compiler.link_executable(objects, "omp_probe", output_dir=tmp, extra_postargs=lflags)
-            except Exception:  # a failed probe only means "no OpenMP"
-                continue
-            return cflags, lflags
-    return None
+            f.write(THREADS_TEST)
+        try:
+            objects = compiler.compile([source], output_dir=tmp, extra_postargs=["-pthread"])
+            compiler.link_executable(objects, "threads_probe", output_dir=tmp, extra_postargs=["-pthread"])
+        except Exception:  # a failed probe only means "no threads"
+            return None
+    return ["-pthread"], ["-pthread"]
 
 
-class BuildExtWithOpenMP(build_ext):
+class BuildExtWithThreads(build_ext):
     def build_extensions(self):
-        flags = openmp_flags(self.compiler)
+        flags = thread_flags(self.compiler)
         if flags is None:
-            print("fastconv: OpenMP not available, building serial extensions")
+            print("fastconv: threads not available, building serial extensions")
         for ext in self.extensions:
-            ext.extra_compile_args = list(ext.extra_compile_args) + ["-O3"] * (sys.platform != "win32")
+            if sys.platform != "win32":
+                # -ffp-contract=fast: a * b + c in the kernels becomes one fused multiply-add
+                ext.extra_compile_args = list(ext.extra_compile_args) + ["-O3", "-ffp-contract=fast"]
             if flags is not None:
                 ext.extra_compile_args += flags[0]
                 ext.extra_link_args = list(ext.extra_link_args) + flags[1]
+                ext.define_macros = list(ext.define_macros) + [("FASTCONV_THREADS", "1")]
         super().build_extensions()
 
 
@@ -88,16 +91,17 @@ def extensions():
     exts = [
         Extension(
             name,
-            [source],
+            sources,
             include_dirs=[np.get_include(), "fastconv/_ext"],
+            depends=sorted(glob.glob("fastconv/_ext/*.h") + glob.glob("fastconv/_ext/*.pxd")),
             define_macros=[
                 ("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"),
                 ("FASTCONV_CYTHON_VERSION", f'"{Cython.__version__}"'),
             ],
         )
-        for name, source in EXTENSIONS.items()
+        for name, sources in EXTENSIONS.items()
     ]
     return cythonize(exts, compiler_directives=CYTHON_DIRECTIVES)
 
 
-setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExtWithOpenMP})
+setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExtWithThreads})

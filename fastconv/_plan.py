@@ -22,8 +22,8 @@ grid positions; for each (c, kh, kw) it loads ``vectors`` input vectors and does
 ``k_tile * vectors`` fused multiply-adds with a weight broadcast to all lanes.
 Accumulators start from the bias. Weights are packed as
 ``(k_blocks, C, FH, FW, k_tile)`` (zero rows pad K to ``k_blocks * k_tile``):
-``pack_forward_weights``. The grid of one image is written to thread scratch
-and its valid ``out_w`` positions per row copied into the NCHW output.
+``pack_forward_weights``. The grid of one block of output channels is written to thread scratch and
+its valid ``out_w`` positions per row copied into the NCHW output.
 
 The padded planes of the whole batch are kept (``packed_input``): they are the
 backward's private copy of ``x``, so the caller may change ``x`` after forward.
@@ -119,8 +119,9 @@ class TilePass:
 
     A source plane of ``src_h x src_w`` values is placed at offset
     (``border_h``, ``border_w``) of a zeroed ``in_h x in_w`` plane; planes follow
-    each other every ``in_plane`` elements and ``in_tail`` more elements after
-    the last one may be read (by grid positions that are thrown away). The grid
+    each other every ``in_plane`` elements and ``in_tail`` more (zero) elements
+    after the last one may be read, by grid positions that are thrown away
+    (``image_stride`` elements per image in all). The grid
     has ``out_h`` rows of ``in_w`` positions (``grid``), of which the first
     ``out_w`` of each row are kept; it is computed in ``grid_tiles`` tiles of
     ``vectors * lanes`` positions (``grid_padded`` in all), for ``k_blocks``
@@ -159,7 +160,8 @@ class TilePass:
 
     @property
     def in_tail(self):
-        return self.grid_padded - self.grid + self.lanes
+        # the last tile's loads reach grid_padded - grid + FW - 1 elements past the planes (FW - 1 = in_w - out_w)
+        return self.grid_padded - self.grid + max(self.lanes, self.in_w - self.out_w)
 
     @property
     def k_blocks(self):
@@ -175,9 +177,14 @@ class TilePass:
         return self.in_channels * self.in_plane
 
     @property
+    def image_stride(self):
+        """Elements from one image's padded planes to the next: the planes and the tail they may read."""
+        return self.image_elements + self.in_tail
+
+    @property
     def grid_elements(self):
-        """The output grid of one image (all padded output channels)."""
-        return self.k_padded * self.grid_padded
+        """The output grid of one block of output channels of one image."""
+        return self.k_tile * self.grid_padded
 
 
 def _tile_pass(in_channels, out_channels, src_h, src_w, border_h, border_w, filter_h, filter_w, lanes, registers):
@@ -236,7 +243,7 @@ class ConvPlan:
     @property
     def packed_input(self):
         """Elements of the batch's padded planes, kept from forward for backward."""
-        return self.batch * self.forward.image_elements + self.forward.in_tail
+        return self.batch * self.forward.image_stride
 
     @property
     def forward_scratch(self):
@@ -248,7 +255,7 @@ class ConvPlan:
         """Elements of thread scratch for backward: transposed dout, padded dout, the dx grid."""
         bd = self.backward_data
         return (self.w_blocks * self.out_h * self.out_w * self.lanes
-                + bd.image_elements + bd.in_tail + bd.grid_elements)
+                + bd.image_stride + bd.grid_elements)
 
     @property
     def dw_group_elements(self):

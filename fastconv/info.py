@@ -31,7 +31,23 @@ def _openmp():
         return f"unknown (compiled extensions failed to import: {exc})"
     if _buildinfo.openmp_enabled():
         return f"enabled (OpenMP max threads {_buildinfo.openmp_max_threads()})"
-    return "disabled (serial build)"
+    return "not used (the compiled kernels run on fastconv's own thread pool)"
+
+
+def _pool():
+    try:
+        from fastconv._ext import _parallel
+    except ImportError as exc:
+        return f"unknown (compiled extensions failed to import: {exc})"
+    return "threads (POSIX)" if _parallel.threaded() else "serial build (one thread)"
+
+
+def _simd():
+    try:
+        from fastconv.backends import cython
+    except ImportError as exc:
+        return f"unknown (the cython backend does not import: {exc})"
+    return f"{cython.simd_variant()} for direct convolutions (this CPU runs: {', '.join(cython.available_variants())})"
 
 
 def _blas():
@@ -55,6 +71,8 @@ def collect():
         "cython": _cython(),
         "numba": _version("numba"),
         "openmp": _openmp(),
+        "pool": _pool(),
+        "simd": _simd(),
         "blas": _blas(),
         "cpus": _threads.cpu_count(),
         "num_threads": _threads.get_num_threads(),
@@ -72,6 +90,8 @@ def format_info(facts):
         f"cython   {facts['cython']} (compiled with)",
         f"numba    {facts['numba']}",
         f"openmp   {facts['openmp']}",
+        f"pool     {facts['pool']}",
+        f"simd     {facts['simd']}",
         f"blas     {facts['blas']}",
         f"threads  {facts['num_threads']} (CPUs available: {facts['cpus']}; set FASTCONV_NUM_THREADS to change)",
         "backends:",

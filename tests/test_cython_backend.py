@@ -1,4 +1,4 @@
-"""What is particular to the compiled backend: buffers, threads, OpenMP and BLAS settings.
+"""What is particular to the compiled backend: buffers, threads, the thread pool and BLAS settings.
 
 Kernel results are compared with the reference backend in
 ``test_kernel_properties.py``; here the backend must also be importable (a
@@ -10,7 +10,7 @@ from threadpoolctl import threadpool_info
 
 import fastconv
 from fastconv import info, kernels
-from fastconv._ext import _buildinfo
+from fastconv._ext import _parallel
 from fastconv.backends import reference
 from fastconv.layers import Convolution, Pooling
 from fastconv.models import DeepConvNet
@@ -80,6 +80,12 @@ CONV_GEOMETRIES = [
 def test_convolution_cut_into_blocks_images_or_lines_matches_reference(geometry, pieces, cython_backend, dtype,
                                                                        rng, monkeypatch):
     N, C, H, W, fh, fw, stride, pad = geometry
+    with cython_backend.conv_engine("im2col"):
+        im2col_pieces_match_reference(geometry, pieces, cython_backend, dtype, rng, monkeypatch)
+
+
+def im2col_pieces_match_reference(geometry, pieces, cython_backend, dtype, rng, monkeypatch):
+    N, C, H, W, fh, fw, stride, pad = geometry
     gemm_columns, tile_bytes = {"blocks of images": (10**6, 0), "whole images": (1, 0),
                                 "one line": (1, 1), "three lines": (1, None)}[pieces]
     monkeypatch.setattr(cython_backend, "GEMM_COLUMNS", gemm_columns)
@@ -134,31 +140,33 @@ def test_outputs_survive_the_next_call_that_reuses_the_workspace(cython_backend,
         np.testing.assert_array_equal(now, before)
 
 
-def test_openmp_is_reported_as_built(cython_backend, monkeypatch):
+def test_thread_pool_is_reported_as_built(cython_backend, monkeypatch):
     monkeypatch.setenv("FASTCONV_NUM_THREADS", "2")
-    reported = info.collect()["openmp"]
-    if _buildinfo.openmp_enabled():
-        assert reported.startswith("enabled")
+    reported = info.collect()["pool"]
+    if _parallel.threaded():
+        assert reported.startswith("threads")
         assert cython_backend.parallel_threads() == 2
     else:
-        assert reported.startswith("disabled")
+        assert reported.startswith("serial")
         assert cython_backend.parallel_threads() == 1
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_kernels_run_on_fastconv_num_threads(cython_backend, monkeypatch, threads):
     monkeypatch.setenv("FASTCONV_NUM_THREADS", str(threads))
-    expected = threads if _buildinfo.openmp_enabled() else 1
+    expected = threads if _parallel.threaded() else 1
     assert cython_backend.parallel_threads() == expected
 
 
 def run_every_kernel(backend, rng_seed, dtype):
     """Every kernel, on inputs large enough to be split across two threads."""
     rng = np.random.default_rng(rng_seed)
-    # batch 37 > DW_GROUPS: several images per group in conv backward
+    # batch 37 > DW_GROUPS: several images per group in conv backward; stride 2 takes the im2col path
     x, W, b = conv_problem(rng, 37, dtype, channels=5, size=11, filters=6)
     out, cache = kernels.conv_forward(x, W, b, 2, 1)
     dx, dW, db = kernels.conv_backward(rng.standard_normal(out.shape).astype(dtype), cache, W)
+    direct_out, direct_cache = kernels.conv_forward(x, W, b, 1, 1)
+    direct_grads = kernels.conv_backward(rng.standard_normal(direct_out.shape).astype(dtype), direct_cache, W)
     col = kernels.im2col(x, 3, 2, 1, 1)
     folded = kernels.col2im(col, x.shape, 3, 2, 1, 1)
     pool_in = np.round(rng.standard_normal((2, backend.MIN_POOL_CELLS_PER_THREAD)).astype(dtype)).reshape(16, -1, 32, 32)
@@ -168,7 +176,7 @@ def run_every_kernel(backend, rng_seed, dtype):
     relu_in = rng.standard_normal(relu_bytes // np.dtype(dtype).itemsize).astype(dtype)
     relu_out, mask = kernels.relu_forward(relu_in)
     relu_dx = kernels.relu_backward(rng.standard_normal(mask.shape).astype(dtype), mask)
-    return out, dx, dW, db, col, folded, pooled, pool_dx, relu_out, mask, relu_dx
+    return out, dx, dW, db, direct_out, *direct_grads, col, folded, pooled, pool_dx, relu_out, mask, relu_dx
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])

@@ -8,11 +8,26 @@ came from: the flat index y * W + x inside the plane, or -1 when a padding
 cell won (possible only when a window holds nothing but -inf), in which case
 its gradient is dropped.
 """
-from cython.parallel cimport prange
 from libc.math cimport INFINITY
 from libc.string cimport memset
 
 from cython cimport floating
+
+from fastconv._ext._parallel cimport fc_next_task, fc_task_fn, run_tasks
+
+cdef enum:
+    # planes handed to a thread at a time
+    PLANES_PER_TASK = 16
+
+
+cdef struct _Job:
+    const void *x
+    void *out
+    void *dout
+    void *dx
+    int *source
+    Py_ssize_t planes, H, W, pool_h, pool_w, stride, pad, out_h, out_w
+    long next
 
 
 def maxpool_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out, int[::1] source,
@@ -26,13 +41,15 @@ def maxpool_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out, 
         raise ValueError("out has the wrong shape")
     if source.shape[0] != N * C * out_h * out_w:
         raise ValueError("source has the wrong size")
-    cdef const floating *xp = &x[0, 0, 0, 0]
-    cdef floating *outp = &out[0, 0, 0, 0]
-    cdef int *sourcep = &source[0]
-    cdef Py_ssize_t plane
-    for plane in prange(N * C, nogil=True, schedule="dynamic", chunksize=16, num_threads=num_threads):
-        _pool_plane(xp + plane * H * W, outp + plane * out_h * out_w, sourcep + plane * out_h * out_w,
-                    H, W, pool_h, pool_w, stride, pad, out_h, out_w)
+    if N * C == 0 or out_h * out_w == 0:
+        return
+    cdef _Job job
+    job.x, job.out, job.source, job.planes = &x[0, 0, 0, 0], &out[0, 0, 0, 0], &source[0], N * C
+    job.H, job.W, job.pool_h, job.pool_w, job.stride, job.pad = H, W, pool_h, pool_w, stride, pad
+    job.out_h, job.out_w, job.next = out_h, out_w, 0
+    cdef fc_task_fn work = _forward_float if floating is float else _forward_double
+    with nogil:
+        run_tasks(num_threads, work, &job)
 
 
 def maxpool_backward(const floating[:, :, :, ::1] dout, const int[::1] source, floating[:, :, :, ::1] dx,
@@ -42,19 +59,62 @@ def maxpool_backward(const floating[:, :, :, ::1] dout, const int[::1] source, f
     cdef Py_ssize_t out_hw = dout.shape[2] * dout.shape[3]
     if dout.shape[0] != N or dout.shape[1] != C or source.shape[0] != N * C * out_hw:
         raise ValueError("dout, source and dx do not match")
-    cdef const floating *doutp = &dout[0, 0, 0, 0]
-    cdef const int *sourcep = &source[0]
-    cdef floating *dxp = &dx[0, 0, 0, 0]
+    if N * C == 0 or H * W == 0:
+        return
+    cdef _Job job
+    job.dout, job.source, job.dx, job.planes = <void *>&dout[0, 0, 0, 0], <int *>&source[0], &dx[0, 0, 0, 0], N * C
+    job.H, job.W, job.out_h, job.out_w, job.next = H, W, dout.shape[2], dout.shape[3], 0
+    cdef fc_task_fn work = _backward_float if floating is float else _backward_double
+    with nogil:
+        run_tasks(num_threads, work, &job)
+
+
+cdef void _forward_planes(floating *kind, _Job *job) noexcept nogil:
+    cdef const floating *x = <const floating *>job.x
+    cdef floating *out = <floating *>job.out
+    cdef Py_ssize_t out_hw = job.out_h * job.out_w, first, plane
+    while True:
+        first = fc_next_task(&job.next) * PLANES_PER_TASK
+        if first >= job.planes:
+            break
+        for plane in range(first, min(first + PLANES_PER_TASK, job.planes)):
+            _pool_plane(x + plane * job.H * job.W, out + plane * out_hw, job.source + plane * out_hw,
+                        job.H, job.W, job.pool_h, job.pool_w, job.stride, job.pad, job.out_h, job.out_w)
+
+
+cdef void _backward_planes(floating *kind, _Job *job) noexcept nogil:
+    cdef const floating *dout = <const floating *>job.dout
+    cdef floating *dx = <floating *>job.dx
     cdef floating *dx_plane
-    cdef Py_ssize_t plane, o
+    cdef Py_ssize_t out_hw = job.out_h * job.out_w, first, plane, o
     cdef int cell
-    for plane in prange(N * C, nogil=True, schedule="dynamic", chunksize=16, num_threads=num_threads):
-        dx_plane = dxp + plane * H * W
-        memset(dx_plane, 0, H * W * sizeof(floating))
-        for o in range(out_hw):
-            cell = sourcep[plane * out_hw + o]
-            if cell >= 0:
-                dx_plane[cell] += doutp[plane * out_hw + o]
+    while True:
+        first = fc_next_task(&job.next) * PLANES_PER_TASK
+        if first >= job.planes:
+            break
+        for plane in range(first, min(first + PLANES_PER_TASK, job.planes)):
+            dx_plane = dx + plane * job.H * job.W
+            memset(dx_plane, 0, job.H * job.W * sizeof(floating))
+            for o in range(out_hw):
+                cell = job.source[plane * out_hw + o]
+                if cell >= 0:
+                    dx_plane[cell] += dout[plane * out_hw + o]
+
+
+cdef void _forward_float(void *job, int thread) noexcept nogil:
+    _forward_planes(<float *>NULL, <_Job *>job)
+
+
+cdef void _forward_double(void *job, int thread) noexcept nogil:
+    _forward_planes(<double *>NULL, <_Job *>job)
+
+
+cdef void _backward_float(void *job, int thread) noexcept nogil:
+    _backward_planes(<float *>NULL, <_Job *>job)
+
+
+cdef void _backward_double(void *job, int thread) noexcept nogil:
+    _backward_planes(<double *>NULL, <_Job *>job)
 
 
 cdef void _pool_plane(const floating *x, floating *out, int *source,

@@ -1,11 +1,19 @@
 """ReLU forward and backward over flat arrays, split into blocks across threads."""
-from cython.parallel cimport prange
-
 from cython cimport floating
+
+from fastconv._ext._parallel cimport fc_next_task, fc_task_fn, run_tasks
 
 cdef enum:
     # elements handed to a thread at a time
     BLOCK = 1 << 15
+
+
+cdef struct _Job:
+    const void *values   # x, or dout for backward
+    void *out
+    unsigned char *mask
+    Py_ssize_t size
+    long next
 
 
 def relu_forward(const floating[::1] x, floating[::1] out, unsigned char[::1] mask, int num_threads):
@@ -13,15 +21,13 @@ def relu_forward(const floating[::1] x, floating[::1] out, unsigned char[::1] ma
     cdef Py_ssize_t size = x.shape[0]
     if out.shape[0] != size or mask.shape[0] != size:
         raise ValueError("x, out and mask must have the same size")
-    # raw pointers: through memoryview structs the compiler reloads the data
-    # pointers after every store and does not vectorize
-    cdef const floating *xp = &x[0]
-    cdef floating *outp = &out[0]
-    cdef unsigned char *maskp = &mask[0]
-    cdef Py_ssize_t block
-    for block in prange((size + BLOCK - 1) // BLOCK, nogil=True, schedule="dynamic", num_threads=num_threads):
-        _relu_block(xp + block * BLOCK, outp + block * BLOCK, maskp + block * BLOCK,
-                    min(BLOCK, size - block * BLOCK))
+    if size == 0:
+        return
+    cdef _Job job
+    job.values, job.out, job.mask, job.size, job.next = &x[0], &out[0], &mask[0], size, 0
+    cdef fc_task_fn work = _forward_float if floating is float else _forward_double
+    with nogil:
+        run_tasks(num_threads, work, &job)
 
 
 def relu_backward(floating[::1] dout, const unsigned char[::1] mask, int num_threads):
@@ -29,11 +35,53 @@ def relu_backward(floating[::1] dout, const unsigned char[::1] mask, int num_thr
     cdef Py_ssize_t size = dout.shape[0]
     if mask.shape[0] != size:
         raise ValueError("dout and mask must have the same size")
-    cdef floating *doutp = &dout[0]
-    cdef const unsigned char *maskp = &mask[0]
-    cdef Py_ssize_t block
-    for block in prange((size + BLOCK - 1) // BLOCK, nogil=True, schedule="dynamic", num_threads=num_threads):
-        _mask_block(doutp + block * BLOCK, maskp + block * BLOCK, min(BLOCK, size - block * BLOCK))
+    if size == 0:
+        return
+    cdef _Job job
+    job.values, job.out, job.mask, job.size, job.next = NULL, &dout[0], <unsigned char *>&mask[0], size, 0
+    cdef fc_task_fn work = _backward_float if floating is float else _backward_double
+    with nogil:
+        run_tasks(num_threads, work, &job)
+
+
+cdef void _forward_blocks(floating *kind, _Job *job) noexcept nogil:
+    # raw pointers: through memoryview structs the compiler reloads the data
+    # pointers after every store and does not vectorize
+    cdef const floating *x = <const floating *>job.values
+    cdef floating *out = <floating *>job.out
+    cdef Py_ssize_t block, blocks = (job.size + BLOCK - 1) // BLOCK
+    while True:
+        block = fc_next_task(&job.next)
+        if block >= blocks:
+            break
+        _relu_block(x + block * BLOCK, out + block * BLOCK, job.mask + block * BLOCK,
+                    min(BLOCK, job.size - block * BLOCK))
+
+
+cdef void _backward_blocks(floating *kind, _Job *job) noexcept nogil:
+    cdef floating *dout = <floating *>job.out
+    cdef Py_ssize_t block, blocks = (job.size + BLOCK - 1) // BLOCK
+    while True:
+        block = fc_next_task(&job.next)
+        if block >= blocks:
+            break
+        _mask_block(dout + block * BLOCK, job.mask + block * BLOCK, min(BLOCK, job.size - block * BLOCK))
+
+
+cdef void _forward_float(void *job, int thread) noexcept nogil:
+    _forward_blocks(<float *>NULL, <_Job *>job)
+
+
+cdef void _forward_double(void *job, int thread) noexcept nogil:
+    _forward_blocks(<double *>NULL, <_Job *>job)
+
+
+cdef void _backward_float(void *job, int thread) noexcept nogil:
+    _backward_blocks(<float *>NULL, <_Job *>job)
+
+
+cdef void _backward_double(void *job, int thread) noexcept nogil:
+    _backward_blocks(<double *>NULL, <_Job *>job)
 
 
 cdef inline void _relu_block(const floating *x, floating *out, unsigned char *mask, Py_ssize_t count) noexcept nogil:

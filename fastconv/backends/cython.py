@@ -1,42 +1,40 @@
-"""The compiled backend: Cython kernels with OpenMP, GEMMs through SciPy's BLAS.
+"""The compiled backend: Cython and C kernels on fastconv's own thread pool.
 
-Every kernel works directly in NCHW; convolutions unfold a block of images
-at a time into a cache-sized buffer and multiply it with the filters there
-(see ``fastconv/_ext/_conv.pyx``), so neither the book's batch-sized ``col``
-nor any transpose of the output is ever made.
+Convolutions run as direct convolutions (``fastconv/_ext/dconv_impl.h``):
+register-tiled kernels over padded image planes, NCHW in and out, cut into
+work by the plan of ``fastconv/_plan.py`` and compiled for several
+instruction sets, of which the best one this CPU runs is chosen at import
+(``simd_variant()``). Geometries the direct kernels do not cover (stride > 1,
+a pad of the filter size or more) unfold a block of images at a time into a
+cache-sized buffer and multiply it with the filters there through SciPy's BLAS
+(``fastconv/_ext/_conv.pyx``); ``conv_engine("im2col")`` forces that path.
 
-Threading: one thread pool is busy at a time. The kernels split their work
-over images (or image planes) in an OpenMP region of ``get_num_threads()``
-threads, and the GEMMs run inside that region, one per block of images, on a
-BLAS held to a single thread for the duration of the call (its previous
-setting is restored afterwards). An OpenMP pool and a multi-threaded BLAS
-pool taking turns would otherwise spin-wait against each other.
+Threading: every kernel splits its work over ``get_num_threads()`` threads of
+one pool (``fastconv/_ext/fc_pool.c``), whose idle threads poll briefly and then
+sleep; the GEMMs of the im2col path run inside it on a BLAS held to a single
+thread for the duration of the call (its previous setting is restored
+afterwards). Nothing process-wide is changed.
 
 Buffers: outputs (``out``, ``dx``, ``dW``, ``db``, ``mask``) are always new
-arrays, since the caller may keep them. Scratch buffers and the pooling
-indices live in the cache and are taken over by the next forward call of the
-same layer (its previous cache comes back as ``workspace``) when their dtype
-matches and they are large enough; anything else is allocated anew, so batch
-size and dtype may change between calls.
+arrays, since the caller may keep them. Scratch buffers, the padded copy of a
+convolution's input and the pooling indices live in the cache and are taken
+over by the next forward call of the same layer (its previous cache comes
+back as ``workspace``) when their dtype matches and they are large enough;
+anything else is allocated anew, so batch size and dtype may change between
+calls. A cache whose buffers were taken over can no longer run backward.
 
-Results do not depend on the number of threads, bit for bit: convolution
-backward sums dW and db over a fixed number of image groups (``DW_GROUPS``),
-in order, whatever the number of threads.
+Results do not depend on the number of threads, bit for bit: each output of
+forward and dx is computed by one thread in a fixed order, and dW and db are
+summed over fixed groups of images (``fastconv._plan.DW_GROUPS``), in order.
 """
-import os
+import contextlib
 
 import numpy as np
 
+from fastconv import _plan
 from fastconv._threads import get_num_threads
 from fastconv.backends._blas import affine_backward, affine_forward  # noqa: F401  (part of the interface)
 from fastconv.backends._blas import single_threaded_blas as _single_threaded_blas
-
-# Idle OpenMP threads sleep rather than spin (unless the user chose a policy).
-# Spinning threads hold a core for milliseconds after every kernel, which the
-# BLAS pool of the NumPy layers in between, or any other process, then waits
-# for. The runtime reads it once, when it loads with the first extension;
-# child processes inherit it.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 try:
     from fastconv._ext import _conv
@@ -44,15 +42,11 @@ except ModuleNotFoundError as exc:
     if exc.name and exc.name.split(".")[0] == "scipy":
         raise ImportError("the cython backend needs SciPy for its BLAS: pip install scipy") from exc
     raise
-from fastconv._ext import _buildinfo, _im2col, _parallel, _pool, _relu  # noqa: E402
+from fastconv._ext import _direct, _im2col, _parallel, _pool, _relu  # noqa: E402
 
 NAME = "cython"
 
-# Convolution backward sums dW over this many groups of images (fewer for
-# smaller batches): it is also the most threads that pass can use.
-DW_GROUPS = 16
-
-# Convolutions multiply the windows of several small images at once, about
+# The im2col path multiplies the windows of several small images at once, about
 # this many output pixels per GEMM: small GEMMs waste time packing operands.
 GEMM_COLUMNS = 256
 
@@ -70,20 +64,77 @@ MIN_RELU_FORWARD_BYTES_PER_THREAD = 3 << 19
 MIN_RELU_BACKWARD_BYTES_PER_THREAD = 5 << 19
 MIN_POOL_CELLS_PER_THREAD = 1 << 17
 
+CONV_ENGINES = ("direct", "im2col")
+
+_THREADED = _parallel.threaded()
+_VARIANTS = tuple(v for v in _plan.VARIANTS if _direct.available(v))
+_variant = _VARIANTS[0]
+_engine = "direct"
+
+
+def simd_variant():
+    """The instruction set of the direct convolution kernels in use ("avx512", "avx2" or "generic")."""
+    return _variant
+
+
+def available_variants():
+    """The variants this CPU runs, best first."""
+    return _VARIANTS
+
+
+@contextlib.contextmanager
+def _force_variant(name):
+    """Run the direct kernels of variant ``name`` inside the block (for tests and benchmarks)."""
+    global _variant
+    if name not in _VARIANTS:
+        raise ValueError(f"variant {name!r} is not available on this CPU (available: {', '.join(_VARIANTS)})")
+    previous, _variant = _variant, name
+    try:
+        yield name
+    finally:
+        _variant = previous
+
+
+@contextlib.contextmanager
+def conv_engine(name):
+    """Run convolutions with ``"direct"`` kernels or the ``"im2col"`` path inside the block.
+
+    ``"direct"`` (the default) still uses im2col for the geometries it does not
+    cover. Backward runs the engine its forward ran.
+    """
+    global _engine
+    if name not in CONV_ENGINES:
+        raise ValueError(f"engine must be one of {CONV_ENGINES}, got {name!r}")
+    previous, _engine = _engine, name
+    try:
+        yield name
+    finally:
+        _engine = previous
+
 
 class ConvCache:
-    """What convolution backward needs, and the scratch the next forward may reuse."""
+    """What convolution backward needs, and the buffers the next forward may take over.
 
-    __slots__ = ("x", "stride", "pad", "x_shape", "dtype", "out_hw", "scratch", "dw_groups")
+    ``packed`` (direct engine) holds the forward input's padded planes and ``x``
+    (im2col path) a copy of the input: backward never reads the caller's ``x``.
+    """
 
-    def __init__(self, x, stride, pad, out_hw, scratch, dw_groups):
-        self.x = x  # backward unfolds the input again (the layer keeps it as well)
+    __slots__ = ("x", "filter_hw", "stride", "pad", "x_shape", "dtype", "out_hw", "plan", "packed", "scratch",
+                 "scratch_stride", "dw_groups")
+
+    def __init__(self, x_shape, dtype, filter_hw, stride, pad, out_hw, plan=None, x=None, packed=None,
+                 scratch=None, scratch_stride=0, dw_groups=None):
+        self.x = x
+        self.filter_hw = filter_hw
         self.stride = stride
         self.pad = pad
-        self.x_shape = x.shape
-        self.dtype = x.dtype
+        self.x_shape = x_shape
+        self.dtype = dtype
         self.out_hw = out_hw
+        self.plan = plan
+        self.packed = packed
         self.scratch = scratch
+        self.scratch_stride = scratch_stride
         self.dw_groups = dw_groups
 
 
@@ -103,23 +154,16 @@ class PoolCache:
         self.out_hw = out_hw
 
 
-_OPENMP = _buildinfo.openmp_enabled()
-
-
 def _threads(work, least_per_thread=1):
     """Threads for ``work`` units, each thread getting at least ``least_per_thread`` of them."""
-    if work < 2 * least_per_thread or not _OPENMP:
+    if work < 2 * least_per_thread or not _THREADED:
         return 1
     return min(get_num_threads(), work // least_per_thread)
 
 
 def parallel_threads():
-    """Threads the kernels run on now: ``get_num_threads()``, or 1 in a build without OpenMP."""
+    """Threads the kernels run on now: ``get_num_threads()``, or 1 in a build without threads."""
     return _parallel.team_size(get_num_threads())
-
-
-def _out_size(size, window, stride, pad):
-    return (size + 2 * pad - window) // stride + 1
 
 
 def _buffer(owner, name, size, dtype):
@@ -127,13 +171,13 @@ def _buffer(owner, name, size, dtype):
     previous = getattr(owner, name, None)
     if isinstance(previous, np.ndarray) and previous.ndim == 1 and previous.dtype == dtype and previous.size >= size:
         return previous
-    return np.empty(size, dtype=dtype)
+    return np.empty(max(size, 1), dtype=dtype)
 
 
 def im2col(x, filter_h, filter_w, stride, pad):
     N, C, H, W = x.shape
-    out_h = _out_size(H, filter_h, stride, pad)
-    out_w = _out_size(W, filter_w, stride, pad)
+    out_h = _plan.output_size(H, filter_h, stride, pad)
+    out_w = _plan.output_size(W, filter_w, stride, pad)
     col = np.empty((N * out_h * out_w, C * filter_h * filter_w), dtype=x.dtype)
     threads = _threads(N)
     scratch = np.empty(threads * col.shape[1] * out_h * out_w, dtype=x.dtype)
@@ -149,6 +193,85 @@ def col2im(col, x_shape, filter_h, filter_w, stride, pad):
     return x
 
 
+def conv_forward(x, W, b, stride, pad, workspace):
+    FN, C, FH, FW = W.shape
+    N, _, H, Wd = x.shape
+    out_h = _plan.output_size(H, FH, stride, pad)
+    out_w = _plan.output_size(Wd, FW, stride, pad)
+    if N == 0 or FN == 0 or C == 0:
+        return (np.zeros((N, FN, out_h, out_w), dtype=x.dtype),
+                ConvCache(x.shape, x.dtype, (FH, FW), stride, pad, (out_h, out_w), x=x.copy()))
+    if _engine == "direct" and _plan.direct_supported(FH, FW, stride, pad):
+        return _direct_forward(x, W, b, stride, pad, workspace)
+    return _im2col_forward(x, W, b, stride, pad, workspace, out_h, out_w)
+
+
+def conv_backward(dout, cache, W):
+    if tuple(W.shape[1:]) != (cache.x_shape[1],) + cache.filter_hw or W.shape[0] != dout.shape[1]:
+        raise ValueError(f"W has shape {W.shape}, but the forward call used filters of another shape")
+    N = cache.x_shape[0]
+    if N == 0 or W.shape[0] == 0 or cache.x_shape[1] == 0:
+        dx = np.zeros(cache.x_shape, dtype=cache.dtype)
+        return dx, np.zeros(W.shape, dtype=cache.dtype), np.zeros(W.shape[0], dtype=cache.dtype)
+    if cache.plan is not None:
+        return _direct_backward(dout, cache, W)
+    return _im2col_backward(dout, cache, W)
+
+
+def _take_over(workspace, name, size, dtype):
+    """A buffer from the previous cache (which can no longer run backward then), or a new one."""
+    buffer = _buffer(workspace, name, size, dtype)
+    if workspace is not None and buffer is getattr(workspace, name, None):
+        setattr(workspace, name, None)
+    return buffer
+
+
+def _direct_forward(x, W, b, stride, pad, workspace):
+    plan = _plan.conv_plan(x.shape, W.shape, stride, pad, x.dtype, _variant)
+    threads = plan.forward_threads(get_num_threads()) if _THREADED else 1
+    # one scratch serves forward and backward
+    most_threads = max(threads, plan.backward_threads(get_num_threads()) if _THREADED else 1)
+    scratch_stride = _scratch_stride(plan)
+    scratch = _take_over(workspace, "scratch", most_threads * scratch_stride, x.dtype)
+    packed = _take_over(workspace, "packed", plan.packed_input, x.dtype)
+    bias = np.zeros(plan.forward.k_padded, dtype=x.dtype)
+    bias[:plan.filters] = b
+    out = np.empty((plan.batch, plan.filters, plan.out_h, plan.out_w), dtype=x.dtype)
+    _direct.conv_forward(plan.forward, plan.batch, x.reshape(-1), packed, _plan.pack_forward_weights(plan, W).reshape(-1),
+                         bias, out.reshape(-1), scratch, scratch_stride, _direct.VARIANTS.index(plan.variant), threads)
+    dw_groups = getattr(workspace, "dw_groups", None)
+    cache = ConvCache(x.shape, x.dtype, (plan.filter_h, plan.filter_w), stride, pad, (plan.out_h, plan.out_w),
+                      plan=plan, packed=packed,
+                      scratch=scratch, scratch_stride=scratch_stride, dw_groups=dw_groups)
+    return out, cache
+
+
+def _scratch_stride(plan):
+    """Elements of one thread's scratch: the larger of forward's and backward's, and room to align it."""
+    return max(plan.forward_scratch, plan.backward_scratch) + _direct.SCRATCH_ALIGNMENT // plan.dtype.itemsize
+
+
+def _direct_backward(dout, cache, W):
+    plan = cache.plan
+    if cache.packed is None:
+        raise ValueError("this cache's buffers were taken over by a later forward call (it was passed as its "
+                         "workspace): run backward before reusing a cache")
+    threads = plan.backward_threads(get_num_threads()) if _THREADED else 1
+    cache.scratch = _buffer(cache, "scratch", threads * cache.scratch_stride, plan.dtype)
+    cache.dw_groups = _buffer(cache, "dw_groups", plan.groups * plan.dw_group_elements, plan.dtype)
+    db_groups = np.empty(plan.groups * plan.filters, dtype=np.float64)
+    dx = np.empty(cache.x_shape, dtype=plan.dtype)
+    dW = np.empty(W.shape, dtype=plan.dtype)
+    db = np.empty(plan.filters, dtype=plan.dtype)
+    channel_tiles = np.array(plan.channel_tiles, dtype=np.intc).reshape(-1)
+    zeros = np.zeros(plan.backward_data.k_padded, dtype=plan.dtype)
+    _direct.conv_backward(plan.forward, plan.backward_data, plan.batch, plan.lanes, plan.groups, channel_tiles,
+                          cache.packed, dout.reshape(-1), _plan.pack_backward_data_weights(plan, W).reshape(-1),
+                          zeros, dx.reshape(-1), cache.dw_groups, db_groups, dW.reshape(-1), db,
+                          cache.scratch, cache.scratch_stride, _direct.VARIANTS.index(plan.variant), threads)
+    return dx, dW, db
+
+
 def _images_per_gemm(batch, out_hw):
     """Images whose windows go into one GEMM: enough for about GEMM_COLUMNS columns."""
     return max(1, min(batch, -(-GEMM_COLUMNS // out_hw)))
@@ -161,33 +284,32 @@ def _tile_lines(block, K, out_h, out_w, itemsize):
     return max(1, min(out_h, TILE_BYTES // (K * out_w * itemsize)))
 
 
-def conv_forward(x, W, b, stride, pad, workspace):
+def _im2col_forward(x, W, b, stride, pad, workspace, out_h, out_w):
     FN, C, FH, FW = W.shape
-    N, _, H, Wd = x.shape
-    out_h = _out_size(H, FH, stride, pad)
-    out_w = _out_size(Wd, FW, stride, pad)
+    N = x.shape[0]
     block = _images_per_gemm(N, out_h * out_w)
     threads = _threads(-(-N // block))
     # sized for backward too, so that one allocation serves both
     per_thread = _conv.scratch_per_thread(C * FH * FW, FN, block, out_h * out_w)
-    most_threads = max(threads, _threads(min(N, DW_GROUPS)))
-    scratch = _buffer(workspace, "scratch", most_threads * per_thread, x.dtype)
+    most_threads = max(threads, _threads(min(N, _plan.DW_GROUPS)))
+    scratch = _take_over(workspace, "scratch", most_threads * per_thread, x.dtype)
     out = np.empty((N, FN, out_h, out_w), dtype=x.dtype)
     with _single_threaded_blas:
         _conv.conv_forward(x, W.reshape(FN, -1), b, out.reshape(N, FN, out_h * out_w), scratch,
                            FH, FW, stride, pad, block, _tile_lines(block, C * FH * FW, out_h, out_w, x.itemsize),
                            threads)
-    dw_groups = getattr(workspace, "dw_groups", None)
-    return out, ConvCache(x, stride, pad, (out_h, out_w), scratch, dw_groups)
+    cache = ConvCache(x.shape, x.dtype, (FH, FW), stride, pad, (out_h, out_w), x=x.copy(), scratch=scratch,
+                      dw_groups=getattr(workspace, "dw_groups", None))
+    return out, cache
 
 
-def conv_backward(dout, cache, W):
+def _im2col_backward(dout, cache, W):
     FN, C, FH, FW = W.shape
     x = cache.x
     N = x.shape[0]
     out_h, out_w = cache.out_hw
     block = _images_per_gemm(N, out_h * out_w)
-    groups = min(N, DW_GROUPS)
+    groups = min(N, _plan.DW_GROUPS)
     threads = _threads(groups)
     per_thread = _conv.scratch_per_thread(C * FH * FW, FN, block, out_h * out_w)
     cache.scratch = _buffer(cache, "scratch", threads * per_thread, x.dtype)
@@ -207,8 +329,8 @@ def conv_backward(dout, cache, W):
 
 def maxpool_forward(x, pool_h, pool_w, stride, pad, workspace):
     N, C, H, W = x.shape
-    out_h = _out_size(H, pool_h, stride, pad)
-    out_w = _out_size(W, pool_w, stride, pad)
+    out_h = _plan.output_size(H, pool_h, stride, pad)
+    out_w = _plan.output_size(W, pool_w, stride, pad)
     out = np.empty((N, C, out_h, out_w), dtype=x.dtype)
     source = _buffer(workspace, "source", N * C * out_h * out_w, np.dtype(np.intc))
     threads = _threads(x.size, MIN_POOL_CELLS_PER_THREAD)

@@ -1,0 +1,74 @@
+/* Direct convolution kernels: the jobs they run and the variants they come in.
+ *
+ * The layouts, tiles and thread split are decided by fastconv/_plan.py; these
+ * structs carry its numbers. Each variant (instruction set) is compiled from
+ * dconv_impl.h in a file of its own (dconv_avx512.c, dconv_avx2.c,
+ * dconv_generic.c) and chosen at run time by fc_dconv_functions.
+ */
+#ifndef FASTCONV_DCONV_H
+#define FASTCONV_DCONV_H
+
+#include "fc_pool.h"
+
+/* One run of the forward tile (see TilePass in _plan.py). */
+typedef struct {
+    int in_channels, out_channels;
+    int src_h, src_w, border_h, border_w; /* a source plane and the zeros around it */
+    int in_h, in_w;                       /* padded plane */
+    int out_h, out_w;                     /* valid outputs; the grid has out_h rows of in_w */
+    int filter_h, filter_w;
+    int k_tile, vectors, k_blocks, grid_tiles;
+    long in_plane;                        /* in_h * in_w */
+    long image_stride;                    /* padded planes of one image and the tail that may be read */
+    long grid_stride;                     /* grid positions per output channel (grid_padded) */
+} fc_tile_pass;
+
+typedef struct {
+    fc_tile_pass pass;
+    long batch;
+    const void *x;          /* (N, C, H, W) */
+    void *packed;           /* (N, image_stride): padded planes, kept for backward */
+    const void *weights;    /* (k_blocks, C, FH, FW, k_tile) */
+    const void *bias;       /* (k_blocks * k_tile,) */
+    void *out;              /* (N, K, out_h, out_w) */
+    void *scratch;          /* per thread: scratch_stride elements, aligned inside */
+    long scratch_stride;
+    long next;              /* task counter */
+} fc_forward_job;
+
+typedef struct {
+    fc_tile_pass forward;   /* geometry of the packed input */
+    fc_tile_pass data;      /* the backward-data pass */
+    long batch;
+    int lanes, w_blocks, groups;
+    const int *channel_tiles; /* (first, count) pairs */
+    int n_channel_tiles;
+    const void *packed;     /* forward's padded planes */
+    const void *dout;       /* (N, K, out_h, out_w) */
+    const void *weights;    /* backward-data packed weights */
+    const void *zeros;      /* data.k_blocks * data.k_tile zeros: the bias of the backward-data pass */
+    void *dx;               /* (N, C, H, W) */
+    void *dw_groups;        /* (groups, dw_group_elements) */
+    long dw_group_elements;
+    double *db_groups;      /* (groups, K) */
+    void *dw;               /* (K, C, FH, FW) */
+    void *scratch;
+    long scratch_stride;
+    long next;
+} fc_backward_job;
+
+typedef struct {
+    fc_task_fn forward;     /* fc_forward_job: one task per image */
+    fc_task_fn backward;    /* fc_backward_job: one task per image group */
+    fc_task_fn sum_groups;  /* fc_backward_job: dW from the groups, one task per (lane block, channel) */
+} fc_dconv_functions_t;
+
+enum { FC_AVX512 = 0, FC_AVX2 = 1, FC_GENERIC = 2, FC_VARIANTS = 3 };
+
+/* 1 when the CPU (and OS) run the variant and it was compiled in. */
+int fc_dconv_available(int variant);
+
+/* The kernels of a variant for float32 (is_double = 0) or float64; NULL when not compiled in. */
+const fc_dconv_functions_t *fc_dconv_functions(int variant, int is_double);
+
+#endif

@@ -1,0 +1,268 @@
+/* Direct convolution kernels for one element type and one vector width.
+ *
+ * Included by the variant files with
+ *   FC_T      element type (float or double)
+ *   FC_V      lanes of one vector
+ *   FC_REGS   vector registers the tiles may fill (32 or 16)
+ *   FC_NAME   FC_NAME(x): x with the variant's and type's suffix
+ * The algorithm and the meaning of every size are described in
+ * fastconv/_plan.py. The vectors are GCC/Clang vector extensions: the variant
+ * file's target pragma makes them AVX-512, AVX2 or baseline SIMD.
+ */
+#define VEC FC_NAME(vec)
+typedef FC_T VEC __attribute__((vector_size(FC_V * sizeof(FC_T))));
+
+static inline VEC FC_NAME(load)(const FC_T *p)
+{
+    VEC v;
+    __builtin_memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void FC_NAME(store)(FC_T *p, VEC v) { __builtin_memcpy(p, &v, sizeof v); }
+
+static inline FC_T *FC_NAME(aligned)(void *scratch, long stride, int thread)
+{
+    /* each thread's region starts on a 64-byte boundary (the plan leaves room for it) */
+    unsigned long p = (unsigned long)((FC_T *)scratch + (long)thread * stride);
+    return (FC_T *)((p + 63) & ~63UL);
+}
+
+/* dst[0:n] = src[0:n] for the short rows of an image, without a call per row: whole vectors, the
+   last one overlapping the one before. */
+static inline void FC_NAME(copy_row)(FC_T *dst, const FC_T *src, int n)
+{
+    if (n < FC_V) {
+        for (int i = 0; i < n; i++)
+            dst[i] = src[i];
+        return;
+    }
+    int i = 0;
+    for (; i + FC_V <= n; i += FC_V)
+        FC_NAME(store)(dst + i, FC_NAME(load)(src + i));
+    if (i < n)
+        FC_NAME(store)(dst + n - FC_V, FC_NAME(load)(src + n - FC_V));
+}
+
+/* Forward register tile: KT output channels x PV vectors of grid positions from p0 on.
+   in: padded planes (channel c at in + c * plane); w: this block's packed weights. */
+#define FC_FORWARD_TILE(KT, PV)                                                                      \
+    static void FC_NAME(tile_##KT##_##PV)(const FC_T *in, long plane, int channels, int in_w,       \
+                                          int fh, int fw, const FC_T *w, const FC_T *bias,           \
+                                          FC_T *grid, long grid_stride, long p0)                     \
+    {                                                                                                \
+        VEC acc[KT][PV];                                                                             \
+        _Pragma("GCC unroll 16") for (int i = 0; i < KT; i++)                                        \
+            _Pragma("GCC unroll 8") for (int j = 0; j < PV; j++) acc[i][j] = (VEC){0} + bias[i];     \
+        for (int c = 0; c < channels; c++) {                                                         \
+            const FC_T *ic = in + c * plane + p0;                                                    \
+            for (int kh = 0; kh < fh; kh++) {                                                        \
+                for (int kw = 0; kw < fw; kw++) {                                                    \
+                    const FC_T *ip = ic + kh * in_w + kw;                                            \
+                    const FC_T *wp = w + ((long)(c * fh + kh) * fw + kw) * KT;                       \
+                    VEC xv[PV];                                                                      \
+                    _Pragma("GCC unroll 8") for (int j = 0; j < PV; j++) xv[j] = FC_NAME(load)(ip + j * FC_V); \
+                    _Pragma("GCC unroll 16") for (int i = 0; i < KT; i++) {                          \
+                        FC_T s = wp[i];                                                              \
+                        _Pragma("GCC unroll 8") for (int j = 0; j < PV; j++) acc[i][j] += xv[j] * s; \
+                    }                                                                                \
+                }                                                                                    \
+            }                                                                                        \
+        }                                                                                            \
+        _Pragma("GCC unroll 16") for (int i = 0; i < KT; i++)                                        \
+            _Pragma("GCC unroll 8") for (int j = 0; j < PV; j++)                                     \
+                FC_NAME(store)(grid + i * grid_stride + p0 + j * FC_V, acc[i][j]);                   \
+    }
+
+/* Backward-weights tile: CT input channels for one tap and one block of FC_V output channels,
+   summed over the pixels of one image into acc_mem (channel i at acc_mem + i * cstride).
+   x: channel 0 of the tile, already moved by the tap; dT: the image's dout, (pixels, FC_V). */
+#define FC_WEIGHTS_TILE(CT)                                                                          \
+    static void FC_NAME(dw_##CT)(const FC_T *x, long plane, int in_w, const FC_T *dT, int out_h,     \
+                                 int out_w, FC_T *acc_mem, long cstride)                             \
+    {                                                                                                \
+        VEC acc[CT];                                                                                 \
+        _Pragma("GCC unroll 16") for (int i = 0; i < CT; i++) acc[i] = FC_NAME(load)(acc_mem + i * cstride); \
+        for (int oh = 0; oh < out_h; oh++) {                                                         \
+            const FC_T *xr = x + (long)oh * in_w;                                                    \
+            const FC_T *dr = dT + (long)oh * out_w * FC_V;                                           \
+            for (int ow = 0; ow < out_w; ow++) {                                                     \
+                VEC d = FC_NAME(load)(dr + (long)ow * FC_V);                                         \
+                _Pragma("GCC unroll 16") for (int i = 0; i < CT; i++) acc[i] += d * xr[i * plane + ow]; \
+            }                                                                                        \
+        }                                                                                            \
+        _Pragma("GCC unroll 16") for (int i = 0; i < CT; i++) FC_NAME(store)(acc_mem + i * cstride, acc[i]); \
+    }
+
+typedef void (*FC_NAME(tile_fn))(const FC_T *, long, int, int, int, int, const FC_T *, const FC_T *,
+                                 FC_T *, long, long);
+typedef void (*FC_NAME(dw_fn))(const FC_T *, long, int, const FC_T *, int, int, FC_T *, long);
+
+#if FC_REGS >= 32
+FC_FORWARD_TILE(16, 1)
+FC_FORWARD_TILE(8, 3)
+FC_FORWARD_TILE(4, 6)
+FC_WEIGHTS_TILE(16)
+#else
+FC_FORWARD_TILE(8, 1)
+FC_FORWARD_TILE(4, 2)
+FC_FORWARD_TILE(2, 4)
+#endif
+FC_WEIGHTS_TILE(8)
+FC_WEIGHTS_TILE(4)
+FC_WEIGHTS_TILE(2)
+FC_WEIGHTS_TILE(1)
+
+static FC_NAME(tile_fn) FC_NAME(forward_tile)(int k_tile, int vectors)
+{
+#if FC_REGS >= 32
+    if (k_tile == 16 && vectors == 1) return FC_NAME(tile_16_1);
+    if (k_tile == 8 && vectors == 3) return FC_NAME(tile_8_3);
+    if (k_tile == 4 && vectors == 6) return FC_NAME(tile_4_6);
+#else
+    if (k_tile == 8 && vectors == 1) return FC_NAME(tile_8_1);
+    if (k_tile == 4 && vectors == 2) return FC_NAME(tile_4_2);
+    if (k_tile == 2 && vectors == 4) return FC_NAME(tile_2_4);
+#endif
+    return 0;
+}
+
+static FC_NAME(dw_fn) FC_NAME(weights_tile)(int channels)
+{
+    switch (channels) {
+#if FC_REGS >= 32
+    case 16: return FC_NAME(dw_16);
+#endif
+    case 8: return FC_NAME(dw_8);
+    case 4: return FC_NAME(dw_4);
+    case 2: return FC_NAME(dw_2);
+    case 1: return FC_NAME(dw_1);
+    default: return 0;
+    }
+}
+
+/* Source planes (channels, src_h, src_w) into zero-bordered padded planes; the image's tail zeroed too. */
+static void FC_NAME(pad_planes)(const fc_tile_pass *p, const FC_T *src, FC_T *dst)
+{
+    memset(dst, 0, (size_t)p->image_stride * sizeof(FC_T));
+    for (int c = 0; c < p->in_channels; c++) {
+        FC_T *d = dst + c * p->in_plane + (long)p->border_h * p->in_w + p->border_w;
+        const FC_T *s = src + (long)c * p->src_h * p->src_w;
+        for (int r = 0; r < p->src_h; r++)
+            FC_NAME(copy_row)(d + (long)r * p->in_w, s + (long)r * p->src_w, p->src_w);
+    }
+}
+
+/* The tile over all grid tiles of one image, a block of output channels at a time, each block's valid
+   grid columns copied into out while they are in cache. */
+static void FC_NAME(run_pass)(const fc_tile_pass *p, const FC_T *in, const FC_T *weights, const FC_T *bias,
+                              FC_T *grid, FC_T *out)
+{
+    FC_NAME(tile_fn) tile = FC_NAME(forward_tile)(p->k_tile, p->vectors);
+    const long block_weights = (long)p->in_channels * p->filter_h * p->filter_w * p->k_tile;
+    const long step = (long)p->vectors * FC_V;
+    for (int kb = 0; kb < p->k_blocks; kb++) {
+        for (int t = 0; t < p->grid_tiles; t++)
+            tile(in, p->in_plane, p->in_channels, p->in_w, p->filter_h, p->filter_w, weights + kb * block_weights,
+                 bias + kb * p->k_tile, grid, p->grid_stride, t * step);
+        for (int i = 0; i < p->k_tile && kb * p->k_tile + i < p->out_channels; i++) {
+            FC_T *o = out + (long)(kb * p->k_tile + i) * p->out_h * p->out_w;
+            for (int oh = 0; oh < p->out_h; oh++)
+                FC_NAME(copy_row)(o + (long)oh * p->out_w, grid + i * p->grid_stride + (long)oh * p->in_w, p->out_w);
+        }
+    }
+}
+
+static void FC_NAME(forward_task)(void *arg, int thread)
+{
+    fc_forward_job *job = arg;
+    const fc_tile_pass *p = &job->pass;
+    FC_T *grid = FC_NAME(aligned)(job->scratch, job->scratch_stride, thread);
+    const long x_image = (long)p->in_channels * p->src_h * p->src_w;
+    const long out_image = (long)p->out_channels * p->out_h * p->out_w;
+    long n;
+    while ((n = fc_next_task(&job->next)) < job->batch) {
+        FC_T *packed = (FC_T *)job->packed + n * p->image_stride;
+        FC_NAME(pad_planes)(p, (const FC_T *)job->x + n * x_image, packed);
+        FC_NAME(run_pass)(p, packed, job->weights, job->bias, grid, (FC_T *)job->out + n * out_image);
+    }
+}
+
+static void FC_NAME(backward_task)(void *arg, int thread)
+{
+    fc_backward_job *job = arg;
+    const fc_tile_pass *f = &job->forward, *d = &job->data;
+    const int K = f->out_channels, C = f->in_channels, FH = f->filter_h, FW = f->filter_w;
+    const int out_h = f->out_h, out_w = f->out_w, pixels = out_h * out_w;
+    const long taps = (long)FH * FW;
+    FC_T *dT = FC_NAME(aligned)(job->scratch, job->scratch_stride, thread);
+    FC_T *grid = dT + (long)job->w_blocks * pixels * FC_V;  /* multiple of FC_V: stays aligned */
+    FC_T *padded = grid + d->k_tile * d->grid_stride;
+    long g;
+    while ((g = fc_next_task(&job->next)) < job->groups) {
+        long first = g * job->batch / job->groups, end = (g + 1) * job->batch / job->groups;
+        FC_T *dw = (FC_T *)job->dw_groups + g * job->dw_group_elements;
+        double *db = job->db_groups + g * K;
+        memset(dw, 0, (size_t)job->dw_group_elements * sizeof(FC_T));
+        memset(dT, 0, (size_t)job->w_blocks * pixels * FC_V * sizeof(FC_T));
+        for (int k = 0; k < K; k++)
+            db[k] = 0;
+        for (long n = first; n < end; n++) {
+            const FC_T *dy = (const FC_T *)job->dout + n * K * pixels;
+            /* dout as (block, pixel, lane), and db */
+            for (int k = 0; k < K; k++) {
+                FC_T *col = dT + ((long)(k / FC_V) * pixels) * FC_V + k % FC_V;
+                const FC_T *row = dy + (long)k * pixels;
+                double sum = 0;
+                for (int q = 0; q < pixels; q++) {
+                    col[(long)q * FC_V] = row[q];
+                    sum += row[q];
+                }
+                db[k] += sum;
+            }
+            const FC_T *x = (const FC_T *)job->packed + n * f->image_stride;
+            for (int kb = 0; kb < job->w_blocks; kb++) {
+                const FC_T *dTb = dT + (long)kb * pixels * FC_V;
+                for (int t = 0; t < job->n_channel_tiles; t++) {
+                    int c0 = job->channel_tiles[2 * t], count = job->channel_tiles[2 * t + 1];
+                    FC_NAME(dw_fn) tile = FC_NAME(weights_tile)(count);
+                    for (int kh = 0; kh < FH; kh++)
+                        for (int kw = 0; kw < FW; kw++)
+                            tile(x + c0 * f->in_plane + (long)kh * f->in_w + kw, f->in_plane, f->in_w, dTb,
+                                 out_h, out_w, dw + (((long)kb * C + c0) * taps + kh * FW + kw) * FC_V, taps * FC_V);
+                }
+            }
+            FC_NAME(pad_planes)(d, dy, padded);
+            FC_NAME(run_pass)(d, padded, job->weights, job->zeros, grid, (FC_T *)job->dx + n * (long)C * d->out_h * d->out_w);
+        }
+    }
+}
+
+static void FC_NAME(sum_groups_task)(void *arg, int thread)
+{
+    fc_backward_job *job = arg;
+    const fc_tile_pass *f = &job->forward;
+    const int K = f->out_channels, C = f->in_channels;
+    const long taps = (long)f->filter_h * f->filter_w;
+    const FC_T *groups = job->dw_groups;
+    FC_T *dw = job->dw;
+    long row;
+    (void)thread;
+    while ((row = fc_next_task(&job->next)) < (long)job->w_blocks * C) {
+        int kb = row / C, c = row % C;
+        for (long tap = 0; tap < taps; tap++) {
+            const FC_T *src = groups + (row * taps + tap) * FC_V;
+            for (int lane = 0; lane < FC_V && kb * FC_V + lane < K; lane++) {
+                FC_T sum = src[lane];
+                for (int g = 1; g < job->groups; g++)
+                    sum += src[g * job->dw_group_elements + lane];
+                dw[(((long)kb * FC_V + lane) * C + c) * taps + tap] = sum;
+            }
+        }
+    }
+}
+
+static const fc_dconv_functions_t FC_NAME(functions) = {
+    FC_NAME(forward_task), FC_NAME(backward_task), FC_NAME(sum_groups_task)};
+
+#undef VEC
