@@ -46,6 +46,7 @@ class Case:
     fixed_number: Optional[int] = None  # calls per sample; None: chosen by calibration
     min_repeat: Optional[int] = None  # fewer samples than the settings' minimum suffice when slow
     repeat: Optional[int] = None  # more samples than the settings' (the network's headline figures)
+    max_time: Optional[float] = None  # seconds of samples after which min_repeat suffice, instead of the settings'
 
     @property
     def id(self):
@@ -87,7 +88,9 @@ def build_cases(shapes, dtypes, n_images=_shapes.INFERENCE_IMAGES, only=None, ke
                 + f", batches of {batch}",
                 dtype, images=n_images, flops=shapes.forward_flops * full / batch, scale=full / n_images,
                 unit=f"{full} images", fixed_number=1,
-                min_repeat=2,  # a sample is 100 forward passes already; the reference's takes many seconds
+                # a sample is 100 forward passes already: the fast ones take five, the reference (many
+                # seconds each) three
+                min_repeat=3, max_time=8.0,
             ))
     for dtype in dtypes:
         for kernel, kind in KERNEL_LAYERS.items():

@@ -80,6 +80,10 @@ def _gemm_line(report):
     return f"- NumPy's GEMM (np.matmul {n}x{n}, best call): " + ", ".join(parts) if parts else None
 
 
+def _loads(values):
+    return "/".join(f"{x:.1f}" for x in values) if values else "unknown"
+
+
 def _header(report):
     m, s, fc = report["machine"], report["settings"], report["fastconv"]
     info, versions = fc["info"], fc["versions"]
@@ -92,8 +96,10 @@ def _header(report):
         "## fastconv benchmarks",
         "",
         f"- CPU: {m['cpu_model']}, {m['logical_cpus']} logical CPUs ({m['cpus_available']} available), "
-        f"{' '.join(m['simd'])}; load average at the end {', '.join(f'{x:.1f}' for x in m['load_average'] or [])}",
-        f"- Threads: fastconv {m['fastconv_threads']}, PyTorch {m['torch_threads']}; thread variables of "
+        f"{' '.join(m['simd'])}; load average (1, 5, 15 min) at the start {_loads(m.get('load_average_at_start'))}, "
+        f"at the end {_loads(m['load_average'])}",
+        f"- Threads: fastconv {m['fastconv_threads']}"
+        + (f", PyTorch {m['torch_threads']}" if m.get("torch_threads") else "") + "; thread variables of "
         f"every measuring process: {env}",
         f"- fastconv {versions['fastconv']}: numpy {versions['numpy']}, BLAS {pools}, OpenMP {info.get('openmp')}, "
         f"numba {versions['numba']}; python {m['python']}"
@@ -108,9 +114,11 @@ def _header(report):
     lines += [
         "",
         "Each implementation runs in a process of its own, started for the run: one per fastconv backend "
-        "(set as a user sets it), one for the forced im2col + GEMM variant of the cython backend, and one for "
-        "PyTorch, which never imports fastconv. The processes take their samples in turns, the order rotated "
-        "every round, on the same machine"
+        "(set as a user sets it)"
+        + (f", one for `{BASELINE}` (the cython backend with its convolutions forced onto its im2col + GEMM "
+           "path)" if BASELINE in s["impls"] else "")
+        + (", one for PyTorch, which never imports fastconv" if TORCH in s["impls"] else "")
+        + ". The processes take their samples in turns, the order rotated every round, on the same machine"
         + (f"; before each sample an implementation runs untimed for {s['settle_time']:g} s, so that the "
            "threads of the one measured before go quiet" if s.get("settle_time") else "")
         + ". Medians over samples (each the mean of a number of calls; `samples` = samples x calls). "
@@ -176,9 +184,53 @@ def _conv_layers(report, dtype):
             + _table(head, rows))
 
 
+def _summary_cell(r):
+    if r is None:
+        return ""
+    if "error" in r:
+        return "failed"
+    parts = [format_seconds(r["median_s"])[0]]
+    if r.get("time_vs_torch") is not None and r["impl"] != TORCH:
+        parts.append(f"{r['time_vs_torch']:.2f}x PyTorch's time")
+    if r.get("speedup_vs_reference") is not None and r["impl"] != REFERENCE:
+        parts.append(f"{r['speedup_vs_reference']:.1f}x faster than reference")
+    return " · ".join(parts)
+
+
+def _faster_than_baseline(results, impl):
+    """(convolution benchmarks where ``impl`` beats the im2col path, benchmarks compared)."""
+    baseline = {(r["id"], r["dtype"]): r["median_s"] for r in results
+                if r["impl"] == BASELINE and "error" not in r and r["kernel"] in CONV_KERNELS}
+    mine = [r for r in results if r["impl"] == impl and (r["id"], r["dtype"]) in baseline]
+    ok = [r for r in mine if "error" not in r and r["median_s"] < baseline[(r["id"], r["dtype"])]]
+    return len(ok), len(mine)
+
+
+def _summary(report):
+    results = report["results"]
+    network = [r for r in results if r["layer"] == NETWORK]
+    columns = list(dict.fromkeys((r["kernel"], r["dtype"]) for r in network))
+    if not columns:
+        return []
+    with_baseline = any(r["impl"] == BASELINE for r in results if r["kernel"] in CONV_KERNELS)
+    head = ["impl"] + [f"{kernel.replace('_', ' ')}, {dtype}" for kernel, dtype in columns]
+    if with_baseline:
+        head.append(f"convolutions faster than {BASELINE}")
+    rows = []
+    for impl in report["settings"]["impls"]:
+        by_key = {(r["kernel"], r["dtype"]): r for r in network if r["impl"] == impl}
+        cells = [impl] + [_summary_cell(by_key.get(key)) for key in columns]
+        if with_baseline:
+            faster, compared = _faster_than_baseline(results, impl)
+            cells.append(f"{faster} of {compared}" if compared and impl != BASELINE else "")
+        rows.append("| " + " | ".join(cells) + " |")
+    return (["", f"### Summary (medians; batch {BATCH}; inference of {INFERENCE_IMAGES} images)", ""]
+            + _table(head, rows))
+
+
 def render(report):
     results = report["results"]
-    lines = _header(report) + _yardstick(report)
+    lines = _header(report) + _summary(report) + _yardstick(report)
     network = [r for r in results if r["layer"] == NETWORK]
     if network:
         lines += ["", f"### Network (batch {BATCH}; inference: time for {INFERENCE_IMAGES} images)", ""]

@@ -122,7 +122,8 @@ def measure(thread_counts, dtypes=("float32", "float64"), target_s=0.05, repeat=
             iterations = 1000
             while _run_threads(fn, iterations, 1) < target_s / 4:  # calibrate on one thread
                 iterations *= 4
-            iterations = int(iterations * target_s / max(_run_threads(fn, iterations, 1), 1e-9))
+            fastest = min(_run_threads(fn, iterations, 1) for _ in range(3))  # the least disturbed
+            iterations = max(1, int(iterations * target_s / max(fastest, 1e-9)))
             per_count = {}
             for threads in thread_counts:
                 samples = [_run_threads(fn, iterations, threads) for _ in range(repeat)]
@@ -143,6 +144,15 @@ def merge(first, second):
             merged[key] = {threads: max(m, second[key][threads], key=lambda r: r["gflops"])
                            for threads, m in per_count.items()}
     return merged
+
+
+def scaling(peak, dtype, threads):
+    """The rate at ``threads`` threads over ``threads`` times the one-thread rate (near 1 on a quiet
+    machine), or None where either was not measured."""
+    per_count = peak.get(dtype) if isinstance(peak, dict) else None
+    if not per_count or "1" not in per_count or str(threads) not in per_count:
+        return None
+    return per_count[str(threads)]["gflops"] / (threads * per_count["1"]["gflops"])
 
 
 def rate(peak, dtype, threads):

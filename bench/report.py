@@ -34,7 +34,7 @@ _START_ENV = dict(os.environ)
 
 # preset -> values of the options it changes (an option given explicitly wins)
 PRESETS = {
-    "full": dict(repeat=7, min_repeat=3, max_time=2.0, sample_time=0.02, settle_time=0.1, images=10_000,
+    "full": dict(repeat=5, min_repeat=3, max_time=0.5, sample_time=0.02, settle_time=0.1, images=10_000,
                  network_repeat=11, alone_repeat=11, kernels="all", gemm_n=2048, gemm_repeat=3, peak_repeat=5),
     "quick": dict(repeat=3, min_repeat=2, max_time=0.5, sample_time=0.005, settle_time=0.05, images=1000,
                   network_repeat=5, alone_repeat=5, kernels="conv", gemm_n=1024, gemm_repeat=2, peak_repeat=3),
@@ -77,11 +77,11 @@ def build_parser():
     p.add_argument("--kernels", choices=("all", "conv", "none"),
                    help="kernel benchmarks besides the network: all (full run), conv (forward and backward "
                         "convolutions only; --quick) or none")
-    p.add_argument("--repeat", type=int, help="samples per implementation (full run: 7)")
+    p.add_argument("--repeat", type=int, help="samples per implementation (full run: 5)")
     p.add_argument("--min-repeat", type=int, help="fewest samples when a benchmark is slow (full run: 3)")
     p.add_argument("--max-time", type=float,
                    help="seconds of samples per implementation and benchmark after which --min-repeat "
-                        "samples suffice (full run: 2)")
+                        "samples suffice (full run: 0.5; inference: 8)")
     p.add_argument("--network-repeat", type=int, help="samples of each train step (full run: 11)")
     p.add_argument("--alone-repeat", type=int,
                    help="samples of PyTorch's train step alone, before and after the benchmarks each "
@@ -186,22 +186,26 @@ class _Run:
         return facts
 
     def choose_impls(self, available):
-        """(backend names, variant names) to measure."""
-        known = list(available) + [v for v, (backend, _) in VARIANTS.items() if backend in available]
+        """The fastconv implementations to measure, in order: each backend, then its variants."""
+        known = []
+        for backend in available:
+            known += [backend] + [v for v, (of, _) in VARIANTS.items() if of == backend]
         wanted = self.args.backends or known
         for name in wanted:
             if name not in known:
                 self.parser.error(f"{name!r} is not available; available: {', '.join(known)}")
-        return [n for n in wanted if n in available], [n for n in wanted if n in VARIANTS]
+        return [name for name in known if name in wanted]
 
-    def start_runners(self, backends, variants, env, torch_spec):
+    def start_runners(self, names, env, torch_spec):
         verbose = not self.args.quiet  # tracebacks of failures on stderr
-        runners = [ProcessRunner({"kind": "backend", "name": n, "backend": n, "verbose": verbose}, env)
-                   for n in backends]
-        for name in variants:
-            backend, variant = VARIANTS[name]
-            spec = {"kind": "backend", "name": name, "backend": backend, "variant": variant, "verbose": verbose}
-            runners.append(ProcessRunner(spec, env, covers=lambda case: case.kernel in VARIANT_KERNELS))
+        runners = []
+        for name in names:
+            spec = {"kind": "backend", "name": name, "backend": name, "verbose": verbose}
+            covers = None
+            if name in VARIANTS:
+                spec["backend"], spec["variant"] = VARIANTS[name]
+                covers = lambda case: case.kernel in VARIANT_KERNELS  # noqa: E731
+            runners.append(ProcessRunner(spec, env, covers=covers))
         if torch_spec is not None:
             runners.append(ProcessRunner(torch_spec, env))
         for runner in runners:
@@ -265,6 +269,7 @@ def run(argv=None):
     log = (lambda *a: None) if args.quiet else _progress
     command = "python -m bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     started = time.perf_counter()
+    load_at_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     state = _Run(args, parser, values, log)
     with tempfile.TemporaryDirectory(prefix="fastconv-bench-") as temp:
         env = _worker_env(args)
@@ -274,7 +279,7 @@ def run(argv=None):
             facts = state.probe(env, temp)
         except RemoteError as exc:
             parser.error(f"fastconv does not import in a worker process: {exc}")
-        backends, variants = state.choose_impls(facts["available"])
+        names = state.choose_impls(facts["available"])
         threads = facts["fastconv_threads"]
         shapes = _shapes.network_from_dict(facts["shapes"])
         only = args.only or (SMOKE_ONLY if args.preset == "smoke" else None)
@@ -296,7 +301,7 @@ def run(argv=None):
             except RemoteError as exc:
                 state.notes.append(f"PyTorch alone not measured: {exc}")
 
-        runners = state.start_runners(backends, variants, env, torch_spec)
+        runners = state.start_runners(names, env, torch_spec)
         try:
             reference = next((r for r in runners if r.name == REFERENCE), runners[0])
             gemm = {dtype: reference.request("gemm_peak", dtype=dtype, n=values["gemm_n"],
@@ -321,6 +326,12 @@ def run(argv=None):
                 state.notes.append(f"PyTorch alone (after) not measured: {exc}")
         peak_after = peak.measure(thread_counts, args.dtypes, repeat=values["peak_repeat"])
     fma = peak.merge(peak_before, peak_after)
+    for dtype in args.dtypes:
+        ratio = peak.scaling(fma, dtype, threads) if threads > 1 else None
+        if ratio is not None and ratio < 0.85:
+            state.notes.append(
+                f"the {dtype} FMA peak on {threads} threads is {100 * ratio:.0f} % of {threads} times the "
+                f"one-thread peak: other processes were using the CPUs, and `% FMA peak` figures are overstated")
     for r in results:
         rate = peak.rate(fma, r["dtype"], threads) if r.get("gflops") else None
         r["peak_fraction"] = None if rate is None else r["gflops"] / rate
@@ -334,7 +345,7 @@ def run(argv=None):
         "settings": dict(values, preset=args.preset, impls=[r.name for r in runners], dtypes=args.dtypes,
                          torch=torch_facts is not None, only=only, threads=args.threads,
                          cold_numba_cache=args.cold_numba_cache),
-        "machine": dict(machine.cpu_facts(env), fastconv_threads=threads,
+        "machine": dict(machine.cpu_facts(env), load_average_at_start=load_at_start, fastconv_threads=threads,
                         torch_threads=torch_facts["torch_threads"] if torch_facts else None),
         "fastconv": {"info": facts["info"], "thread_pools": facts["thread_pools"], "versions": facts["versions"]},
         "workers": worker_facts,

@@ -48,6 +48,8 @@ class Settings:
             settings = dataclasses.replace(settings, min_repeat=min(settings.min_repeat, case.min_repeat))
         if case.repeat is not None and case.repeat > settings.repeat:
             settings = dataclasses.replace(settings, repeat=case.repeat)
+        if case.max_time is not None and settings.max_time > 0:  # 0: a smoke run, every limit at its least
+            settings = dataclasses.replace(settings, max_time=case.max_time)
         return settings
 
 

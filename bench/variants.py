@@ -7,6 +7,7 @@ is compared with it side by side in one run. Each variant runs in a worker
 process of its own (``bench.worker``); ``force`` is called there once, right
 after the backend is chosen.
 """
+import contextlib
 
 # implementation name -> (backend, variant)
 VARIANTS = {"cython-im2col": ("cython", "im2col")}
@@ -14,13 +15,16 @@ VARIANTS = {"cython-im2col": ("cython", "im2col")}
 VARIANT_KERNELS = ("conv_forward", "conv_backward", "train_step")
 
 
+_held = contextlib.ExitStack()  # forcings stay in effect for the life of the worker process
+
+
 def _cython_im2col():
     """Force the cython backend's im2col + GEMM convolutions for this process; None, or why not."""
     from fastconv.backends import cython
-    switch = getattr(cython, "force_conv_path", None)
-    if switch is None:
-        return "the cython backend has no switch forcing its im2col + GEMM path (force_conv_path)"
-    switch("im2col")
+    engine = getattr(cython, "conv_engine", None)
+    if engine is None:
+        return "this cython backend has no conv_engine switch: its only path is im2col + GEMM"
+    _held.enter_context(engine("im2col"))
     return None
 
 
