@@ -83,7 +83,7 @@ LANES = {variant: {np.dtype(np.float32): size // 4, np.dtype(np.float64): size /
 REGISTERS = {"avx512": 32, "avx2": 16, "generic": 16}
 
 # (output channels, vectors of grid positions): accumulators + input vectors + one broadcast fit the registers
-FORWARD_TILES = {32: ((16, 1), (8, 3), (4, 6)), 16: ((8, 1), (4, 2), (2, 4))}
+FORWARD_TILES = {32: ((16, 1), (8, 3), (4, 6), (1, 12)), 16: ((8, 1), (4, 2), (2, 4), (1, 6))}
 
 # input channels of one backward-weights tile (one accumulator each, plus the dout vector), largest first
 CHANNEL_TILES = {32: (16, 8, 4, 2, 1), 16: (8, 4, 2, 1)}

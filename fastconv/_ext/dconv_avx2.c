@@ -12,13 +12,16 @@
 
 #define FC_REGS 16
 #define FC_T float
+#define FC_I int
 #define FC_V 8
 #define FC_NAME(x) x##_avx2_f32
 #include "dconv_impl.h"
 #undef FC_T
+#undef FC_I
 #undef FC_V
 #undef FC_NAME
 #define FC_T double
+#define FC_I long long
 #define FC_V 4
 #define FC_NAME(x) x##_avx2_f64
 #include "dconv_impl.h"

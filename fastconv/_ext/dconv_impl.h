@@ -2,6 +2,7 @@
  *
  * Included by the variant files with
  *   FC_T      element type (float or double)
+ *   FC_I      the integer type of its size (int or long long)
  *   FC_V      lanes of one vector
  *   FC_REGS   vector registers the tiles may fill (32 or 16)
  *   FC_NAME   FC_NAME(x): x with the variant's and type's suffix
@@ -44,6 +45,60 @@ static inline void FC_NAME(copy_row)(FC_T *dst, const FC_T *src, int n)
         FC_NAME(store)(dst + n - FC_V, FC_NAME(load)(src + n - FC_V));
 }
 
+/* dT (pixels, FC_V) = the rows of one block of count <= FC_V output channels of dy (count, pixels):
+   FC_V x FC_V squares transposed in registers (GCC's two-vector shuffles), the last partial square
+   element by element. Lanes of missing channels are left as they are (zero). */
+#if defined(__GNUC__) && !defined(__clang__)
+typedef FC_I FC_NAME(index) __attribute__((vector_size(FC_V * sizeof(FC_T))));
+#endif
+
+static void FC_NAME(transpose_block)(const FC_T *dy, int count, int pixels, FC_T *dT)
+{
+    int q0 = 0;
+#if defined(__GNUC__) && !defined(__clang__)
+    if (count == FC_V) {
+        for (; q0 + FC_V <= pixels; q0 += FC_V) {
+            VEC r[FC_V];
+            _Pragma("GCC unroll 16") for (int i = 0; i < FC_V; i++) r[i] = FC_NAME(load)(dy + (long)i * pixels + q0);
+            /* stage b swaps the b x b off-diagonal sub-blocks of every 2b x 2b block */
+            _Pragma("GCC unroll 4") for (int b = FC_V / 2; b >= 1; b /= 2) {
+                FC_NAME(index) lo, hi;
+                _Pragma("GCC unroll 16") for (int j = 0; j < FC_V; j++) {
+                    lo[j] = (j & b) ? FC_V + j - b : j;
+                    hi[j] = (j & b) ? FC_V + j : j + b;
+                }
+                _Pragma("GCC unroll 16") for (int i = 0; i < FC_V; i++) {
+                    if (i & b)
+                        continue;
+                    VEC a = r[i], c = r[i + b];
+                    r[i] = __builtin_shuffle(a, c, lo);
+                    r[i + b] = __builtin_shuffle(a, c, hi);
+                }
+            }
+            _Pragma("GCC unroll 16") for (int j = 0; j < FC_V; j++) FC_NAME(store)(dT + (long)(q0 + j) * FC_V, r[j]);
+        }
+    }
+#endif
+    for (int i = 0; i < count; i++)
+        for (int q = q0; q < pixels; q++)
+            dT[(long)q * FC_V + i] = dy[(long)i * pixels + q];
+}
+
+/* Sum of values[0:count] in double: vector partial sums, then their lanes in order. */
+static double FC_NAME(row_sum)(const FC_T *values, int count)
+{
+    VEC partial = (VEC){0};
+    int i = 0;
+    for (; i + FC_V <= count; i += FC_V)
+        partial += FC_NAME(load)(values + i);
+    double sum = 0;
+    for (int lane = 0; lane < FC_V; lane++)
+        sum += partial[lane];
+    for (; i < count; i++)
+        sum += values[i];
+    return sum;
+}
+
 /* Forward register tile: KT output channels x PV vectors of grid positions from p0 on.
    in: padded planes (channel c at in + c * plane); w: this block's packed weights. */
 #define FC_FORWARD_TILE(KT, PV)                                                                      \
@@ -76,22 +131,40 @@ static inline void FC_NAME(copy_row)(FC_T *dst, const FC_T *src, int n)
 
 /* Backward-weights tile: CT input channels for one tap and one block of FC_V output channels,
    summed over the pixels of one image into acc_mem (channel i at acc_mem + i * cstride).
-   x: channel 0 of the tile, already moved by the tap; dT: the image's dout, (pixels, FC_V). */
-#define FC_WEIGHTS_TILE(CT)                                                                          \
+   x: channel 0 of the tile, already moved by the tap; dT: the image's dout, (pixels, FC_V).
+   With few channels, U interleaved partial sums (pixel ow goes to sum ow % U) keep enough
+   independent multiply-adds in flight; they are added in order at the end. */
+#define FC_WEIGHTS_TILE(CT, U)                                                                       \
     static void FC_NAME(dw_##CT)(const FC_T *x, long plane, int in_w, const FC_T *dT, int out_h,     \
                                  int out_w, FC_T *acc_mem, long cstride)                             \
     {                                                                                                \
-        VEC acc[CT];                                                                                 \
-        _Pragma("GCC unroll 16") for (int i = 0; i < CT; i++) acc[i] = FC_NAME(load)(acc_mem + i * cstride); \
+        VEC acc[U][CT];                                                                              \
+        _Pragma("GCC unroll 16") for (int i = 0; i < CT; i++) {                                      \
+            acc[0][i] = FC_NAME(load)(acc_mem + i * cstride);                                        \
+            _Pragma("GCC unroll 8") for (int u = 1; u < U; u++) acc[u][i] = (VEC){0};                \
+        }                                                                                            \
+        const int whole = out_w - out_w % U;                                                         \
         for (int oh = 0; oh < out_h; oh++) {                                                         \
             const FC_T *xr = x + (long)oh * in_w;                                                    \
             const FC_T *dr = dT + (long)oh * out_w * FC_V;                                           \
-            for (int ow = 0; ow < out_w; ow++) {                                                     \
+            for (int ow = 0; ow < whole; ow += U) {                                                  \
+                _Pragma("GCC unroll 8") for (int u = 0; u < U; u++) {                                \
+                    VEC d = FC_NAME(load)(dr + (long)(ow + u) * FC_V);                               \
+                    _Pragma("GCC unroll 16") for (int i = 0; i < CT; i++)                            \
+                        acc[u][i] += d * xr[i * plane + ow + u];                                     \
+                }                                                                                    \
+            }                                                                                        \
+            for (int ow = whole; ow < out_w; ow++) {                                                 \
                 VEC d = FC_NAME(load)(dr + (long)ow * FC_V);                                         \
-                _Pragma("GCC unroll 16") for (int i = 0; i < CT; i++) acc[i] += d * xr[i * plane + ow]; \
+                _Pragma("GCC unroll 16") for (int i = 0; i < CT; i++)                                \
+                    acc[ow % U][i] += d * xr[i * plane + ow];                                        \
             }                                                                                        \
         }                                                                                            \
-        _Pragma("GCC unroll 16") for (int i = 0; i < CT; i++) FC_NAME(store)(acc_mem + i * cstride, acc[i]); \
+        _Pragma("GCC unroll 16") for (int i = 0; i < CT; i++) {                                      \
+            VEC sum = acc[0][i];                                                                     \
+            _Pragma("GCC unroll 8") for (int u = 1; u < U; u++) sum += acc[u][i];                    \
+            FC_NAME(store)(acc_mem + i * cstride, sum);                                              \
+        }                                                                                            \
     }
 
 typedef void (*FC_NAME(tile_fn))(const FC_T *, long, int, int, int, int, const FC_T *, const FC_T *,
@@ -102,16 +175,18 @@ typedef void (*FC_NAME(dw_fn))(const FC_T *, long, int, const FC_T *, int, int, 
 FC_FORWARD_TILE(16, 1)
 FC_FORWARD_TILE(8, 3)
 FC_FORWARD_TILE(4, 6)
-FC_WEIGHTS_TILE(16)
+FC_FORWARD_TILE(1, 12)
+FC_WEIGHTS_TILE(16, 1)
 #else
 FC_FORWARD_TILE(8, 1)
 FC_FORWARD_TILE(4, 2)
 FC_FORWARD_TILE(2, 4)
+FC_FORWARD_TILE(1, 6)
 #endif
-FC_WEIGHTS_TILE(8)
-FC_WEIGHTS_TILE(4)
-FC_WEIGHTS_TILE(2)
-FC_WEIGHTS_TILE(1)
+FC_WEIGHTS_TILE(8, 1)
+FC_WEIGHTS_TILE(4, 2)
+FC_WEIGHTS_TILE(2, 4)
+FC_WEIGHTS_TILE(1, 8)
 
 static FC_NAME(tile_fn) FC_NAME(forward_tile)(int k_tile, int vectors)
 {
@@ -119,10 +194,12 @@ static FC_NAME(tile_fn) FC_NAME(forward_tile)(int k_tile, int vectors)
     if (k_tile == 16 && vectors == 1) return FC_NAME(tile_16_1);
     if (k_tile == 8 && vectors == 3) return FC_NAME(tile_8_3);
     if (k_tile == 4 && vectors == 6) return FC_NAME(tile_4_6);
+    if (k_tile == 1 && vectors == 12) return FC_NAME(tile_1_12);
 #else
     if (k_tile == 8 && vectors == 1) return FC_NAME(tile_8_1);
     if (k_tile == 4 && vectors == 2) return FC_NAME(tile_4_2);
     if (k_tile == 2 && vectors == 4) return FC_NAME(tile_2_4);
+    if (k_tile == 1 && vectors == 6) return FC_NAME(tile_1_6);
 #endif
     return 0;
 }
@@ -141,16 +218,28 @@ static FC_NAME(dw_fn) FC_NAME(weights_tile)(int channels)
     }
 }
 
-/* Source planes (channels, src_h, src_w) into zero-bordered padded planes; the image's tail zeroed too. */
+/* Source planes (channels, src_h, src_w) into zero-bordered padded planes, and the image's tail zeroed. */
 static void FC_NAME(pad_planes)(const fc_tile_pass *p, const FC_T *src, FC_T *dst)
 {
-    memset(dst, 0, (size_t)p->image_stride * sizeof(FC_T));
+    const size_t e = sizeof(FC_T);
+    const int right = p->in_w - p->border_w - p->src_w;
+    const long below = (long)(p->in_h - p->border_h - p->src_h) * p->in_w;
     for (int c = 0; c < p->in_channels; c++) {
-        FC_T *d = dst + c * p->in_plane + (long)p->border_h * p->in_w + p->border_w;
+        FC_T *d = dst + c * p->in_plane;
         const FC_T *s = src + (long)c * p->src_h * p->src_w;
-        for (int r = 0; r < p->src_h; r++)
-            FC_NAME(copy_row)(d + (long)r * p->in_w, s + (long)r * p->src_w, p->src_w);
+        /* the top border and the left border of the first row are one run, as are each row's right
+           border and the next row's left border */
+        memset(d, 0, ((size_t)p->border_h * p->in_w + p->border_w) * e);
+        for (int r = 0; r < p->src_h; r++) {
+            FC_T *row = d + (long)(p->border_h + r) * p->in_w + p->border_w;
+            FC_NAME(copy_row)(row, s + (long)r * p->src_w, p->src_w);
+            for (int i = 0; i < right + (r + 1 < p->src_h ? p->border_w : 0); i++)
+                row[p->src_w + i] = 0;
+        }
+        memset(d + p->in_plane - below, 0, (size_t)below * e);
     }
+    long used = p->in_channels * p->in_plane;
+    memset(dst + used, 0, (size_t)(p->image_stride - used) * e);
 }
 
 /* The tile over all grid tiles of one image, a block of output channels at a time, each block's valid
@@ -210,16 +299,12 @@ static void FC_NAME(backward_task)(void *arg, int thread)
         for (long n = first; n < end; n++) {
             const FC_T *dy = (const FC_T *)job->dout + n * K * pixels;
             /* dout as (block, pixel, lane), and db */
-            for (int k = 0; k < K; k++) {
-                FC_T *col = dT + ((long)(k / FC_V) * pixels) * FC_V + k % FC_V;
-                const FC_T *row = dy + (long)k * pixels;
-                double sum = 0;
-                for (int q = 0; q < pixels; q++) {
-                    col[(long)q * FC_V] = row[q];
-                    sum += row[q];
-                }
-                db[k] += sum;
+            for (int kb = 0; kb < job->w_blocks; kb++) {
+                int count = K - kb * FC_V < FC_V ? K - kb * FC_V : FC_V;
+                FC_NAME(transpose_block)(dy + (long)kb * FC_V * pixels, count, pixels, dT + (long)kb * pixels * FC_V);
             }
+            for (int k = 0; k < K; k++)
+                db[k] += FC_NAME(row_sum)(dy + (long)k * pixels, pixels);
             const FC_T *x = (const FC_T *)job->packed + n * f->image_stride;
             for (int kb = 0; kb < job->w_blocks; kb++) {
                 const FC_T *dTb = dT + (long)kb * pixels * FC_V;
