@@ -90,7 +90,8 @@ def fastconv_facts(with_shapes=False):
     With ``with_shapes`` the chapter-8 network's layer shapes too (this loads every backend).
     """
     import fastconv
-    facts = {"fastconv_threads": fastconv.get_num_threads(), "backend": fastconv.get_backend()}
+    facts = {"fastconv_threads": fastconv.get_num_threads(), "backend": fastconv.get_backend(),
+             "fastconv_file": fastconv.__file__}
     if with_shapes:
         from bench.benchmarks import _network, _shapes
         with warnings.catch_warnings():

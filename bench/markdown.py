@@ -5,8 +5,7 @@ REFERENCE = "reference"
 TORCH = "torch"
 NETWORK = "network"
 CONV_KERNELS = ("conv_forward", "conv_backward")
-# the variant whose convolutions every backend's are set against, and the backend it is a variant of
-BASELINE, BASELINE_OF = "cython-im2col", "cython"
+IM2COL_VARIANT = "cython-im2col"
 
 
 def format_seconds(seconds, unit=None):
@@ -115,8 +114,10 @@ def _header(report):
         "",
         "Each implementation runs in a process of its own, started for the run: one per fastconv backend "
         "(set as a user sets it)"
-        + (f", one for `{BASELINE}` (the cython backend with its convolutions forced onto its im2col + GEMM "
-           "path)" if BASELINE in s["impls"] else "")
+        + (f", one for `{IM2COL_VARIANT}` (the cython backend with its convolutions forced onto its im2col + "
+           "GEMM path)" if IM2COL_VARIANT in s["impls"] else "")
+        + (f", one for `{_tree_baseline(s)}` (the cython backend of the source tree {s['baseline_tree']})"
+           if _tree_baseline(s) else "")
         + (", one for PyTorch, which never imports fastconv" if TORCH in s["impls"] else "")
         + ". The processes take their samples in turns, the order rotated every round, on the same machine"
         + (f"; before each sample an implementation runs untimed for {s['settle_time']:g} s, so that the "
@@ -129,6 +130,16 @@ def _header(report):
         "fastconv's thread count.",
     ]
     return [line for line in lines if line is not None]
+
+
+def _baselines(settings):
+    """{baseline implementation: the implementation it is set against}, for those measured."""
+    pairs = settings.get("baselines") or {IM2COL_VARIANT: "cython"}
+    return {b: of for b, of in pairs.items() if b in settings["impls"] and of in settings["impls"]}
+
+
+def _tree_baseline(settings):
+    return next((b for b in _baselines(settings) if "@" in b), None)
 
 
 def _yardstick(report):
@@ -167,20 +178,20 @@ def _conv_layers(report, dtype):
     if not rows_by_key:
         return []
     impls = [i for i in report["settings"]["impls"] if any(i in v for v in rows_by_key.values())]
-    has_baseline = BASELINE in impls and BASELINE_OF in impls
-    head = ["layer", "kernel"] + impls + ([f"{BASELINE} / {BASELINE_OF}"] if has_baseline else [])
+    baselines = {b: of for b, of in _baselines(report["settings"]).items() if b in impls}
+    head = ["layer", "kernel"] + impls + [f"{b} / {of}" for b, of in baselines.items()]
     rows = []
     for (layer, kernel), by_impl in rows_by_key.items():
         cells = [layer, kernel.replace("conv_", "")] + [_conv_cell(by_impl.get(i)) for i in impls]
-        if has_baseline:
-            old, new = by_impl.get(BASELINE), by_impl.get(BASELINE_OF)
+        for b, of in baselines.items():
+            old, new = by_impl.get(b), by_impl.get(of)
             ok = old and new and "error" not in old and "error" not in new
             cells.append(_ratio(old["median_s"] / new["median_s"]) if ok else "")
         rows.append("| " + " | ".join(cells) + " |")
     return (["", f"### Convolutions per layer, {dtype}", "",
              "Median time · GFLOP/s · % of the FMA peak"
-             + (f"; the last column is the speed-up of the cython backend over its im2col + GEMM path"
-                if has_baseline else "") + ". Backward includes dW, db and dx.", ""]
+             + ("; `A / B` columns: A's time over B's, the speed-up of B over A" if baselines else "")
+             + ". Backward includes dW, db and dx.", ""]
             + _table(head, rows))
 
 
@@ -197,12 +208,12 @@ def _summary_cell(r):
     return " · ".join(parts)
 
 
-def _faster_than_baseline(results, impl):
-    """(convolution benchmarks where ``impl`` beats the im2col path, benchmarks compared)."""
-    baseline = {(r["id"], r["dtype"]): r["median_s"] for r in results
-                if r["impl"] == BASELINE and "error" not in r and r["kernel"] in CONV_KERNELS}
-    mine = [r for r in results if r["impl"] == impl and (r["id"], r["dtype"]) in baseline]
-    ok = [r for r in mine if "error" not in r and r["median_s"] < baseline[(r["id"], r["dtype"])]]
+def _faster_than(results, impl, baseline):
+    """(convolution benchmarks where ``impl`` beats ``baseline``, benchmarks compared)."""
+    theirs = {(r["id"], r["dtype"]): r["median_s"] for r in results
+              if r["impl"] == baseline and "error" not in r and r["kernel"] in CONV_KERNELS}
+    mine = [r for r in results if r["impl"] == impl and (r["id"], r["dtype"]) in theirs]
+    ok = [r for r in mine if "error" not in r and r["median_s"] < theirs[(r["id"], r["dtype"])]]
     return len(ok), len(mine)
 
 
@@ -212,17 +223,17 @@ def _summary(report):
     columns = list(dict.fromkeys((r["kernel"], r["dtype"]) for r in network))
     if not columns:
         return []
-    with_baseline = any(r["impl"] == BASELINE for r in results if r["kernel"] in CONV_KERNELS)
-    head = ["impl"] + [f"{kernel.replace('_', ' ')}, {dtype}" for kernel, dtype in columns]
-    if with_baseline:
-        head.append(f"convolutions faster than {BASELINE}")
+    baselines = [b for b in _baselines(report["settings"])
+                 if any(r["impl"] == b for r in results if r["kernel"] in CONV_KERNELS)]
+    head = (["impl"] + [f"{kernel.replace('_', ' ')}, {dtype}" for kernel, dtype in columns]
+            + [f"convolutions faster than {b}" for b in baselines])
     rows = []
     for impl in report["settings"]["impls"]:
         by_key = {(r["kernel"], r["dtype"]): r for r in network if r["impl"] == impl}
         cells = [impl] + [_summary_cell(by_key.get(key)) for key in columns]
-        if with_baseline:
-            faster, compared = _faster_than_baseline(results, impl)
-            cells.append(f"{faster} of {compared}" if compared and impl != BASELINE else "")
+        for b in baselines:
+            faster, compared = _faster_than(results, impl, b)
+            cells.append(f"{faster} of {compared}" if compared and impl != b else "")
         rows.append("| " + " | ".join(cells) + " |")
     return (["", f"### Summary (medians; batch {BATCH}; inference of {INFERENCE_IMAGES} images)", ""]
             + _table(head, rows))

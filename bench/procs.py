@@ -13,17 +13,30 @@ from bench.timing import RemoteError
 _BENCH_PARENT = str(Path(__file__).resolve().parent.parent)
 
 
+# A worker measuring the fastconv of another source tree (``spec["source"]``) imports this bench first,
+# then looks for everything else in that tree only: the folder holding bench (a source tree too) and
+# the current directory leave the search path before fastconv is imported.
+_FROM_TREE = ("import sys; sys.path.insert(0, {bench!r}); import bench.worker as worker; "
+              "sys.path[:] = [{tree!r}] + [p for p in sys.path if p not in ('', {bench!r}, {cwd!r})]; "
+              "sys.exit(worker.main())")
+
+
+def _command(spec):
+    if spec.get("source"):
+        code = _FROM_TREE.format(bench=_BENCH_PARENT, tree=str(Path(spec["source"]).resolve()), cwd=os.getcwd())
+        return [sys.executable, "-c", code, json.dumps(spec)]
+    return [sys.executable, "-m", "bench.worker", json.dumps(spec)]
+
+
 class Worker:
-    """One ``python -m bench.worker`` process and its line-by-line JSON conversation."""
+    """One worker process (``bench.worker``) and its line-by-line JSON conversation."""
 
     def __init__(self, spec, env):
         self.spec = spec
         env = dict(env)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_BENCH_PARENT, env.get("PYTHONPATH")) if p)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "bench.worker", json.dumps(spec)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
-        )
+        self.process = subprocess.Popen(_command(spec), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                        env=env)
         self._ready = False
 
     @property

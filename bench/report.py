@@ -8,10 +8,12 @@ train step is also timed alone, in a fresh process while no fastconv process
 exists, before and after the benchmarks.
 """
 import argparse
+import dataclasses
 import datetime
 import json
 import os
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -23,6 +25,8 @@ from bench.benchmarks import _shapes
 from bench.procs import ProcessRunner
 from bench.timing import RemoteError, Settings, measure, summary
 from bench.variants import VARIANT_KERNELS, VARIANTS
+
+BASELINE_BACKEND = "cython"  # the backend --baseline measures from another tree
 
 DTYPES = ("float32", "float64")
 REPORTS_DIR = Path(__file__).resolve().parent / "reports"
@@ -46,6 +50,16 @@ SMOKE_ONLY = ["*/conv1", "*/pool3", "*/relu7", "*/affine2", "*/network"]
 # variables that hold a library's pool to --threads threads, set for every worker alike
 THREAD_VARS = ("FASTCONV_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                "NUMBA_NUM_THREADS")
+
+
+def _tree_label(tree):
+    """The short commit of a source tree, or its folder's name where git cannot tell."""
+    try:
+        done = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        done = None
+    return done.stdout.strip() if done is not None and done.returncode == 0 else Path(tree).resolve().name
 
 
 def _csv(text):
@@ -98,6 +112,10 @@ def build_parser():
                    help="threads for every implementation: sets " + ", ".join(THREAD_VARS) + " for every "
                         "worker and PyTorch's intra-op threads (default: as configured; PyTorch gets "
                         "fastconv's thread count)")
+    p.add_argument("--baseline", type=Path, metavar="TREE",
+                   help="also measure the cython backend of another fastconv source tree (a checkout with its "
+                        "extensions built in place, e.g. a git worktree of an older commit), as cython@<commit>, "
+                        "on the convolutions and the train step")
     p.add_argument("--cold-numba-cache", action="store_true",
                    help="give the fastconv processes an empty numba cache, so that the numba backend's "
                         "first calls include compiling its kernels")
@@ -168,8 +186,9 @@ def _progress(index, total, case, records):
 class _Run:
     """The state of one report run: options, workers, notes."""
 
-    def __init__(self, args, parser, values, log):
-        self.args, self.parser, self.values, self.log = args, parser, values, log
+    def __init__(self, args, parser, values):
+        self.args, self.parser, self.values = args, parser, values
+        self.baseline_name = None  # the implementation measured from --baseline
         self.notes = []  # what was left out, and why
         self.settings = Settings(values["repeat"], values["min_repeat"], values["max_time"],
                                  values["sample_time"], settle_time=values["settle_time"])
@@ -186,15 +205,25 @@ class _Run:
         return facts
 
     def choose_impls(self, available):
-        """The fastconv implementations to measure, in order: each backend, then its variants."""
-        known = []
+        """The fastconv implementations to measure, in order: each backend, then its variants; and
+        ``{variant or baseline: the backend it is set against}``."""
+        known, baselines = [], {}
         for backend in available:
-            known += [backend] + [v for v, (of, _) in VARIANTS.items() if of == backend]
+            known.append(backend)
+            for variant, (of, _) in VARIANTS.items():
+                if of == backend:
+                    known.append(variant)
+                    baselines[variant] = backend
         wanted = self.args.backends or known
         for name in wanted:
             if name not in known:
                 self.parser.error(f"{name!r} is not available; available: {', '.join(known)}")
-        return [name for name in known if name in wanted]
+        names = [name for name in known if name in wanted]
+        if self.args.baseline is not None:
+            self.baseline_name = f"{BASELINE_BACKEND}@{_tree_label(self.args.baseline)}"
+            names.insert(names.index(BASELINE_BACKEND) + 1 if BASELINE_BACKEND in names else 0, self.baseline_name)
+            baselines[self.baseline_name] = BASELINE_BACKEND
+        return names, baselines
 
     def start_runners(self, names, env, torch_spec):
         verbose = not self.args.quiet  # tracebacks of failures on stderr
@@ -204,6 +233,9 @@ class _Run:
             covers = None
             if name in VARIANTS:
                 spec["backend"], spec["variant"] = VARIANTS[name]
+            elif name == self.baseline_name:
+                spec["backend"], spec["source"] = BASELINE_BACKEND, str(self.args.baseline)
+            if name in VARIANTS or name == self.baseline_name:
                 covers = lambda case: case.kernel in VARIANT_KERNELS  # noqa: E731
             runners.append(ProcessRunner(spec, env, covers=covers))
         if torch_spec is not None:
@@ -236,7 +268,7 @@ class _Run:
         out = {}
         try:
             for case in cases:
-                (m,) = measure(case, [runner], settings)
+                (m,) = measure(dataclasses.replace(case, repeat=None), [runner], settings)
                 out[case.dtype] = m
         finally:
             runner.close()
@@ -270,7 +302,7 @@ def run(argv=None):
     command = "python -m bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     started = time.perf_counter()
     load_at_start = os.getloadavg() if hasattr(os, "getloadavg") else None
-    state = _Run(args, parser, values, log)
+    state = _Run(args, parser, values)
     with tempfile.TemporaryDirectory(prefix="fastconv-bench-") as temp:
         env = _worker_env(args)
         if args.cold_numba_cache:
@@ -279,7 +311,9 @@ def run(argv=None):
             facts = state.probe(env, temp)
         except RemoteError as exc:
             parser.error(f"fastconv does not import in a worker process: {exc}")
-        names = state.choose_impls(facts["available"])
+        if args.baseline is not None and not (args.baseline / "fastconv" / "__init__.py").is_file():
+            parser.error(f"--baseline {args.baseline}: not a fastconv source tree (no fastconv/__init__.py)")
+        names, baselines = state.choose_impls(facts["available"])
         threads = facts["fastconv_threads"]
         shapes = _shapes.network_from_dict(facts["shapes"])
         only = args.only or (SMOKE_ONLY if args.preset == "smoke" else None)
@@ -309,8 +343,11 @@ def run(argv=None):
             results = []
             for index, case in enumerate(cases, 1):
                 taking_part = [r for r in runners if r.covers(case)]
-                records = [_record(case, m, r.kind)
-                           for r, m in zip(taking_part, measure(case, taking_part, state.settings))]
+                case_started = time.perf_counter()
+                measured = measure(case, taking_part, state.settings)
+                case_wall = time.perf_counter() - case_started
+                records = [dict(_record(case, m, r.kind), case_wall_s=case_wall)
+                           for r, m in zip(taking_part, measured)]
                 _add_ratios(records)
                 log(index, len(cases), case, records)
                 results += records
@@ -344,7 +381,8 @@ def run(argv=None):
         "wall_time_s": time.perf_counter() - started,
         "settings": dict(values, preset=args.preset, impls=[r.name for r in runners], dtypes=args.dtypes,
                          torch=torch_facts is not None, only=only, threads=args.threads,
-                         cold_numba_cache=args.cold_numba_cache),
+                         cold_numba_cache=args.cold_numba_cache, baselines=baselines,
+                         baseline_tree=str(args.baseline.resolve()) if args.baseline else None),
         "machine": dict(machine.cpu_facts(env), load_average_at_start=load_at_start, fastconv_threads=threads,
                         torch_threads=torch_facts["torch_threads"] if torch_facts else None),
         "fastconv": {"info": facts["info"], "thread_pools": facts["thread_pools"], "versions": facts["versions"]},

@@ -353,6 +353,25 @@ def test_a_worker_measures_a_case_in_its_own_process():
         runner.close()
 
 
+def test_a_worker_imports_fastconv_from_the_source_tree_it_is_given(tmp_path):
+    # a stand-in for another checkout: just enough of fastconv for a worker to describe it
+    package = tmp_path / "fastconv"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "__version__ = 'other tree'\n"
+        "def set_backend(name): pass\n"
+        "def get_backend(): return 'cython'\n"
+        "def get_num_threads(): return 1\n")
+    spec = {"kind": "backend", "name": "cython@other", "backend": "cython", "source": str(tmp_path)}
+    runner = ProcessRunner(spec, dict(os.environ))
+    try:
+        facts = runner.describe()
+    finally:
+        runner.close()
+    assert Path(facts["fastconv_file"]) == package / "__init__.py"
+    assert facts["versions"]["fastconv"] == "other tree"
+
+
 # --- the FMA peak -----------------------------------------------------------------------
 
 def test_fma_micro_kernel_computes_its_recurrence(tmp_path):
