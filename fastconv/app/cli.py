@@ -26,6 +26,7 @@ _TRAIN_SETTINGS = ("recipe", "epochs", "batch_size", "optimizer", "lr", "lr_sche
 
 
 def _add_train_parser(commands):
+    from fastconv.app.parallel import add_parallel_arguments
     from fastconv.app.schedules import SCHEDULES
     from fastconv.app.training import RECIPES
     from fastconv.optimizer import OPTIMIZERS
@@ -64,6 +65,7 @@ def _add_train_parser(commands):
     train.add_argument("--overwrite", action="store_true",
                        help="let a new run delete the run already in --out (without it, a used --out is refused)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_parallel_arguments(train)
 
 
 def build_parser():
@@ -89,6 +91,9 @@ def _resume_command(args, out):
         words += ["--backend", args.backend]
     if args.quiet:
         words.append("--quiet")
+    for option in ("jobs", "dask"):
+        if getattr(args, option, None) is not None:
+            words += [f"--{option}", str(getattr(args, option))]
     return " ".join(shlex.quote(word) for word in words)
 
 
@@ -114,6 +119,8 @@ def _train(args):
     import fastconv
     from fastconv.app import runs
     from fastconv.app.checkpoint import CheckpointError
+    from fastconv.app.executors import DaskMissing
+    from fastconv.app.parallel import parallel_training
     from fastconv.app.training import TrainConfig, TrainingDiverged
     from fastconv.datasets import MNISTFormatError, MNISTNotFoundError
 
@@ -141,9 +148,22 @@ def _train(args):
 
     backend = fastconv.use_backend(args.backend) if args.backend else contextlib.nullcontext()
     try:
-        with backend:
+        models = (config or saved).ensemble
+        parallel = parallel_training(models, jobs=args.jobs, dask=args.dask, download=not args.no_download,
+                                     progress=not args.quiet)
+    except ValueError as exc:
+        _error(exc)
+        return EXIT_USAGE
+    except DaskMissing as exc:
+        _error(exc)
+        return EXIT_FAILURE
+    except OSError as exc:
+        _error(exc)
+        return EXIT_USAGE
+    try:
+        with backend, (parallel or contextlib.nullcontext()):
             runs.run(config, out, resume=args.resume, overwrite=args.overwrite, data_dir=args.data_dir,
-                     download=not args.no_download, progress=not args.quiet)
+                     download=not args.no_download, progress=not args.quiet, parallel=parallel)
     except runs.RunError as exc:
         _error(exc)
         return EXIT_USAGE
