@@ -166,7 +166,8 @@ def _conv_cell(r):
     if "error" in r:
         return "failed"
     fraction = r.get("peak_fraction")
-    return (f"{format_seconds(r['median_s'])[0]} · {r['gflops']:.0f} GF/s"
+    gflops = f"{r['gflops']:.0f}" if r["gflops"] >= 10 else f"{r['gflops']:.1f}"
+    return (f"{format_seconds(r['median_s'])[0]} · {gflops} GF/s"
             + ("" if fraction is None else f" · {100 * fraction:.0f} %"))
 
 
@@ -203,8 +204,10 @@ def _summary_cell(r):
     parts = [format_seconds(r["median_s"])[0]]
     if r.get("time_vs_torch") is not None and r["impl"] != TORCH:
         parts.append(f"{r['time_vs_torch']:.2f}x PyTorch's time")
-    if r.get("speedup_vs_reference") is not None and r["impl"] != REFERENCE:
-        parts.append(f"{r['speedup_vs_reference']:.1f}x faster than reference")
+    speedup = r.get("speedup_vs_reference")
+    if speedup is not None and r["impl"] != REFERENCE:
+        parts.append(f"{speedup:.1f}x faster than the reference" if speedup >= 1
+                     else f"{1 / speedup:.1f}x slower than the reference")
     return " · ".join(parts)
 
 

@@ -78,6 +78,9 @@ def build_parser():
                    help="comma-separated implementations: backends and variants such as cython-im2col "
                         "(default: every available backend and variant)")
     p.add_argument("--dtypes", type=_csv, default=list(DTYPES), help="comma-separated, default float32,float64")
+    p.add_argument("--inference-dtypes", type=_csv, default=["float32"],
+                   help="comma-separated dtypes of the inference benchmark (default float32; float64 adds about "
+                        "2.5 minutes to a full run)")
     p.add_argument("--no-torch", action="store_true", help="leave PyTorch out even when it imports")
     p.add_argument("--only", action="append", metavar="PATTERN",
                    help="run only benchmarks whose id (kernel/layer, e.g. 'conv_*/conv2', 'train_step/*') "
@@ -140,7 +143,7 @@ def _resolve(args, parser):
     if values["alone_repeat"] < 0:
         parser.error("--alone-repeat must not be negative")
     values["min_repeat"] = min(values["min_repeat"], values["repeat"])
-    for dtype in args.dtypes:
+    for dtype in args.dtypes + args.inference_dtypes:
         if dtype not in DTYPES:
             parser.error(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     return values
@@ -318,7 +321,8 @@ def run(argv=None):
         shapes = _shapes.network_from_dict(facts["shapes"])
         only = args.only or (SMOKE_ONLY if args.preset == "smoke" else None)
         cases = bench_cases.build_cases(shapes, args.dtypes, values["images"], only,
-                                        kernels=values["kernels"], network_repeat=values["network_repeat"])
+                                        kernels=values["kernels"], network_repeat=values["network_repeat"],
+                                        inference_dtypes=args.inference_dtypes)
         if not cases:
             parser.error(f"no benchmark matches --only {' '.join(only)}")
         torch_spec = None if args.no_torch else {
