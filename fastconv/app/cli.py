@@ -3,8 +3,9 @@
 Exit codes of ``fastconv train``:
 
 - 0 success
-- 1 unexpected failure (or the app's dependencies are not installed)
-- 2 bad arguments, or an output folder that does not fit them (it holds
+- 1 unexpected failure (or the app's dependencies, or with --dask the dask extra, are not
+  installed)
+- 2 bad arguments (a --dask scheduler that does not answer too), or an output folder that does not fit them (it holds
   another run, cannot be written, has a damaged checkpoint, or the run
   recorded other MNIST files than those found)
 - 3 MNIST missing (and not downloadable) or unreadable

@@ -12,7 +12,7 @@ only the channel's ``reporter``, a small picklable object.
   reaches the run, which asks them to stop. A pool that lost a process is
   replaced on the next submit.
 - ``dask_executor(address)``: the workers of a running Dask cluster
-  (``distributed.Client(address).get_executor()``); events travel as the
+  (a ``distributed.Client(address)``); events travel as the
   workers' logged events, the stop request as a ``distributed.Event``.
 """
 import concurrent.futures
@@ -169,24 +169,41 @@ def local_executor(jobs, threads):
 
 
 class _DaskExecutor(concurrent.futures.Executor):
-    """``Client.get_executor()`` with the client it came from, closed with it."""
+    """Tasks on a Dask cluster, as ``concurrent.futures`` futures, on the client this executor closes.
+
+    Like ``Client.get_executor()``, except that a task's result is released
+    on the cluster as soon as it has arrived here: a key still held would be
+    computed again (a model trained twice) when the worker holding it dies.
+    The futures count as running from the start: a task on the cluster is
+    stopped through the channel, not cancelled.
+    """
 
     def __init__(self, client):
-        self.client = client
-        self._executor = client.get_executor(pure=False)
-        self.topic = f"fastconv-{uuid.uuid4().hex}"
         from distributed import Event
 
+        self.client = client
+        self.topic = f"fastconv-{uuid.uuid4().hex}"
         self._stop_event = Event(self.topic, client=client)
         events = queue.Queue()
         self.channel = Channel(DaskReporter(self.topic), events, self._stop_event.set)
         client.subscribe_topic(self.topic, lambda event: events.put(event[1]))
 
     def submit(self, fn, /, *args, **kwargs):
-        return self._executor.submit(fn, *args, **kwargs)
+        result = concurrent.futures.Future()
+        result.set_running_or_notify_cancel()
+
+        def transfer(task):
+            try:
+                result.set_result(task.result())
+            except BaseException as exc:  # the task's own exception, or the cluster's (KilledWorker)
+                result.set_exception(exc)
+            finally:
+                task.release()
+
+        self.client.submit(fn, *args, pure=False, **kwargs).add_done_callback(transfer)
+        return result
 
     def shutdown(self, wait=True, *, cancel_futures=False):
-        self._executor.shutdown(wait=wait)
         try:
             self.client.unsubscribe_topic(self.topic)
         finally:

@@ -27,10 +27,12 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import fastconv
+from fastconv.app.checkpoint import remove_temporaries
 from fastconv.app.progress import RunProgress
+from fastconv.app.runs import CHECKPOINT, load_data, member_outcome, write_member
 from fastconv.app.training import TrainConfig, Training, steps_per_epoch
 
 __all__ = ["MemberTask", "MemberStopped", "train_member", "run_tasks", "ParallelTraining"]
@@ -87,7 +89,6 @@ def train_member(task):
     Returns ``{"params", "history", "test_proba"}``. Raises
     ``MemberStopped`` when the run asks its models to stop.
     """
-    from fastconv.app.runs import CHECKPOINT, load_data, member_outcome  # runs imports this module's users
 
     reporter = task.reporter or _Silent()
     with _ONE_MODEL_PER_PROCESS:
@@ -97,6 +98,8 @@ def train_member(task):
         data, _ = load_data(config, None, task.download, recorded=task.source)
         folder = _shared_folder(task)
         checkpoint = None if folder is None else folder / CHECKPOINT
+        if folder is not None:
+            remove_temporaries(folder)  # a write cut short when an earlier attempt's worker died
 
         def report(kind, **fields):
             reporter.report(dict(fields, key=task.key, kind=kind))
@@ -234,8 +237,6 @@ class ParallelTraining:
 
     def train_models(self, source, data, models, log=print):
         """Train ``[(name, folder, config, seed, run_folder), ...]``; return [(None, history, proba)] in order."""
-        from fastconv.app.runs import write_member
-
         (x_train, _), _ = data
         backend = fastconv.get_backend()
         tasks = []
