@@ -10,6 +10,7 @@ exists, before and after the benchmarks.
 import argparse
 import dataclasses
 import datetime
+import importlib.util
 import json
 import os
 import shlex
@@ -325,7 +326,9 @@ def run(argv=None):
                                         inference_dtypes=args.inference_dtypes)
         if not cases:
             parser.error(f"no benchmark matches --only {' '.join(only)}")
-        torch_spec = None if args.no_torch else {
+        if not args.no_torch and importlib.util.find_spec("torch") is None:  # looked up, not imported
+            state.notes.append("PyTorch not measured: it is not installed (pip install fastconv[torch])")
+        torch_spec = None if args.no_torch or importlib.util.find_spec("torch") is None else {
             "kind": "torch", "name": TORCH, "threads": args.threads or threads, "verbose": not args.quiet,
             "shapes": facts["shapes"], "params_dir": temp}
 

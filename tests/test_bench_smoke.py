@@ -3,6 +3,7 @@ import copy
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -325,6 +326,14 @@ def test_settling_uses_the_cheap_warmup_call_when_a_benchmark_has_one():
 
 
 # --- worker processes ------------------------------------------------------------------
+
+def test_the_report_process_imports_neither_fastconv_nor_torch():
+    code = "import sys, bench.report, bench.compare; print(sorted({'fastconv', 'torch'} & set(sys.modules)))"
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=root)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root, check=True)
+    assert done.stdout.strip() == "[]"
+
 
 def test_a_worker_that_cannot_start_reports_why(tmp_path):
     runner = ProcessRunner({"kind": "backend", "name": "nothing", "backend": "no-such-backend"}, dict(os.environ))
