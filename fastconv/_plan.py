@@ -67,6 +67,7 @@ Public names (stable): ``VARIANTS``, ``LANES``, ``REGISTERS``, ``FORWARD_TILES``
 ``conv_plan``, ``ConvPlan``, ``TilePass``, ``group_bounds``, ``channel_tiles``,
 ``pack_forward_weights``, ``pack_backward_data_weights``.
 """
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -270,10 +271,18 @@ class ConvPlan:
 
 
 def conv_plan(x_shape, w_shape, stride, pad, dtype, variant):
-    """The plan for convolving ``x_shape`` (N, C, H, W) with ``w_shape`` (K, C, FH, FW) on ``variant``."""
-    N, C, H, W = (int(s) for s in x_shape)
-    K, _, FH, FW = (int(s) for s in w_shape)
-    dtype = np.dtype(dtype)
+    """The plan for convolving ``x_shape`` (N, C, H, W) with ``w_shape`` (K, C, FH, FW) on ``variant``.
+
+    Plans are immutable and remembered: the same arguments return the same plan.
+    """
+    return _conv_plan(tuple(int(s) for s in x_shape), tuple(int(s) for s in w_shape), int(stride), int(pad),
+                      np.dtype(dtype), variant)
+
+
+@functools.lru_cache(maxsize=256)
+def _conv_plan(x_shape, w_shape, stride, pad, dtype, variant):
+    N, C, H, W = x_shape
+    K, _, FH, FW = w_shape
     lanes = LANES[variant][dtype]
     registers = REGISTERS[variant]
     out_h = output_size(H, FH, stride, pad, "height")

@@ -187,6 +187,16 @@ def test_plan_covers_the_channels_with_compiled_tiles():
             assert [first for first, _ in tiles] == list(np.cumsum([0] + [c for _, c in tiles])[:-1])
 
 
+@pytest.mark.parametrize("geometry", GEOMETRIES[6:10], ids=geometry_id)
+def test_weights_packed_in_c_match_the_plan(geometry, dtype, rng):
+    N, C, K, H, W, FH, FW, pad = geometry
+    w = rng.standard_normal((K, C, FH, FW)).astype(dtype)
+    plan = _plan.conv_plan((N, C, H, W), w.shape, 1, pad, dtype, cython.simd_variant())
+    for tile_pass, backward_data, expected in [(plan.forward, False, _plan.pack_forward_weights(plan, w)),
+                                               (plan.backward_data, True, _plan.pack_backward_data_weights(plan, w))]:
+        np.testing.assert_array_equal(cython._packed_weights(tile_pass, w, backward_data), expected.reshape(-1))
+
+
 def test_groups_cover_the_batch_in_order():
     for batch in (1, 7, 16, 100):
         groups = min(batch, _plan.DW_GROUPS)

@@ -90,6 +90,35 @@ cdef void _need(Py_ssize_t have, Py_ssize_t need, str what) except *:
         raise ValueError(f"{what} has {have} elements, needs {need}")
 
 
+def pack_weights(const floating[:, :, :, ::1] w, floating[::1] packed, int k_tile, bint backward_data):
+    """The weights in a tile's layout (``fastconv._plan.pack_forward_weights`` and
+    ``pack_backward_data_weights``): (blocks, C, FH, FW, k_tile) with zero rows padding K; for
+    backward-data, of the weights transposed (K <-> C) and flipped (FH, FW)."""
+    cdef Py_ssize_t K = w.shape[0], C = w.shape[1], taps = w.shape[2] * w.shape[3]
+    cdef Py_ssize_t outs = C if backward_data else K, ins = K if backward_data else C
+    cdef Py_ssize_t blocks = (outs + k_tile - 1) // k_tile
+    cdef Py_ssize_t block, i, tap, t, o, at = 0
+    if k_tile < 1 or packed.shape[0] < blocks * k_tile * ins * taps:
+        raise ValueError("packed is too small for the weights")
+    if w.size == 0:
+        return
+    cdef const floating *source = &w[0, 0, 0, 0]
+    cdef floating *p = &packed[0]
+    with nogil:
+        for block in range(blocks):
+            for i in range(ins):
+                for tap in range(taps):
+                    for t in range(k_tile):
+                        o = block * k_tile + t
+                        if o >= outs:
+                            p[at] = 0
+                        elif backward_data:  # w[i, o, FH - 1 - kh, FW - 1 - kw]
+                            p[at] = source[(i * C + o) * taps + taps - 1 - tap]
+                        else:
+                            p[at] = source[(o * C + i) * taps + tap]
+                        at += 1
+
+
 def conv_forward(object tile_pass, Py_ssize_t batch, const floating[::1] x, floating[::1] packed,
                  const floating[::1] weights, const floating[::1] bias, floating[::1] out,
                  floating[::1] scratch, Py_ssize_t scratch_stride, int variant, int num_threads):

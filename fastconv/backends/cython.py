@@ -237,13 +237,20 @@ def _direct_forward(x, W, b, stride, pad, workspace):
     bias = np.zeros(plan.forward.k_padded, dtype=x.dtype)
     bias[:plan.filters] = b
     out = np.empty((plan.batch, plan.filters, plan.out_h, plan.out_w), dtype=x.dtype)
-    _direct.conv_forward(plan.forward, plan.batch, x.reshape(-1), packed, _plan.pack_forward_weights(plan, W).reshape(-1),
+    _direct.conv_forward(plan.forward, plan.batch, x.reshape(-1), packed, _packed_weights(plan.forward, W, False),
                          bias, out.reshape(-1), scratch, scratch_stride, _direct.VARIANTS.index(plan.variant), threads)
     dw_groups = getattr(workspace, "dw_groups", None)
     cache = ConvCache(x.shape, x.dtype, (plan.filter_h, plan.filter_w), stride, pad, (plan.out_h, plan.out_w),
                       plan=plan, packed=packed,
                       scratch=scratch, scratch_stride=scratch_stride, dw_groups=dw_groups)
     return out, cache
+
+
+def _packed_weights(tile_pass, W, backward_data):
+    """``W`` in the layout of ``tile_pass`` (see ``_plan.pack_forward_weights``), packed in C."""
+    packed = np.empty(tile_pass.k_padded * tile_pass.in_channels * W.shape[2] * W.shape[3], dtype=W.dtype)
+    _direct.pack_weights(W, packed, tile_pass.k_tile, backward_data)
+    return packed
 
 
 def _scratch_stride(plan):
@@ -266,7 +273,7 @@ def _direct_backward(dout, cache, W):
     channel_tiles = np.array(plan.channel_tiles, dtype=np.intc).reshape(-1)
     zeros = np.zeros(plan.backward_data.k_padded, dtype=plan.dtype)
     _direct.conv_backward(plan.forward, plan.backward_data, plan.batch, plan.lanes, plan.groups, channel_tiles,
-                          cache.packed, dout.reshape(-1), _plan.pack_backward_data_weights(plan, W).reshape(-1),
+                          cache.packed, dout.reshape(-1), _packed_weights(plan.backward_data, W, True),
                           zeros, dx.reshape(-1), cache.dw_groups, db_groups, dW.reshape(-1), db,
                           cache.scratch, cache.scratch_stride, _direct.VARIANTS.index(plan.variant), threads)
     return dx, dW, db
