@@ -10,6 +10,12 @@ import numpy as np
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
+# Sizes, strides and pads reach compiled loops as C ints.
+MAX_INT = 2**31 - 1
+
+# Max pooling records where each maximum came from as an int32 index into its image plane.
+MAX_POOL_PLANE = 2**31
+
 
 def float_array(name, value, ndim=None, dtype=None):
     """``value`` as a C-contiguous float32/float64 array (cast to ``dtype`` if given)."""
@@ -28,20 +34,23 @@ def float_array(name, value, ndim=None, dtype=None):
     return np.ascontiguousarray(array, dtype=dtype)
 
 
-def positive_int(name, value):
+def bounded_int(name, value, least):
+    """``value`` as an int in [least, MAX_INT]; bools and non-integers are a TypeError."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
+    if value < least:
+        raise ValueError(f"{name} must be >= {least}, got {value}")
+    if value > MAX_INT:
+        raise ValueError(f"{name} must be at most {MAX_INT}, got {value}")
     return int(value)
+
+
+def positive_int(name, value):
+    return bounded_int(name, value, 1)
 
 
 def non_negative_int(name, value):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return int(value)
+    return bounded_int(name, value, 0)
 
 
 def output_size(size, window, stride, pad, what="input"):
@@ -67,14 +76,34 @@ def window_geometry(x_shape, filter_h, filter_w, stride, pad):
 
 
 def shape4(name, shape):
-    """A validated NCHW shape tuple of positive ints."""
+    """A validated NCHW shape tuple of ints: N and C >= 0, H and W >= 1."""
     try:
-        shape = tuple(int(s) for s in shape)
+        entries = tuple(shape)
     except TypeError:
         raise TypeError(f"{name} must be a tuple of 4 ints, got {shape!r}") from None
-    if len(shape) != 4 or min(shape) < 1:
-        raise ValueError(f"{name} must be 4 positive sizes (N, C, H, W), got {shape}")
+    if any(isinstance(s, (bool, np.bool_)) or not isinstance(s, numbers.Integral) for s in entries):
+        raise TypeError(f"{name} must be a tuple of 4 ints, got {shape!r}")
+    if len(entries) != 4:
+        raise ValueError(f"{name} must be 4 sizes (N, C, H, W), got {entries}")
+    shape = tuple(int(s) for s in entries)
+    image_shape(name, shape)
     return shape
+
+
+def image_shape(name, shape):
+    """Check an NCHW shape: any number of images and channels (0 gives empty results), H and W >= 1."""
+    if min(shape) < 0 or shape[2] < 1 or shape[3] < 1:
+        raise ValueError(f"{name} must have N, C >= 0 and H, W >= 1 (N, C, H, W), got {tuple(shape)}")
+    for size in shape:
+        if size > MAX_INT:
+            raise ValueError(f"{name} sizes must be at most {MAX_INT}, got {tuple(shape)}")
+
+
+def pool_plane(shape):
+    """Check that max pooling can index every cell of an image plane."""
+    if shape[2] * shape[3] > MAX_POOL_PLANE:
+        raise ValueError(f"max pooling takes image planes of at most 2**31 cells (H*W), "
+                         f"got H*W = {shape[2] * shape[3]} for x of shape {tuple(shape)}")
 
 
 def bool_array(name, value, shape):

@@ -23,13 +23,23 @@ Conventions (the book's):
 - The compute dtype is the dtype of ``x`` (float32 or float64); for a
   convolution it is NumPy's promotion of ``x`` and ``W`` (float32 images with
   float64 weights compute in float64, as the book does). Outputs have that dtype.
-- ``cache`` is whatever the backend needs for backward, with at least the
-  attributes ``x_shape``, ``dtype`` and ``out_hw`` (the forward input's shape
-  and dtype, the output's (out_h, out_w)); the previous cache of
-  the same layer is passed back as ``workspace`` so buffers may be reused
-  (a backend must check that shapes still match). Attributes ``col``,
-  ``col_W`` (convolution) and ``arg_max`` (pooling) are exposed by the layers
-  when the cache has them.
+- A backend's forward returns ``(out, state)``: whatever its backward needs.
+  This interface returns it wrapped in a ``ForwardCache`` that records what
+  backward checks about the forward (backend, input shape, dtype, filter
+  shape, stride, pad, output size) and reads the backend's attributes
+  through (``col``, ``col_W``, ``arg_max``, which the layers expose when the
+  backend has them). A backward call with a cache from another backend, or a
+  ``W`` of another shape than the forward's, is a ``ValueError`` before any
+  backend code runs.
+- The previous cache of the same layer comes back as ``workspace``, so that
+  a backend may reuse its buffers (checking that shapes still match); a
+  backend receives only its own states there. Handing a cache to a forward
+  as ``workspace`` gives its buffers away: backward with it is then a
+  ``ValueError``.
+- Empty batches (N = 0), inputs without channels (C = 0) and convolutions
+  without filters (FN = 0) give correctly shaped results (empty, or zeros
+  and sums over nothing) without calling the backend. Heights and widths
+  must be at least 1.
 - Max pooling pads with -inf (padded cells never win) and sends each gradient
   to the first maximum of its window in (ky, kx) order.
 - ``mask`` is the boolean array ``x <= 0``; ``relu_backward`` zeroes ``dout``
@@ -38,13 +48,73 @@ Conventions (the book's):
 import numpy as np
 
 from fastconv import _checks
-from fastconv._registry import backend_module
+from fastconv._registry import backend_module, get_backend
+
+
+class ForwardCache:
+    """A backend's forward state, with what backward checks about that forward.
+
+    Reading an attribute it does not have reads the backend's state (``col``,
+    ``arg_max``, a backend's own buffers). ``lease`` is shared by every cache
+    whose buffers came from the same first forward: a forward that takes one
+    as ``workspace`` bumps its count, which retires the caches before it.
+    """
+
+    __slots__ = ("state", "backend", "kind", "x_shape", "dtype", "out_hw", "W_shape", "window", "stride", "pad",
+                 "lease", "generation")
+
+    def __init__(self, state, kind, x_shape, dtype, out_hw, window, stride, pad, workspace, W_shape=None):
+        self.state = state
+        self.backend = get_backend()
+        self.kind = kind
+        self.x_shape = tuple(x_shape)
+        self.dtype = np.dtype(dtype)
+        self.out_hw = tuple(out_hw)
+        self.W_shape = W_shape
+        self.window = window
+        self.stride = stride
+        self.pad = pad
+        self.lease = workspace.lease if workspace is not None else [0]
+        self.generation = self.lease[0]
+
+    def __getattr__(self, name):
+        try:
+            state = object.__getattribute__(self, "state")
+        except AttributeError:  # not initialized yet (copy, pickle)
+            raise AttributeError(name) from None
+        return getattr(state, name)
+
+
+def _reusable(workspace, kind):
+    """The backend state inside ``workspace`` if this backend may reuse it, else None; retires it."""
+    if not isinstance(workspace, ForwardCache) or workspace.kind != kind or workspace.backend != get_backend():
+        return None  # nothing, or another backend's buffers: allocate anew
+    workspace.lease[0] += 1  # its buffers now belong to the forward under way
+    return workspace
+
+
+def _checked_cache(cache, kind):
+    """``cache`` after checking that it holds the state of a valid forward of ``kind`` on this backend."""
+    if cache is None:
+        raise ValueError("cache is None: call forward first")
+    if not isinstance(cache, ForwardCache) or cache.kind != kind:
+        raise TypeError(f"cache must be the cache {kind}_forward returned, got {type(cache).__name__}"
+                        + (f" of {cache.kind}_forward" if isinstance(cache, ForwardCache) else ""))
+    if cache.backend != get_backend():
+        raise ValueError(f"cache was made by the {cache.backend!r} backend but the active backend is "
+                         f"{get_backend()!r}: call forward again on this backend")
+    if cache.generation != cache.lease[0]:
+        raise ValueError("cache was passed as workspace to a later forward, which took over its buffers: "
+                         "call backward with the cache of the latest forward")
+    return cache
 
 
 def im2col(x, filter_h, filter_w, stride=1, pad=0):
     """Unfold NCHW images into a matrix of windows, shape (N*out_h*out_w, C*filter_h*filter_w)."""
-    x = _checks.float_array("x", x, ndim=4)
-    fh, fw, stride, pad, _, _ = _checks.window_geometry(x.shape, filter_h, filter_w, stride, pad)
+    x = _images("x", x)
+    fh, fw, stride, pad, out_h, out_w = _checks.window_geometry(x.shape, filter_h, filter_w, stride, pad)
+    if x.size == 0:
+        return np.zeros((x.shape[0] * out_h * out_w, x.shape[1] * fh * fw), dtype=x.dtype)
     return backend_module().im2col(x, fh, fw, stride, pad)
 
 
@@ -57,54 +127,87 @@ def col2im(col, input_shape, filter_h, filter_w, stride=1, pad=0):
     expected = (n * out_h * out_w, c * fh * fw)
     if col.shape != expected:
         raise ValueError(f"col must have shape {expected} for input_shape {input_shape}, got {col.shape}")
+    if col.size == 0:
+        return np.zeros(input_shape, dtype=col.dtype)
     return backend_module().col2im(col, input_shape, fh, fw, stride, pad)
+
+
+def _images(name, x):
+    """``x`` as checked C-contiguous float NCHW images."""
+    x = _checks.float_array(name, x, ndim=4)
+    _checks.image_shape(f"{name}.shape", x.shape)
+    return x
 
 
 def conv_forward(x, W, b, stride=1, pad=0, workspace=None):
     """Convolution (cross-correlation) of NCHW ``x`` with filters ``W`` (FN, C, FH, FW) plus bias ``b``."""
     # NumPy promotion, as the book's np.dot(col, col_W) does
-    x, W = _promoted(_checks.float_array("x", x, ndim=4), _checks.float_array("W", W, ndim=4))
+    x, W = _promoted(_images("x", x), _checks.float_array("W", W, ndim=4))
     b = _checks.float_array("b", b, dtype=x.dtype)
     if W.shape[1] != x.shape[1]:
         raise ValueError(f"W has {W.shape[1]} input channels but x has {x.shape[1]} (x.shape={x.shape}, W.shape={W.shape})")
     if b.size != W.shape[0]:
         raise ValueError(f"b must have {W.shape[0]} elements (one per filter), got shape {b.shape}")
     b = b.reshape(W.shape[0])
-    _, _, stride, pad, _, _ = _checks.window_geometry(x.shape, W.shape[2], W.shape[3], stride, pad)
-    return backend_module().conv_forward(x, W, b, stride, pad, workspace)
+    fh, fw, stride, pad, out_h, out_w = _checks.window_geometry(x.shape, W.shape[2], W.shape[3], stride, pad)
+    workspace = _reusable(workspace, "conv")
+    if x.size == 0 or W.size == 0:  # no products: the bias alone (or nothing)
+        out, state = np.zeros((x.shape[0], W.shape[0], out_h, out_w), dtype=x.dtype) + b[:, None, None], None
+    else:
+        out, state = backend_module().conv_forward(x, W, b, stride, pad, getattr(workspace, "state", None))
+    return out, ForwardCache(state, "conv", x.shape, x.dtype, (out_h, out_w), (fh, fw), stride, pad, workspace,
+                             W_shape=W.shape)
 
 
 def conv_backward(dout, cache, W):
     """Gradients (dx, dW, db) of a convolution, from the cache ``conv_forward`` returned."""
-    if cache is None:
-        raise ValueError("cache is None: call forward before backward")
-    W = _checks.float_array("W", W, ndim=4, dtype=cache.dtype)
+    cache = _checked_cache(cache, "conv")
+    W = _checks.float_array("W", W, ndim=4)
+    if W.shape != cache.W_shape:
+        raise ValueError(f"W must have the shape it had in forward, {cache.W_shape}, got {W.shape}: "
+                         "call forward again after replacing W")
+    if np.promote_types(W.dtype, cache.dtype) != cache.dtype:
+        raise ValueError(f"W has dtype {W.dtype} but the forward computed in {cache.dtype}: "
+                         "call forward again after replacing W")
+    W = W.astype(cache.dtype, copy=False)
     dout = _checks.float_array("dout", dout, ndim=4, dtype=cache.dtype)
-    expected = (cache.x_shape[0], W.shape[0]) + tuple(cache.out_hw)
+    expected = (cache.x_shape[0], W.shape[0]) + cache.out_hw
     if dout.shape != expected:
         raise ValueError(f"dout must have shape {expected} (the forward output's), got {dout.shape}")
-    return backend_module().conv_backward(dout, cache, W)
+    if cache.state is None:  # an empty forward: no products either
+        return (np.zeros(cache.x_shape, dtype=cache.dtype), np.zeros(W.shape, dtype=cache.dtype),
+                dout.sum(axis=(0, 2, 3)))
+    return backend_module().conv_backward(dout, cache.state, W)
 
 
 def maxpool_forward(x, pool_h, pool_w, stride=2, pad=0, workspace=None):
     """Max pooling over (pool_h, pool_w) windows; padded cells are -inf."""
-    x = _checks.float_array("x", x, ndim=4)
-    ph, pw, stride, pad, _, _ = _checks.window_geometry(x.shape, pool_h, pool_w, stride, pad)
+    shape = np.shape(x)
+    if len(shape) == 4:  # before any copy: a huge broadcast view must not be materialized
+        _checks.pool_plane(shape)
+    x = _images("x", x)
+    ph, pw, stride, pad, out_h, out_w = _checks.window_geometry(x.shape, pool_h, pool_w, stride, pad)
     if 2 * pad > min(ph, pw):
         # otherwise a window could hold padding only and have no maximum
         raise ValueError(f"pad must be at most half the pool size, got pad={pad} for a {ph}x{pw} pool")
-    return backend_module().maxpool_forward(x, ph, pw, stride, pad, workspace)
+    workspace = _reusable(workspace, "maxpool")
+    if x.size == 0:
+        out, state = np.zeros(x.shape[:2] + (out_h, out_w), dtype=x.dtype), None
+    else:
+        out, state = backend_module().maxpool_forward(x, ph, pw, stride, pad, getattr(workspace, "state", None))
+    return out, ForwardCache(state, "maxpool", x.shape, x.dtype, (out_h, out_w), (ph, pw), stride, pad, workspace)
 
 
 def maxpool_backward(dout, cache):
     """Gradient of max pooling: each output gradient goes to the first maximum of its window."""
-    if cache is None:
-        raise ValueError("cache is None: call forward before backward")
+    cache = _checked_cache(cache, "maxpool")
     dout = _checks.float_array("dout", dout, ndim=4, dtype=cache.dtype)
-    expected = tuple(cache.x_shape[:2]) + tuple(cache.out_hw)
+    expected = cache.x_shape[:2] + cache.out_hw
     if dout.shape != expected:
         raise ValueError(f"dout must have shape {expected} (the forward output's), got {dout.shape}")
-    return backend_module().maxpool_backward(dout, cache)
+    if cache.state is None:
+        return np.zeros(cache.x_shape, dtype=cache.dtype)
+    return backend_module().maxpool_backward(dout, cache.state)
 
 
 def relu_forward(x):
@@ -115,7 +218,12 @@ def relu_forward(x):
 
 def relu_backward(dout, mask):
     """``dout`` with zeros where ``mask`` is set (written in place when dout is C-contiguous)."""
+    if mask is None:
+        raise ValueError("mask is None: call forward first")
     dout = _checks.float_array("dout", dout)
+    if not dout.flags.writeable:
+        raise ValueError("dout is read-only, but relu_backward zeroes it in place: pass a writable array "
+                         "(e.g. dout.copy())")
     mask = _checks.bool_array("mask", mask, shape=dout.shape)
     return backend_module().relu_backward(dout, mask)
 

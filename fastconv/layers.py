@@ -10,6 +10,8 @@ network whose parameters are float32 (``DeepConvNet(dtype=np.float32)``)
 stays float32 from end to end. Unlike the book, layers without float64
 operands never upcast float32 on their own (the book's im2col and pooling do).
 """
+import math
+
 import numpy as np
 
 from fastconv import kernels
@@ -31,6 +33,13 @@ __all__ = [
 ]
 
 
+def _forward_state(layer, state):
+    """``state`` (what forward kept for backward), or a clear error when forward has not run."""
+    if state is None:
+        raise RuntimeError(f"{type(layer).__name__}.backward needs the state of a forward pass: call forward first")
+    return state
+
+
 def _as(array, dtype):
     """``array`` in ``dtype`` without copying when it already is."""
     return np.asarray(array).astype(dtype, copy=False)
@@ -45,7 +54,7 @@ class Relu:
         return out
 
     def backward(self, dout):
-        return kernels.relu_backward(dout, self.mask)
+        return kernels.relu_backward(dout, _forward_state(self, self.mask))
 
 
 class Sigmoid:
@@ -57,7 +66,8 @@ class Sigmoid:
         return self.out
 
     def backward(self, dout):
-        return dout * (1.0 - self.out) * self.out
+        out = _forward_state(self, self.out)
+        return dout * (1.0 - out) * out
 
 
 class Affine:
@@ -71,11 +81,11 @@ class Affine:
 
     def forward(self, x):
         self.original_x_shape = x.shape
-        self.x = x.reshape(x.shape[0], -1)
+        self.x = x.reshape(x.shape[0], math.prod(x.shape[1:]))  # not -1: ambiguous for an empty batch
         return kernels.affine_forward(self.x, self.W, self.b)
 
     def backward(self, dout):
-        dx, dW, db = kernels.affine_backward(dout, self.x, self.W)
+        dx, dW, db = kernels.affine_backward(dout, _forward_state(self, self.x), self.W)
         self.dW = _as(dW, np.asarray(self.W).dtype)
         self.db = _as(db, np.asarray(self.b).dtype)
         return dx.reshape(*self.original_x_shape)
@@ -94,6 +104,7 @@ class SoftmaxWithLoss:
         return self.loss
 
     def backward(self, dout=1):
+        _forward_state(self, self.y)
         batch_size = self.t.shape[0]
         if self.t.size == self.y.size:  # one-hot labels
             return (self.y - self.t) / batch_size
@@ -116,7 +127,7 @@ class Dropout:
         return x * (1.0 - self.dropout_ratio)
 
     def backward(self, dout):
-        return dout * self.mask
+        return dout * _forward_state(self, self.mask)
 
 
 class BatchNormalization:
@@ -163,6 +174,7 @@ class BatchNormalization:
         return self.gamma * xn + self.beta
 
     def backward(self, dout):
+        _forward_state(self, self.xn)
         dx = self._backward(dout.reshape(dout.shape[0], -1))
         return dx.reshape(*self.input_shape)
 
@@ -201,7 +213,7 @@ class Convolution:
         return out
 
     def backward(self, dout):
-        dx, dW, db = kernels.conv_backward(dout, self._cache, self.W)
+        dx, dW, db = kernels.conv_backward(dout, _forward_state(self, self._cache), self.W)
         self.dW = _as(dW, np.asarray(self.W).dtype)
         self.db = _as(db, np.asarray(self.b).dtype)
         return dx
@@ -228,4 +240,4 @@ class Pooling:
         return out
 
     def backward(self, dout):
-        return kernels.maxpool_backward(dout, self._cache)
+        return kernels.maxpool_backward(dout, _forward_state(self, self._cache))

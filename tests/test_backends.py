@@ -182,3 +182,26 @@ def test_affine_of_small_and_large_products_matches_reference(batch, features, o
     large = batch * features * outputs >= _blas.ONE_THREAD_PRODUCT
     if backend != "reference":
         assert entered == ([True] * 2 if large else [])
+
+
+REQUIRED_ENV_VAR = "FASTCONV_REQUIRE_BACKENDS"
+
+
+def unavailable_required_backends():
+    """``{name: reason}`` for each backend named in FASTCONV_REQUIRE_BACKENDS that does not work here."""
+    required = [name.strip().lower() for name in os.environ.get(REQUIRED_ENV_VAR, "").split(",") if name.strip()]
+    status = fastconv.backend_status()
+    return {name: status.get(name, "not a registered backend") for name in required if status.get(name) != "ok"}
+
+
+def test_backends_required_on_this_machine_import():
+    """CI names the backends its machine must have (FASTCONV_REQUIRE_BACKENDS=cython,numba); a broken build
+    fails here instead of its tests being left out of the backend fixture."""
+    assert unavailable_required_backends() == {}
+
+
+def test_a_required_backend_that_does_not_import_is_reported(broken_backend, monkeypatch):
+    monkeypatch.setenv(REQUIRED_ENV_VAR, "reference, Broken,fortran")
+    missing = unavailable_required_backends()
+    assert sorted(missing) == ["broken", "fortran"]
+    assert "import of fastconv_test_broken_backend halted" in missing["broken"]

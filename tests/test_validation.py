@@ -53,7 +53,7 @@ def test_backward_checks_dout_against_the_forward(backend, x, W):
     out, cache = kernels.maxpool_forward(x, 2, 2, 2, 0)
     with pytest.raises(ValueError, match=r"dout must have shape \(2, 3, 3, 3\)"):
         kernels.maxpool_backward(out[:1], cache)
-    with pytest.raises(ValueError, match="call forward before backward"):
+    with pytest.raises(ValueError, match="call forward first"):
         kernels.maxpool_backward(out, None)
 
 

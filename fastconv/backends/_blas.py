@@ -35,11 +35,26 @@ class SingleThreadedBlas:
         return [lib for lib in controller.lib_controllers
                 if not (lib.internal_api == "openblas" and getattr(lib, "threading_layer", "") == "openmp")]
 
+    @staticmethod
+    def _claim(lib):
+        """Let this thread set ``lib``'s thread count.
+
+        threadpoolctl lets only the first thread that set the count of a
+        pthreads OpenBLAS set it again and silently ignores the others; a
+        kernel called from another thread then ran its products on a
+        multi-threaded BLAS, whose results differ in the last bits.
+        """
+        clear = getattr(type(lib), "clear_controlling_thread", None)
+        if clear is not None:
+            clear(force=True)
+
     def __enter__(self):
         with self._lock:
             if self._users == 0:
                 if self._libraries is None:
                     self._libraries = self._find()
+                for lib in self._libraries:
+                    self._claim(lib)
                 self._saved = [(lib, lib.num_threads) for lib in self._libraries]
                 for lib, threads in self._saved:
                     if threads != 1:
@@ -53,7 +68,9 @@ class SingleThreadedBlas:
             if self._users == 0:
                 for lib, threads in self._saved:
                     if threads != 1:
+                        self._claim(lib)
                         lib.set_num_threads(threads)
+                        self._claim(lib)  # and leave the limit to whichever thread sets it next
                 self._saved = []
 
 
