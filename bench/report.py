@@ -56,7 +56,7 @@ THREAD_VARS = ("FASTCONV_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"
 def _tree_label(tree):
     """The short commit of a source tree, or its folder's name where git cannot tell."""
     try:
-        done = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True,
+        done = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, check=False,
                               text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         done = None
@@ -298,10 +298,42 @@ def _alone_summary(before, after, records):
     return check
 
 
+def _measure_all(cases, runners, settings, log):
+    """Every case on the runners that take part in it; the result records, in order."""
+    results = []
+    for index, case in enumerate(cases, 1):
+        taking_part = [r for r in runners if r.covers(case)]
+        started = time.perf_counter()
+        measured = measure(case, taking_part, settings)
+        wall = time.perf_counter() - started
+        records = [dict(_record(case, m, r.kind), case_wall_s=wall) for r, m in zip(taking_part, measured)]
+        _add_ratios(records)
+        log(index, len(cases), case, records)
+        results += records
+    return results
+
+
+def _add_peak_fractions(results, fma, threads, dtypes):
+    """Each rate as a fraction of the FMA peak at ``threads`` threads; returns notes on the peak."""
+    for r in results:
+        rate = peak.rate(fma, r["dtype"], threads) if r.get("gflops") else None
+        r["peak_fraction"] = None if rate is None else r["gflops"] / rate
+    notes = []
+    for dtype in dtypes:
+        ratio = peak.scaling(fma, dtype, threads) if threads > 1 else None
+        if ratio is not None and ratio < 0.85:
+            notes.append(f"the {dtype} FMA peak on {threads} threads is {100 * ratio:.0f} % of {threads} times the "
+                         "one-thread peak: other processes were using the CPUs, and `% FMA peak` figures are "
+                         "overstated")
+    return notes
+
+
 def run(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     values = _resolve(args, parser)
+    if args.baseline is not None and not (args.baseline / "fastconv" / "__init__.py").is_file():
+        parser.error(f"--baseline {args.baseline}: not a fastconv source tree (no fastconv/__init__.py)")
     log = (lambda *a: None) if args.quiet else _progress
     command = "python -m bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     started = time.perf_counter()
@@ -315,8 +347,6 @@ def run(argv=None):
             facts = state.probe(env, temp)
         except RemoteError as exc:
             parser.error(f"fastconv does not import in a worker process: {exc}")
-        if args.baseline is not None and not (args.baseline / "fastconv" / "__init__.py").is_file():
-            parser.error(f"--baseline {args.baseline}: not a fastconv source tree (no fastconv/__init__.py)")
         names, baselines = state.choose_impls(facts["available"])
         threads = facts["fastconv_threads"]
         shapes = _shapes.network_from_dict(facts["shapes"])
@@ -347,17 +377,7 @@ def run(argv=None):
             reference = next((r for r in runners if r.name == REFERENCE), runners[0])
             gemm = {dtype: reference.request("gemm_peak", dtype=dtype, n=values["gemm_n"],
                                              repeat=values["gemm_repeat"]) for dtype in args.dtypes}
-            results = []
-            for index, case in enumerate(cases, 1):
-                taking_part = [r for r in runners if r.covers(case)]
-                case_started = time.perf_counter()
-                measured = measure(case, taking_part, state.settings)
-                case_wall = time.perf_counter() - case_started
-                records = [dict(_record(case, m, r.kind), case_wall_s=case_wall)
-                           for r, m in zip(taking_part, measured)]
-                _add_ratios(records)
-                log(index, len(cases), case, records)
-                results += records
+            results = _measure_all(cases, runners, state.settings, log)
             worker_facts = {r.name: r.facts for r in runners}
         finally:
             for r in runners:
@@ -370,15 +390,7 @@ def run(argv=None):
                 state.notes.append(f"PyTorch alone (after) not measured: {exc}")
         peak_after = peak.measure(thread_counts, args.dtypes, repeat=values["peak_repeat"])
     fma = peak.merge(peak_before, peak_after)
-    for dtype in args.dtypes:
-        ratio = peak.scaling(fma, dtype, threads) if threads > 1 else None
-        if ratio is not None and ratio < 0.85:
-            state.notes.append(
-                f"the {dtype} FMA peak on {threads} threads is {100 * ratio:.0f} % of {threads} times the "
-                f"one-thread peak: other processes were using the CPUs, and `% FMA peak` figures are overstated")
-    for r in results:
-        rate = peak.rate(fma, r["dtype"], threads) if r.get("gflops") else None
-        r["peak_fraction"] = None if rate is None else r["gflops"] / rate
+    state.notes += _add_peak_fractions(results, fma, threads, args.dtypes)
 
     torch_facts = worker_facts.get(TORCH)
     report = {

@@ -16,15 +16,14 @@ import fastconv
 # `bench` lives at the repository root; appended, so that an installed fastconv still wins
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 
+from conftest import assert_close_to_reference  # noqa: E402
+
 from bench import compare, peak, report  # noqa: E402
 from bench.benchmarks import _network as net  # noqa: E402
 from bench.benchmarks import _shapes  # noqa: E402
 from bench.cases import Case  # noqa: E402
 from bench.procs import ProcessRunner  # noqa: E402
 from bench.timing import LocalRunner, RemoteError, Settings, measure  # noqa: E402
-
-from conftest import assert_close_to_reference  # noqa: E402
-
 
 # --- the shapes the benchmarks run on ----------------------------------------
 
@@ -169,6 +168,8 @@ def test_smoke_report(tmp_path, capsys):
     assert text == capsys.readouterr().out
     assert "### Kernels, float32" in text and "| conv_backward | conv1 |" in text
     assert "### Convolutions per layer, float64" in text
+    if "cython-im2col" in impls:  # the direct kernels beside the im2col path they replace
+        assert "| cython-im2col / cython |" in text and "convolutions faster than cython-im2col" in text
 
 
 def test_inference_is_scaled_to_10k_images(tmp_path):
