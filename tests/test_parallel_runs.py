@@ -200,3 +200,81 @@ def test_a_missing_dask_extra_is_named(synthetic_dir, tmp_path, monkeypatch, cap
                  *options()) == 1
     assert 'pip install "fastconv[dask]"' in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+# -- sweeps ------------------------------------------------------------------------------------------
+
+
+def test_grid_combinations_and_their_names():
+    from fastconv.app.sweep import expand_grid, setting_name
+
+    grid = {"lr": [0.001, 0.0005], "lr_schedule": ["none", "cosine"], "seed": [0, 1, 2]}
+    combinations = expand_grid(grid)
+    assert len(combinations) == 12 and combinations[0] == {"lr": 0.001, "lr_schedule": "none", "seed": 0}
+    assert combinations[-1] == {"lr": 0.0005, "lr_schedule": "cosine", "seed": 2}
+    assert len({setting_name(c) for c in combinations}) == 12
+    assert setting_name(combinations[1]) == "lr=0.001,lr_schedule=none,seed=1"
+    with pytest.raises(ValueError, match="distinct"):
+        expand_grid({"seed": [1, 1]})
+    with pytest.raises(ValueError, match="cannot vary"):
+        expand_grid({"ensemble": [1, 2]})
+
+
+def test_a_sweep_refuses_bad_values_and_a_used_folder(synthetic_dir, tmp_path, capsys):
+    sweep = ["sweep", "--quiet", "--data-dir", str(synthetic_dir), "--jobs", "2"]
+    assert main([*sweep, "--out", str(tmp_path / "a"), "--lr", "0.001", "-1"]) == 2
+    assert "lr" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "notes.txt").write_text("mine")
+    assert main([*sweep, "--out", str(tmp_path / "used"), "--seed", "1", "2"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(["sweep", "--resume", "--out", str(tmp_path / "nothing")]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_an_interrupted_sweep_resumes_and_each_run_is_the_single_run_it_stands_for(synthetic_dir, tmp_path,
+                                                                                  capsys):
+    from fastconv.app.sweep import run_sweep
+
+    out = tmp_path / "sweep"
+    shared = {"limit_train": 400, "limit_test": 50, "eval_train_size": 20}
+    grid = {"epochs": [1], "batch_size": [20], "dtype": ["float32"], "lr": [0.001, 0.0005], "seed": [SEED, SEED + 1]}
+    events = Events()
+
+    def ctrl_c(event):
+        raise KeyboardInterrupt
+
+    events.when(lambda event: event["kind"] == "start", ctrl_c)  # as the first runs start
+    with parallel_training(4, jobs=2, progress=False, on_event=events) as parallel:
+        with pytest.raises(KeyboardInterrupt):
+            run_sweep(shared, grid, out, parallel, data_dir=synthetic_dir, log=quiet)
+    finished = [key for key in range(4) if any(e["kind"] == "done" for e in events.by_key[key])]
+    stopped = [key for key in range(4) if events.starts(key) and key not in finished]
+    assert stopped and len(finished) < 4
+
+    capsys.readouterr()
+    assert main(["sweep", "--quiet", "--resume", "--out", str(out), "--jobs", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("already trained") == len(finished)
+    assert printed.count("continues from its checkpoint") == len(stopped)
+
+    names = ["lr=0.001,seed=4", "lr=0.001,seed=5", "lr=0.0005,seed=4", "lr=0.0005,seed=5"]
+    accuracy = {name: read_json(out / name / "history.json")["test_acc"] for name in names}
+    summary = read_json(out / "summary.json")
+    assert [row["name"] for row in summary["runs"]] == sorted(names, key=lambda name: -accuracy[name])
+    assert [row["test_acc"] for row in summary["runs"]] == sorted(accuracy.values(), reverse=True)
+    table = printed[printed.index("rank"):].splitlines()
+    assert table[1].split()[-1] == summary["runs"][0]["name"]
+    for group in summary["over_seeds"]:
+        accs = [accuracy[f"{group['setting']},seed={seed}"] for seed in (SEED, SEED + 1)]
+        assert group["mean_test_acc"] == pytest.approx(sum(accs) / 2)
+        assert (group["min_test_acc"], group["max_test_acc"]) == (min(accs), max(accs))
+
+    for name, lr, seed in (("lr=0.001,seed=4", "0.001", SEED), ("lr=0.0005,seed=5", "0.0005", SEED + 1)):
+        single = tmp_path / f"single-{name}"
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("FASTCONV_NUM_THREADS", "1")
+            assert train("--data-dir", synthetic_dir, "--out", single, "--seed", seed, "--lr", lr,
+                         *options(epochs=1)) == 0
+        assert_same_model(out / name, single)
+        assert read_json(out / name / "config.json") == read_json(single / "config.json")

@@ -70,10 +70,13 @@ def _add_train_parser(commands):
 
 
 def build_parser():
+    from fastconv.app.sweep import add_sweep_parser
+
     parser = argparse.ArgumentParser(prog="fastconv", description="Fast convolution layers for NumPy deep learning.")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, backends, OpenMP and threads on this machine")
     _add_train_parser(commands)
+    add_sweep_parser(commands)
     return parser
 
 
@@ -200,6 +203,10 @@ def main(argv=None):
         return info_main()
     if args.command == "train":
         return _train(args)
+    if args.command == "sweep":
+        from fastconv.app.sweep import sweep_command
+
+        return sweep_command(args)
     parser.error(f"unknown command {args.command!r}")
     return EXIT_USAGE
 

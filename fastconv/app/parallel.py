@@ -286,8 +286,12 @@ def add_parallel_arguments(parser):
                              "tcp://host:8786; needs the dask extra)")
 
 
-def parallel_training(models, *, jobs=None, dask=None, download=True, progress=True, on_event=None):
+def parallel_training(models, *, jobs=None, dask=None, download=True, progress=True, on_event=None,
+                      here_for_one=True):
     """The ``ParallelTraining`` for ``models`` models as the options ask, or None to train them here, in turn.
+
+    With one job at a time, ``here_for_one`` asks for None, else for one
+    worker process with all the CPUs' threads.
 
     Raises ``ValueError`` for a bad ``jobs``, ``executors.DaskMissing``
     without the dask extra, ``OSError`` when the scheduler does not answer.
@@ -305,10 +309,11 @@ def parallel_training(models, *, jobs=None, dask=None, download=True, progress=T
                        f"{'s' if len(workers) != 1 else ''} now)")
     else:
         jobs = min(jobs or executors.default_jobs(models), models)
-        if jobs < 2:
+        if jobs < 2 and here_for_one:
             return None
         threads = max(1, cpu_count() // jobs)
         executor = executors.local_executor(jobs, threads)
-        description = (f"{jobs} models at a time in worker processes, {threads} kernel thread"
-                       f"{'s' if threads != 1 else ''} each ({executors.THREADS_ENV_VAR}={threads} in each worker)")
+        description = (f"{jobs} model{'s' if jobs != 1 else ''} at a time in worker processes, {threads} kernel "
+                       f"thread{'s' if threads != 1 else ''} each ({executors.THREADS_ENV_VAR}={threads} in each "
+                       "worker)")
     return ParallelTraining(executor, description, download=download, progress=progress, on_event=on_event)
