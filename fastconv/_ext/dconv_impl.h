@@ -176,12 +176,15 @@ FC_FORWARD_TILE(16, 1)
 FC_FORWARD_TILE(8, 3)
 FC_FORWARD_TILE(4, 6)
 FC_FORWARD_TILE(1, 12)
+FC_FORWARD_TILE(12, 2)
+FC_FORWARD_TILE(6, 4)
 FC_WEIGHTS_TILE(16, 1)
 #else
 FC_FORWARD_TILE(8, 1)
 FC_FORWARD_TILE(4, 2)
 FC_FORWARD_TILE(2, 4)
 FC_FORWARD_TILE(1, 6)
+FC_FORWARD_TILE(6, 2)
 #endif
 FC_WEIGHTS_TILE(8, 1)
 FC_WEIGHTS_TILE(4, 2)
@@ -195,11 +198,14 @@ static FC_NAME(tile_fn) FC_NAME(forward_tile)(int k_tile, int vectors)
     if (k_tile == 8 && vectors == 3) return FC_NAME(tile_8_3);
     if (k_tile == 4 && vectors == 6) return FC_NAME(tile_4_6);
     if (k_tile == 1 && vectors == 12) return FC_NAME(tile_1_12);
+    if (k_tile == 12 && vectors == 2) return FC_NAME(tile_12_2);
+    if (k_tile == 6 && vectors == 4) return FC_NAME(tile_6_4);
 #else
     if (k_tile == 8 && vectors == 1) return FC_NAME(tile_8_1);
     if (k_tile == 4 && vectors == 2) return FC_NAME(tile_4_2);
     if (k_tile == 2 && vectors == 4) return FC_NAME(tile_2_4);
     if (k_tile == 1 && vectors == 6) return FC_NAME(tile_1_6);
+    if (k_tile == 6 && vectors == 2) return FC_NAME(tile_6_2);
 #endif
     return 0;
 }

@@ -213,8 +213,10 @@ def conv_backward(dout, cache, W):
     if N == 0 or W.shape[0] == 0 or cache.x_shape[1] == 0:
         dx = np.zeros(cache.x_shape, dtype=cache.dtype)
         return dx, np.zeros(W.shape, dtype=cache.dtype), np.zeros(W.shape[0], dtype=cache.dtype)
-    if cache.plan is not None:
+    if cache.plan is not None and cache.plan.direct_backward:
         return _direct_backward(dout, cache, W)
+    if cache.plan is not None:
+        cache.x = _unpadded_input(cache)
     return _im2col_backward(dout, cache, W)
 
 
@@ -251,6 +253,17 @@ def _packed_weights(tile_pass, W, backward_data):
     packed = np.empty(tile_pass.k_padded * tile_pass.in_channels * W.shape[2] * W.shape[3], dtype=W.dtype)
     _direct.pack_weights(W, packed, tile_pass.k_tile, backward_data)
     return packed
+
+
+def _unpadded_input(cache):
+    """Forward's input, taken back from its padded planes."""
+    if cache.packed is None:
+        raise ValueError("this cache's buffers were taken over by a later forward call (it was passed as its "
+                         "workspace): run backward before reusing a cache")
+    plan, fwd = cache.plan, cache.plan.forward
+    planes = cache.packed[:plan.batch * fwd.image_stride].reshape(plan.batch, fwd.image_stride)
+    planes = planes[:, :fwd.image_elements].reshape(plan.batch, plan.channels, fwd.in_h, fwd.in_w)
+    return np.ascontiguousarray(planes[:, :, plan.pad:plan.pad + plan.height, plan.pad:plan.pad + plan.width])
 
 
 def _scratch_stride(plan):
