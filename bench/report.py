@@ -338,6 +338,9 @@ def run(argv=None):
     command = "python -m bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     started = time.perf_counter()
     load_at_start = os.getloadavg() if hasattr(os, "getloadavg") else None
+    if load_at_start and load_at_start[0] >= 0.5 and not args.quiet:
+        print(f"warning: load average {load_at_start[0]:.1f}: other processes are using the CPUs, and the figures "
+              "will show it; a report to keep wants a quiet machine", file=sys.stderr)
     state = _Run(args, parser, values)
     with tempfile.TemporaryDirectory(prefix="fastconv-bench-") as temp:
         env = _worker_env(args)
