@@ -42,6 +42,11 @@ Conventions (the book's):
   must be at least 1.
 - Max pooling pads with -inf (padded cells never win) and sends each gradient
   to the first maximum of its window in (ky, kx) order.
+- The fast backends give the same results bit for bit whatever
+  ``FASTCONV_NUM_THREADS`` and whichever Python thread makes the call: they
+  hold the BLAS to one thread for their products, from any calling thread.
+  The reference's products run on NumPy's BLAS as it is set, whose thread
+  count can change the last bits. Backends agree within rounding.
 - ``mask`` is the boolean array ``x <= 0``; ``relu_backward`` zeroes ``dout``
   where ``mask`` is set, in place, and returns it.
 """
