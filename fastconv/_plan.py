@@ -33,6 +33,9 @@ backward's private copy of ``x``, so the caller may change ``x`` after forward.
 (channels in <-> out) and flipped: ``pack_backward_data_weights``. Its grid has
 ``H`` rows of ``out_w + 2 (FW - 1 - p)`` positions.
 
+With a single input channel, dx is computed from dout vectors instead (see
+``ConvPlan.one_channel_data``).
+
 **Backward-weights** keeps vectors over output channels instead: ``dout`` of an
 image is transposed into ``(w_blocks, out_h * out_w, lanes)`` (channels padded
 with zeros to ``w_blocks * lanes``), and for one (block of lanes output channels,
@@ -240,14 +243,30 @@ class ConvPlan:
     groups: int = 0
 
     @property
-    def direct_backward(self):
-        """Whether backward runs the direct kernels too.
+    def one_channel_data(self):
+        """Whether dx comes from dout vectors rather than the backward-data tile: for one input channel.
 
-        Not for a single input channel (a network's first layer): its backward-data
-        pass has one output channel, so the tile does one multiply-add per load, and
-        the general path (im2col + GEMM) is faster there.
+        With a single input channel (a network's first layer) the backward-data tile would
+        have one output channel and do one multiply-add per load. Instead the transposed
+        dout of an image is copied with a zero border (``dt_rows x dt_cols`` vectors of
+        ``lanes`` output channels, ``dt_block`` elements per block of lanes channels,
+        the last ``lanes`` vectors spare), and each dx value is the sum over taps of dout
+        vectors times weight vectors (the forward weights packed with ``k_tile = lanes``),
+        whose lanes are then added.
         """
-        return self.direct and self.channels > 1
+        return self.direct and self.channels == 1
+
+    @property
+    def dt_rows(self):
+        return self.out_h + 2 * (self.filter_h - 1 - self.pad)
+
+    @property
+    def dt_cols(self):
+        return self.out_w + 2 * (self.filter_w - 1 - self.pad)
+
+    @property
+    def dt_block(self):
+        return (self.dt_rows * self.dt_cols + self.lanes) * self.lanes
 
     @property
     def w_blocks(self):
@@ -266,10 +285,13 @@ class ConvPlan:
 
     @property
     def backward_scratch(self):
-        """Elements of thread scratch for backward: transposed dout, padded dout, the dx grid."""
+        """Elements of thread scratch for backward: transposed dout, then padded dout and the dx grid
+        (or, for one input channel, the bordered transposed dout)."""
         bd = self.backward_data
-        return (self.w_blocks * self.out_h * self.out_w * self.lanes
-                + bd.image_stride + bd.grid_elements)
+        transposed = self.w_blocks * self.out_h * self.out_w * self.lanes
+        if self.one_channel_data:
+            return transposed + self.w_blocks * self.dt_block
+        return transposed + bd.image_stride + bd.grid_elements
 
     @property
     def dw_group_elements(self):

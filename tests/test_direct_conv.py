@@ -194,7 +194,7 @@ def test_weights_packed_in_c_match_the_plan(geometry, dtype, rng):
     plan = _plan.conv_plan((N, C, H, W), w.shape, 1, pad, dtype, cython.simd_variant())
     for tile_pass, backward_data, expected in [(plan.forward, False, _plan.pack_forward_weights(plan, w)),
                                                (plan.backward_data, True, _plan.pack_backward_data_weights(plan, w))]:
-        np.testing.assert_array_equal(cython._packed_weights(tile_pass, w, backward_data), expected.reshape(-1))
+        np.testing.assert_array_equal(cython._packed_weights(w, tile_pass.k_tile, backward_data), expected.reshape(-1))
 
 
 def test_groups_cover_the_batch_in_order():

@@ -31,6 +31,8 @@ cdef extern from "dconv.h":
         fc_tile_pass data
         long batch
         int lanes, w_blocks, groups
+        int one_channel, dt_cols
+        long dt_block
         const int *channel_tiles
         int n_channel_tiles
         const void *packed
@@ -147,7 +149,7 @@ def conv_forward(object tile_pass, Py_ssize_t batch, const floating[::1] x, floa
 
 
 def conv_backward(object forward_pass, object data_pass, Py_ssize_t batch, int lanes, int groups,
-                  const int[::1] channel_tiles, const floating[::1] packed, const floating[::1] dout,
+                  bint one_channel, int dt_rows, int dt_cols, const int[::1] channel_tiles, const floating[::1] packed, const floating[::1] dout,
                   const floating[::1] weights, const floating[::1] zeros, floating[::1] dx,
                   floating[::1] dw_groups, double[::1] db_groups, floating[::1] dw, floating[::1] db,
                   floating[::1] scratch, Py_ssize_t scratch_stride, int variant, int num_threads):
@@ -184,16 +186,24 @@ def conv_backward(object forward_pass, object data_pass, Py_ssize_t batch, int l
         raise ValueError("channel_tiles must cover the channels")
     _need(packed.shape[0], batch * f.image_stride, "packed")
     _need(dout.shape[0], batch * K * pixels, "dout")
-    _need(weights.shape[0], d.k_blocks * d.k_tile * d.in_channels * d.filter_h * d.filter_w, "weights")
-    _need(zeros.shape[0], d.k_blocks * d.k_tile, "zeros")
+    cdef Py_ssize_t dt_block = (dt_rows * dt_cols + lanes) * lanes
+    if one_channel:
+        if C != 1 or dt_rows != f.out_h + 2 * (f.filter_h - 1 - f.border_h) or dt_cols != f.out_w + 2 * (f.filter_w - 1 - f.border_w):
+            raise ValueError("the one-channel path needs one input channel and dout's bordered size")
+        _need(weights.shape[0], w_blocks * lanes * f.filter_h * f.filter_w, "weights")
+        _need(scratch_stride, w_blocks * (pixels * lanes + dt_block) + align, "scratch_stride")
+    else:
+        _need(weights.shape[0], d.k_blocks * d.k_tile * d.in_channels * d.filter_h * d.filter_w, "weights")
+        _need(zeros.shape[0], d.k_blocks * d.k_tile, "zeros")
+        _need(scratch_stride, w_blocks * pixels * lanes + d.k_tile * d.grid_stride + d.image_stride + align,
+              "scratch_stride")
     _need(dx.shape[0], batch * C * f.src_h * f.src_w, "dx")
     _need(dw_groups.shape[0], groups * group_elements, "dw_groups")
     _need(db_groups.shape[0], groups * K, "db_groups")
     _need(dw.shape[0], K * C * f.filter_h * f.filter_w, "dw")
     _need(db.shape[0], K, "db")
-    _need(scratch_stride, w_blocks * pixels * lanes + d.k_tile * d.grid_stride + d.image_stride + align,
-          "scratch_stride")
     _need(scratch.shape[0], num_threads * scratch_stride, "scratch")
+    job.one_channel, job.dt_cols, job.dt_block = one_channel, dt_cols, dt_block
     job.batch, job.lanes, job.w_blocks, job.groups = batch, lanes, w_blocks, groups
     job.channel_tiles, job.n_channel_tiles = &channel_tiles[0], channel_tiles.shape[0] // 2
     job.packed, job.dout, job.weights, job.zeros = &packed[0], &dout[0], &weights[0], &zeros[0]

@@ -41,11 +41,14 @@ typedef struct {
     fc_tile_pass data;      /* the backward-data pass */
     long batch;
     int lanes, w_blocks, groups;
+    int one_channel;        /* a single input channel: dx from dout vectors (dx_one_channel), not the tile */
+    int dt_cols;            /* one channel: columns of the zero-bordered dout, and elements per block */
+    long dt_block;
     const int *channel_tiles; /* (first, count) pairs */
     int n_channel_tiles;
     const void *packed;     /* forward's padded planes */
     const void *dout;       /* (N, K, out_h, out_w) */
-    const void *weights;    /* backward-data packed weights */
+    const void *weights;    /* backward-data packed weights; with one channel, the forward's for k_tile = lanes */
     const void *zeros;      /* data.k_blocks * data.k_tile zeros: the bias of the backward-data pass */
     void *dx;               /* (N, C, H, W) */
     void *dw_groups;        /* (groups, dw_group_elements) */

@@ -52,6 +52,51 @@ static inline void FC_NAME(copy_row)(FC_T *dst, const FC_T *src, int n)
 typedef FC_I FC_NAME(index) __attribute__((vector_size(FC_V * sizeof(FC_T))));
 #endif
 
+#if defined(__GNUC__) && !defined(__clang__)
+/* r[i][j] <-> r[j][i], in registers: stage s swaps the b x b off-diagonal sub-blocks of every 2b x 2b
+   block (b = FC_V / 2, FC_V / 4, ..., 1); the shuffle indices are constants */
+#define FC_LO(j, b) (((j) & (b)) ? FC_V + (j) - (b) : (j))
+#define FC_HI(j, b) (((j) & (b)) ? FC_V + (j) : (j) + (b))
+#if FC_V == 16
+#define FC_INDICES(F, b) {F(0, b), F(1, b), F(2, b), F(3, b), F(4, b), F(5, b), F(6, b), F(7, b), \
+                          F(8, b), F(9, b), F(10, b), F(11, b), F(12, b), F(13, b), F(14, b), F(15, b)}
+#elif FC_V == 8
+#define FC_INDICES(F, b) {F(0, b), F(1, b), F(2, b), F(3, b), F(4, b), F(5, b), F(6, b), F(7, b)}
+#elif FC_V == 4
+#define FC_INDICES(F, b) {F(0, b), F(1, b), F(2, b), F(3, b)}
+#else
+#define FC_INDICES(F, b) {F(0, b), F(1, b)}
+#endif
+
+static inline void FC_NAME(transpose_stage)(VEC r[FC_V], int b, FC_NAME(index) lo, FC_NAME(index) hi)
+{
+    _Pragma("GCC unroll 16") for (int i = 0; i < FC_V; i++) {
+        if (i & b)
+            continue;
+        VEC a = r[i], c = r[i + b];
+        r[i] = __builtin_shuffle(a, c, lo);
+        r[i + b] = __builtin_shuffle(a, c, hi);
+    }
+}
+
+static inline void FC_NAME(transpose_registers)(VEC r[FC_V])
+{
+#if FC_V >= 16
+    FC_NAME(transpose_stage)(r, 8, (FC_NAME(index))FC_INDICES(FC_LO, 8), (FC_NAME(index))FC_INDICES(FC_HI, 8));
+#endif
+#if FC_V >= 8
+    FC_NAME(transpose_stage)(r, 4, (FC_NAME(index))FC_INDICES(FC_LO, 4), (FC_NAME(index))FC_INDICES(FC_HI, 4));
+#endif
+#if FC_V >= 4
+    FC_NAME(transpose_stage)(r, 2, (FC_NAME(index))FC_INDICES(FC_LO, 2), (FC_NAME(index))FC_INDICES(FC_HI, 2));
+#endif
+    FC_NAME(transpose_stage)(r, 1, (FC_NAME(index))FC_INDICES(FC_LO, 1), (FC_NAME(index))FC_INDICES(FC_HI, 1));
+}
+#undef FC_LO
+#undef FC_HI
+#undef FC_INDICES
+#endif
+
 static void FC_NAME(transpose_block)(const FC_T *dy, int count, int pixels, FC_T *dT)
 {
     int q0 = 0;
@@ -60,21 +105,7 @@ static void FC_NAME(transpose_block)(const FC_T *dy, int count, int pixels, FC_T
         for (; q0 + FC_V <= pixels; q0 += FC_V) {
             VEC r[FC_V];
             _Pragma("GCC unroll 16") for (int i = 0; i < FC_V; i++) r[i] = FC_NAME(load)(dy + (long)i * pixels + q0);
-            /* stage b swaps the b x b off-diagonal sub-blocks of every 2b x 2b block */
-            _Pragma("GCC unroll 4") for (int b = FC_V / 2; b >= 1; b /= 2) {
-                FC_NAME(index) lo, hi;
-                _Pragma("GCC unroll 16") for (int j = 0; j < FC_V; j++) {
-                    lo[j] = (j & b) ? FC_V + j - b : j;
-                    hi[j] = (j & b) ? FC_V + j : j + b;
-                }
-                _Pragma("GCC unroll 16") for (int i = 0; i < FC_V; i++) {
-                    if (i & b)
-                        continue;
-                    VEC a = r[i], c = r[i + b];
-                    r[i] = __builtin_shuffle(a, c, lo);
-                    r[i + b] = __builtin_shuffle(a, c, hi);
-                }
-            }
+            FC_NAME(transpose_registers)(r);
             _Pragma("GCC unroll 16") for (int j = 0; j < FC_V; j++) FC_NAME(store)(dT + (long)(q0 + j) * FC_V, r[j]);
         }
     }
@@ -82,6 +113,56 @@ static void FC_NAME(transpose_block)(const FC_T *dy, int count, int pixels, FC_T
     for (int i = 0; i < count; i++)
         for (int q = q0; q < pixels; q++)
             dT[(long)q * FC_V + i] = dy[(long)i * pixels + q];
+}
+
+/* out[j] = the sum of the lanes of r[j], for j < n (lanes added in a fixed order). */
+static inline void FC_NAME(lane_sums)(VEC r[FC_V], FC_T *out, int n)
+{
+#if defined(__GNUC__) && !defined(__clang__)
+    FC_NAME(transpose_registers)(r);
+    VEC sum = r[0];
+    _Pragma("GCC unroll 16") for (int l = 1; l < FC_V; l++) sum += r[l];
+    if (n == FC_V) {
+        FC_NAME(store)(out, sum);
+        return;
+    }
+    for (int j = 0; j < n; j++)
+        out[j] = sum[j];
+#else
+    for (int j = 0; j < n; j++) {
+        FC_T sum = r[j][0];
+        for (int l = 1; l < FC_V; l++)
+            sum += r[j][l];
+        out[j] = sum;
+    }
+#endif
+}
+
+/* dx of a single-channel input, (H, W), from the image's dout in (row, column, lane) order with a zero
+   border of FH - 1 - pad rows and FW - 1 - pad columns (dTp, blocks of dt_block elements), and the
+   weights as (block, FH, FW, lane) vectors: each dx value is a sum over taps of dout vectors times
+   weight vectors, whose lanes are added FC_V values at a time. */
+static void FC_NAME(dx_one_channel)(const FC_T *dTp, long dt_block, int dt_cols, int w_blocks, const FC_T *wv,
+                                    int fh, int fw, int H, int W, FC_T *dx)
+{
+    for (int ih = 0; ih < H; ih++) {
+        for (int iw0 = 0; iw0 < W; iw0 += FC_V) {
+            VEC acc[FC_V];
+            _Pragma("GCC unroll 16") for (int j = 0; j < FC_V; j++) acc[j] = (VEC){0};
+            for (int kb = 0; kb < w_blocks; kb++) {
+                for (int kh = 0; kh < fh; kh++) {
+                    for (int kw = 0; kw < fw; kw++) {
+                        VEC w = FC_NAME(load)(wv + ((long)(kb * fh + kh) * fw + kw) * FC_V);
+                        const FC_T *src = dTp + kb * dt_block
+                                          + ((long)(ih + fh - 1 - kh) * dt_cols + iw0 + fw - 1 - kw) * FC_V;
+                        _Pragma("GCC unroll 16") for (int j = 0; j < FC_V; j++)
+                            acc[j] += FC_NAME(load)(src + (long)j * FC_V) * w;
+                    }
+                }
+            }
+            FC_NAME(lane_sums)(acc, dx + (long)ih * W + iw0, W - iw0 < FC_V ? W - iw0 : FC_V);
+        }
+    }
 }
 
 /* Sum of values[0:count] in double: vector partial sums, then their lanes in order. */
@@ -166,6 +247,26 @@ static double FC_NAME(row_sum)(const FC_T *values, int count)
             FC_NAME(store)(acc_mem + i * cstride, sum);                                              \
         }                                                                                            \
     }
+
+/* Backward-weights of one input channel with a 3 x 3 filter: the nine taps in one pass over the pixels
+   (one dout vector load for nine multiply-adds). acc_mem: the nine taps' sums, FC_V apart. */
+static void FC_NAME(dw_one_channel_3x3)(const FC_T *x, int in_w, const FC_T *dT, int out_h, int out_w,
+                                         FC_T *acc_mem)
+{
+    VEC acc[9];
+    _Pragma("GCC unroll 9") for (int t = 0; t < 9; t++) acc[t] = FC_NAME(load)(acc_mem + t * FC_V);
+    for (int oh = 0; oh < out_h; oh++) {
+        const FC_T *xr = x + (long)oh * in_w;
+        const FC_T *dr = dT + (long)oh * out_w * FC_V;
+        for (int ow = 0; ow < out_w; ow++) {
+            VEC d = FC_NAME(load)(dr + (long)ow * FC_V);
+            _Pragma("GCC unroll 3") for (int kh = 0; kh < 3; kh++)
+                _Pragma("GCC unroll 3") for (int kw = 0; kw < 3; kw++)
+                    acc[kh * 3 + kw] += d * xr[kh * in_w + ow + kw];
+        }
+    }
+    _Pragma("GCC unroll 9") for (int t = 0; t < 9; t++) FC_NAME(store)(acc_mem + t * FC_V, acc[t]);
+}
 
 typedef void (*FC_NAME(tile_fn))(const FC_T *, long, int, int, int, int, const FC_T *, const FC_T *,
                                  FC_T *, long, long);
@@ -293,6 +394,10 @@ static void FC_NAME(backward_task)(void *arg, int thread)
     FC_T *dT = FC_NAME(aligned)(job->scratch, job->scratch_stride, thread);
     FC_T *grid = dT + (long)job->w_blocks * pixels * FC_V;  /* multiple of FC_V: stays aligned */
     FC_T *padded = grid + d->k_tile * d->grid_stride;
+    FC_T *dTp = grid;  /* the one-channel path's padded dout instead of grid and padded planes */
+    const int border_h = FH - 1 - f->border_h, border_w = FW - 1 - f->border_w;
+    if (job->one_channel)
+        memset(dTp, 0, (size_t)job->w_blocks * job->dt_block * sizeof(FC_T));
     long g;
     while ((g = fc_next_task(&job->next)) < job->groups) {
         long first = g * job->batch / job->groups, end = (g + 1) * job->batch / job->groups;
@@ -314,6 +419,10 @@ static void FC_NAME(backward_task)(void *arg, int thread)
             const FC_T *x = (const FC_T *)job->packed + n * f->image_stride;
             for (int kb = 0; kb < job->w_blocks; kb++) {
                 const FC_T *dTb = dT + (long)kb * pixels * FC_V;
+                if (C == 1 && FH == 3 && FW == 3) {
+                    FC_NAME(dw_one_channel_3x3)(x, f->in_w, dTb, out_h, out_w, dw + (long)kb * 9 * FC_V);
+                    continue;
+                }
                 for (int t = 0; t < job->n_channel_tiles; t++) {
                     int c0 = job->channel_tiles[2 * t], count = job->channel_tiles[2 * t + 1];
                     FC_NAME(dw_fn) tile = FC_NAME(weights_tile)(count);
@@ -323,8 +432,18 @@ static void FC_NAME(backward_task)(void *arg, int thread)
                                  out_h, out_w, dw + (((long)kb * C + c0) * taps + kh * FW + kw) * FC_V, taps * FC_V);
                 }
             }
-            FC_NAME(pad_planes)(d, dy, padded);
-            FC_NAME(run_pass)(d, padded, job->weights, job->zeros, grid, (FC_T *)job->dx + n * (long)C * d->out_h * d->out_w);
+            FC_T *dx = (FC_T *)job->dx + n * (long)C * f->src_h * f->src_w;
+            if (job->one_channel) {
+                for (int kb = 0; kb < job->w_blocks; kb++)
+                    for (int oh = 0; oh < out_h; oh++)
+                        FC_NAME(copy_row)(dTp + kb * job->dt_block + ((long)(oh + border_h) * job->dt_cols + border_w) * FC_V,
+                                          dT + ((long)kb * pixels + (long)oh * out_w) * FC_V, out_w * FC_V);
+                FC_NAME(dx_one_channel)(dTp, job->dt_block, job->dt_cols, job->w_blocks, job->weights, FH, FW,
+                                        f->src_h, f->src_w, dx);
+            } else {
+                FC_NAME(pad_planes)(d, dy, padded);
+                FC_NAME(run_pass)(d, padded, job->weights, job->zeros, grid, dx);
+            }
         }
     }
 }

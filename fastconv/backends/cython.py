@@ -213,10 +213,8 @@ def conv_backward(dout, cache, W):
     if N == 0 or W.shape[0] == 0 or cache.x_shape[1] == 0:
         dx = np.zeros(cache.x_shape, dtype=cache.dtype)
         return dx, np.zeros(W.shape, dtype=cache.dtype), np.zeros(W.shape[0], dtype=cache.dtype)
-    if cache.plan is not None and cache.plan.direct_backward:
-        return _direct_backward(dout, cache, W)
     if cache.plan is not None:
-        cache.x = _unpadded_input(cache)
+        return _direct_backward(dout, cache, W)
     return _im2col_backward(dout, cache, W)
 
 
@@ -239,7 +237,7 @@ def _direct_forward(x, W, b, stride, pad, workspace):
     bias = np.zeros(plan.forward.k_padded, dtype=x.dtype)
     bias[:plan.filters] = b
     out = np.empty((plan.batch, plan.filters, plan.out_h, plan.out_w), dtype=x.dtype)
-    _direct.conv_forward(plan.forward, plan.batch, x.reshape(-1), packed, _packed_weights(plan.forward, W, False),
+    _direct.conv_forward(plan.forward, plan.batch, x.reshape(-1), packed, _packed_weights(W, plan.forward.k_tile, False),
                          bias, out.reshape(-1), scratch, scratch_stride, _direct.VARIANTS.index(plan.variant), threads)
     dw_groups = getattr(workspace, "dw_groups", None)
     cache = ConvCache(x.shape, x.dtype, (plan.filter_h, plan.filter_w), stride, pad, (plan.out_h, plan.out_w),
@@ -248,22 +246,12 @@ def _direct_forward(x, W, b, stride, pad, workspace):
     return out, cache
 
 
-def _packed_weights(tile_pass, W, backward_data):
-    """``W`` in the layout of ``tile_pass`` (see ``_plan.pack_forward_weights``), packed in C."""
-    packed = np.empty(tile_pass.k_padded * tile_pass.in_channels * W.shape[2] * W.shape[3], dtype=W.dtype)
-    _direct.pack_weights(W, packed, tile_pass.k_tile, backward_data)
+def _packed_weights(W, k_tile, backward_data):
+    """``W`` in a tile's layout (see ``_plan.pack_forward_weights``), packed in C."""
+    outputs = W.shape[1] if backward_data else W.shape[0]
+    packed = np.empty(-(-outputs // k_tile) * k_tile * W.size // outputs, dtype=W.dtype)
+    _direct.pack_weights(W, packed, k_tile, backward_data)
     return packed
-
-
-def _unpadded_input(cache):
-    """Forward's input, taken back from its padded planes."""
-    if cache.packed is None:
-        raise ValueError("this cache's buffers were taken over by a later forward call (it was passed as its "
-                         "workspace): run backward before reusing a cache")
-    plan, fwd = cache.plan, cache.plan.forward
-    planes = cache.packed[:plan.batch * fwd.image_stride].reshape(plan.batch, fwd.image_stride)
-    planes = planes[:, :fwd.image_elements].reshape(plan.batch, plan.channels, fwd.in_h, fwd.in_w)
-    return np.ascontiguousarray(planes[:, :, plan.pad:plan.pad + plan.height, plan.pad:plan.pad + plan.width])
 
 
 def _scratch_stride(plan):
@@ -285,9 +273,13 @@ def _direct_backward(dout, cache, W):
     db = np.empty(plan.filters, dtype=plan.dtype)
     channel_tiles = np.array(plan.channel_tiles, dtype=np.intc).reshape(-1)
     zeros = np.zeros(plan.backward_data.k_padded, dtype=plan.dtype)
-    _direct.conv_backward(plan.forward, plan.backward_data, plan.batch, plan.lanes, plan.groups, channel_tiles,
-                          cache.packed, dout.reshape(-1), _packed_weights(plan.backward_data, W, True),
-                          zeros, dx.reshape(-1), cache.dw_groups, db_groups, dW.reshape(-1), db,
+    if plan.one_channel_data:
+        weights = _packed_weights(W, plan.lanes, False)
+    else:
+        weights = _packed_weights(W, plan.backward_data.k_tile, True)
+    _direct.conv_backward(plan.forward, plan.backward_data, plan.batch, plan.lanes, plan.groups,
+                          plan.one_channel_data, plan.dt_rows, plan.dt_cols, channel_tiles,
+                          cache.packed, dout.reshape(-1), weights, zeros, dx.reshape(-1), cache.dw_groups, db_groups, dW.reshape(-1), db,
                           cache.scratch, cache.scratch_stride, _direct.VARIANTS.index(plan.variant), threads)
     return dx, dW, db
 
