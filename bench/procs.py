@@ -3,12 +3,16 @@ import contextlib
 import dataclasses
 import json
 import os
+import select
 import subprocess
 import sys
 from pathlib import Path
 
 from bench.timing import RemoteError
 
+# a worker that takes longer to answer one request is taken for hung (the slowest request, a sample of the
+# reference's inference on 10,000 images, takes about 15 s on a quiet machine)
+ANSWER_TIMEOUT_S = 900.0
 # the folder that holds the ``bench`` package, so that workers import this very copy of it
 _BENCH_PARENT = str(Path(__file__).resolve().parent.parent)
 
@@ -44,6 +48,11 @@ class Worker:
         return self.spec.get("name", self.spec["kind"])
 
     def _read(self):
+        # one answer line per request, so nothing waits in the pipe's buffer when select says "nothing yet"
+        if not select.select([self.process.stdout], [], [], ANSWER_TIMEOUT_S)[0]:
+            self.process.kill()
+            self.process.wait()
+            raise RemoteError(f"worker process {self.name!r} gave no answer in {ANSWER_TIMEOUT_S:.0f} s; stopped")
         line = self.process.stdout.readline()
         if not line:
             code = self.process.wait()

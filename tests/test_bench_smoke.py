@@ -382,6 +382,21 @@ def test_a_worker_imports_fastconv_from_the_source_tree_it_is_given(tmp_path):
     assert facts["versions"]["fastconv"] == "other tree"
 
 
+def test_a_worker_that_hangs_is_stopped_and_reported(tmp_path, monkeypatch):
+    from bench import procs
+    monkeypatch.setattr(procs, "ANSWER_TIMEOUT_S", 0.5)
+    (tmp_path / "fastconv").mkdir()
+    (tmp_path / "fastconv" / "__init__.py").write_text("import time\ntime.sleep(60)\n")
+    runner = ProcessRunner({"kind": "backend", "name": "stuck", "backend": "cython", "source": str(tmp_path)},
+                           dict(os.environ))
+    try:
+        with pytest.raises(RemoteError, match="no answer"):
+            runner.describe()
+        assert not runner.worker.alive
+    finally:
+        runner.close()
+
+
 # --- the FMA peak -----------------------------------------------------------------------
 
 def test_fma_micro_kernel_computes_its_recurrence(tmp_path):
