@@ -10,8 +10,8 @@ weights replaced and inputs changed in place between forward and backward)
 must match the reference; misuse (filters of another geometry, caches of
 another backend or taken over by a later forward, bad shapes, dtypes,
 strides, read-only gradients) must raise the documented TypeError or
-ValueError. Calls run in child processes, a batch at a time, each child
-reporting after every call: a child that dies is a crash of the call it was
+ValueError. Calls run in child processes, a batch at a time, on 1, 2 or 3
+threads in turn (``FASTCONV_NUM_THREADS``), each child reporting after every call: a child that dies is a crash of the call it was
 running, and a new child continues after it. Not collected by pytest (the
 file name does not start with ``test_``).
 
@@ -332,6 +332,7 @@ def parent(args):
     failures = []
     first, stop = args.first, args.first + args.calls
     started = time.time()
+    children = 0
     here = os.path.dirname(os.path.abspath(__file__))
     while first < stop:
         last = min(stop, first + args.batch)
@@ -339,7 +340,9 @@ def parent(args):
                    "--seed", str(args.seed), "--first", str(first), "--calls", str(last - first)]
         if args.verbose:
             command.append("--verbose")
-        env = dict(os.environ, FASTCONV_BACKEND=args.backend)
+        # each child on another thread count: results must not depend on it
+        env = dict(os.environ, FASTCONV_BACKEND=args.backend, FASTCONV_NUM_THREADS=str(1 + children % 3))
+        children += 1
         process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env, cwd=here)
         done = first - 1
         for line in process.stdout:
