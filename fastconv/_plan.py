@@ -63,10 +63,11 @@ Variants
 ``LANES[variant][dtype]`` the elements of one vector register,
 ``REGISTERS[variant]`` how many vector registers the tiles may fill.
 ``FORWARD_TILES[registers]`` and ``CHANNEL_TILES[registers]`` list the register
-tiles compiled for that many registers; the plan picks among them.
+tiles compiled for that many registers; the plan picks the forward tile with the
+least padded work times ``TILE_COST``.
 
 Public names (stable): ``VARIANTS``, ``LANES``, ``REGISTERS``, ``FORWARD_TILES``,
-``CHANNEL_TILES``, ``DW_GROUPS``, ``output_size``, ``direct_supported``,
+``TILE_COST``, ``CHANNEL_TILES``, ``DW_GROUPS``, ``output_size``, ``direct_supported``,
 ``conv_plan``, ``ConvPlan``, ``TilePass``, ``group_bounds``, ``channel_tiles``,
 ``pack_forward_weights``, ``pack_backward_data_weights``.
 """
@@ -87,8 +88,15 @@ LANES = {variant: {np.dtype(np.float32): size // 4, np.dtype(np.float64): size /
 REGISTERS = {"avx512": 32, "avx2": 16, "generic": 16}
 
 # (output channels, vectors of grid positions): accumulators + input vectors + one broadcast fit the registers
-FORWARD_TILES = {32: ((16, 1), (12, 2), (8, 3), (6, 4), (4, 6), (1, 12)),
+FORWARD_TILES = {32: ((16, 1), (12, 2), (8, 3), (8, 2), (6, 4), (4, 6), (1, 12)),
                  16: ((8, 1), (6, 2), (4, 2), (2, 4), (1, 6))}
+
+# Time per multiply-add of each forward tile relative to 8 x 3 (measured with AVX-512 in float32, data in
+# cache, on the chapter-8 network's image widths): tiles with about as many loads (input vectors, weight
+# broadcasts) as multiply-adds are slowed down by them. The 16-register tiles are estimated the same way
+# from their loads per multiply-add.
+TILE_COST = {(16, 1): 1.27, (12, 2): 1.06, (8, 3): 1.0, (8, 2): 1.11, (6, 4): 1.02, (4, 6): 1.06, (1, 12): 1.3,
+             (8, 1): 1.38, (6, 2): 1.25, (4, 2): 1.3, (2, 4): 1.38, (1, 6): 1.65}
 
 # input channels of one backward-weights tile (one accumulator each, plus the dout vector), largest first
 CHANNEL_TILES = {32: (16, 8, 4, 2, 1), 16: (8, 4, 2, 1)}
@@ -202,10 +210,7 @@ def _tile_pass(in_channels, out_channels, src_h, src_w, border_h, border_w, filt
         k_tile, vectors = tile
         positions = -(-grid // (vectors * lanes)) * vectors * lanes
         channels = -(-out_channels // k_tile) * k_tile
-        # a tile with about as many loads (input vectors, weight broadcasts) as multiply-adds is slowed
-        # down by them (measured: 16 x 1 runs at three quarters of 8 x 3); ties go to the larger tile
-        return (channels * positions * max(1.0, 1.25 * (k_tile + vectors) / (k_tile * vectors)), -k_tile * vectors,
-                -k_tile)
+        return channels * positions * TILE_COST[tile], -k_tile * vectors, -k_tile  # ties: the larger tile
 
     k_tile, vectors = min(FORWARD_TILES[registers], key=cost)
     return TilePass(in_channels, out_channels, src_h, src_w, border_h, border_w, in_h, in_w, out_h, out_w,

@@ -279,6 +279,7 @@ FC_FORWARD_TILE(4, 6)
 FC_FORWARD_TILE(1, 12)
 FC_FORWARD_TILE(12, 2)
 FC_FORWARD_TILE(6, 4)
+FC_FORWARD_TILE(8, 2)
 FC_WEIGHTS_TILE(16, 1)
 #else
 FC_FORWARD_TILE(8, 1)
@@ -301,6 +302,7 @@ static FC_NAME(tile_fn) FC_NAME(forward_tile)(int k_tile, int vectors)
     if (k_tile == 1 && vectors == 12) return FC_NAME(tile_1_12);
     if (k_tile == 12 && vectors == 2) return FC_NAME(tile_12_2);
     if (k_tile == 6 && vectors == 4) return FC_NAME(tile_6_4);
+    if (k_tile == 8 && vectors == 2) return FC_NAME(tile_8_2);
 #else
     if (k_tile == 8 && vectors == 1) return FC_NAME(tile_8_1);
     if (k_tile == 4 && vectors == 2) return FC_NAME(tile_4_2);
