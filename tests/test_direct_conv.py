@@ -48,7 +48,7 @@ def variant(request):
     """Each SIMD variant in turn, forced on the cython backend."""
     if request.param not in cython.available_variants():
         pytest.skip(f"this CPU does not run the {request.param} kernels")
-    with fastconv.use_backend("cython"), cython._force_variant(request.param):
+    with fastconv.use_backend("cython"), cython._force_variant(request.param), cython.conv_engine("direct"):
         yield request.param
 
 
@@ -158,7 +158,7 @@ def test_changing_x_after_forward_does_not_change_the_gradients(engine, stride, 
 
 def test_a_cache_whose_buffers_were_taken_over_refuses_backward(rng):
     x, w, b = integer_problem(rng, GEOMETRIES[6], np.float64)
-    with fastconv.use_backend("cython"):
+    with fastconv.use_backend("cython"), cython.conv_engine("direct"):
         out, first = kernels.conv_forward(x, w, b, 1, 1)
         kernels.conv_forward(x, w, b, 1, 1, workspace=first)
         with pytest.raises(ValueError):
