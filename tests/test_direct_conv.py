@@ -6,6 +6,7 @@ so each kernel must equal the reference (run in float64) bit for bit.
 Random data: within 1e-12 relative (float64), 1e-5 (float32 forward and dx)
 and 1e-4 (float32 dW and db) of the reference run in float64.
 """
+import concurrent.futures
 import os
 import subprocess
 import sys
@@ -213,6 +214,25 @@ def test_forcing_a_variant_the_cpu_lacks_is_an_error():
     with pytest.raises(ValueError):
         with cython._force_variant("no-such-variant"):
             pass
+
+
+def test_kernels_called_from_several_threads_at_once_give_the_same_bits(monkeypatch):
+    monkeypatch.setenv("FASTCONV_NUM_THREADS", "2")
+    rng = np.random.default_rng(3)
+    problems = [integer_problem(rng, GEOMETRIES[g], np.float32) + (GEOMETRIES[g][-1],) for g in (1, 2, 4, 12)]
+
+    def run(problem):
+        x, w, b, pad = problem
+        with fastconv.use_backend("cython"):
+            out, cache = kernels.conv_forward(x, w, b, 1, pad)
+            return (out,) + tuple(kernels.conv_backward(out, cache, w))
+
+    expected = [run(p) for p in problems]
+    with concurrent.futures.ThreadPoolExecutor(4) as executor:
+        results = list(executor.map(run, problems * 5))
+    for got, want in zip(results, expected * 5):
+        for one, two in zip(got, want):
+            np.testing.assert_array_equal(one, two)
 
 
 def run_python(code, timeout=120):
