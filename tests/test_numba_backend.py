@@ -2,7 +2,7 @@
 
 Each jitted kernel on its own (odd geometries, partial image ranges, buffers
 pre-filled with NaN so that a cell left unwritten shows), the batch cut into
-chunks, groups and threads, reused workspaces, NaN and -inf semantics, the
+image groups and threads, reused workspaces, NaN and -inf semantics, the
 disk cache of compiled kernels (including a read-only install), and a clean
 ImportError when numba cannot be loaded.
 
@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 import fastconv
-from fastconv import kernels
+from fastconv import _plan, kernels
 from fastconv.backends import reference
 
 from conftest import assert_close_to_reference
@@ -54,10 +54,6 @@ def out_size(size, window, stride, pad):
     return (size + 2 * pad - window) // stride + 1
 
 
-def is_same_size(H, W, fh, fw, stride, pad):
-    return stride == 1 and out_size(H, fh, 1, pad) == H and out_size(W, fw, 1, pad) == W
-
-
 @pytest.fixture
 def numba_backend():
     with fastconv.use_backend("numba"):
@@ -78,102 +74,6 @@ def run_python(code, cwd=None, **env):
     return result
 
 
-# --------------------------------------------------------------------------- unfolding kernels
-
-def unfolding_kernels(x, geometry, plane, n0, n1, oy0, oy1):
-    """``unfold(colT)`` for each kernel that handles the geometry: images [n0, n1), output lines [oy0, oy1)."""
-    _, _, H, W, fh, fw, stride, pad = geometry
-    unfolders = [lambda c: k.im2col_t_padded(x, fh, fw, stride, pad, c, n0, n1, oy0, oy1, plane)]
-    if is_same_size(H, W, fh, fw, stride, pad):
-        unfolders.append(lambda c: k.im2col_t_same_size(x, fh, fw, pad, c, n0, n1, oy0, oy1))
-    return unfolders
-
-
-def line_ranges(out_h, lines):
-    return [(oy0, min(oy0 + lines, out_h)) for oy0 in range(0, out_h, lines)]
-
-
-@pytest.mark.parametrize("lines", [1, 2])
-@pytest.mark.parametrize("geometry", GEOMETRIES, ids=IDS)
-def test_unfolding_and_folding_a_few_output_lines_at_a_time(geometry, lines, dtype, rng):
-    """Line by line (or two by two), one image: the same columns, and the same dx, as the whole image at once."""
-    N, C, H, W, fh, fw, stride, pad = geometry
-    out_h, out_w = out_size(H, fh, stride, pad), out_size(W, fw, stride, pad)
-    x = rng.standard_normal((N, C, H, W)).astype(dtype)
-    n = N - 1
-    expected = reference.im2col(x[n:], fh, fw, stride, pad).T
-    dcol = rng.standard_normal(expected.shape).astype(dtype)
-    expected_dx = reference.col2im(dcol.T, (1, C, H, W), fh, fw, stride, pad)
-    plane = np.full((H + 2 * pad) * (W + 2 * pad), np.nan, dtype=dtype)
-    folders = [lambda c, dx, a, z: k.col2im_t_padded(c, fh, fw, stride, pad, dx, n, n + 1, a, z, plane)]
-    if is_same_size(H, W, fh, fw, stride, pad):
-        folders.append(lambda c, dx, a, z: k.col2im_t(c, fh, fw, stride, pad, dx, n, n + 1, a, z))
-    for oy0, oy1 in line_ranges(out_h, lines):
-        cells = slice(oy0 * out_w, oy1 * out_w)
-        for unfold in unfolding_kernels(x, geometry, plane, n, n + 1, oy0, oy1):
-            colT = np.full((expected.shape[0], (oy1 - oy0) * out_w), np.nan, dtype=dtype)
-            unfold(colT)
-            np.testing.assert_array_equal(colT, expected[:, cells])
-    for fold in folders:
-        dx = np.full((N, C, H, W), 7.0, dtype=dtype)  # the first line range zeroes the image, the others add
-        for oy0, oy1 in line_ranges(out_h, lines):
-            fold(np.ascontiguousarray(dcol[:, oy0 * out_w:oy1 * out_w]), dx, oy0, oy1)
-        assert_close_to_reference(dx[n:], expected_dx)
-        assert (dx[:n] == 7.0).all()
-
-@pytest.mark.parametrize("geometry", GEOMETRIES, ids=IDS)
-def test_unfolding_kernels_give_the_transposed_book_col(geometry, dtype, rng):
-    N, C, H, W, fh, fw, stride, pad = geometry
-    x = rng.standard_normal((N, C, H, W)).astype(dtype)
-    n0, n1 = 1, N  # a range not starting at image 0
-    expected = reference.im2col(x[n0:n1], fh, fw, stride, pad).T
-    plane = np.full((H + 2 * pad) * (W + 2 * pad), np.nan, dtype=dtype)
-    unfolders = unfolding_kernels(x, geometry, plane, n0, n1, 0, out_size(H, fh, stride, pad))
-    for unfold in unfolders:
-        colT = np.full(expected.shape, np.nan, dtype=dtype)
-        unfold(colT)
-        np.testing.assert_array_equal(colT, expected)
-
-
-@pytest.mark.parametrize("geometry", GEOMETRIES, ids=IDS)
-def test_unfolding_kernels_write_only_their_own_cells(geometry, rng):
-    """Each row of colT gets spare columns after the images' cells: they must keep their sentinel."""
-    N, C, H, W, fh, fw, stride, pad = geometry
-    x = rng.standard_normal((N, C, H, W))
-    expected = reference.im2col(x[:1], fh, fw, stride, pad).T
-    plane = np.full((H + 2 * pad) * (W + 2 * pad), np.nan)
-    for unfold in unfolding_kernels(x, geometry, plane, 0, 1, 0, out_size(H, fh, stride, pad)):
-        colT = np.full((expected.shape[0], expected.shape[1] + 5), -123.0)
-        unfold(colT)
-        np.testing.assert_array_equal(colT[:, :expected.shape[1]], expected)
-        assert (colT[:, expected.shape[1]:] == -123.0).all()
-
-
-def test_same_size_unfolding_is_used_and_tested():
-    """The fast path has its own kernel: at least one geometry above must reach it."""
-    assert any(is_same_size(g[2], g[3], g[4], g[5], g[6], g[7]) for g in GEOMETRIES)
-    assert nb._long_copies((1, 1, 28, 28), 3, 3, 1, 1)
-    assert not nb._long_copies((1, 1, 28, 28), 3, 3, 1, 0)  # not same-size
-    assert not nb._long_copies((1, 1, 8, 8), 3, 3, 1, 1)  # a small plane
-
-
-@pytest.mark.parametrize("geometry", GEOMETRIES, ids=IDS)
-def test_col2im_t_folds_like_the_reference_and_only_its_images(geometry, dtype, rng):
-    N, C, H, W, fh, fw, stride, pad = geometry
-    n0, n1 = 1, N
-    rows = (n1 - n0) * out_size(H, fh, stride, pad) * out_size(W, fw, stride, pad)
-    colT = rng.standard_normal((C * fh * fw, rows)).astype(dtype)
-    plane = np.full((H + 2 * pad) * (W + 2 * pad), np.nan, dtype=dtype)
-    expected = reference.col2im(colT.T, (n1 - n0, C, H, W), fh, fw, stride, pad)
-    out_h = out_size(H, fh, stride, pad)
-    for fold in (lambda dx: k.col2im_t(colT, fh, fw, stride, pad, dx, n0, n1, 0, out_h),
-                 lambda dx: k.col2im_t_padded(colT, fh, fw, stride, pad, dx, n0, n1, 0, out_h, plane)):
-        dx = np.full((N, C, H, W), 7.0, dtype=dtype)
-        fold(dx)
-        assert_close_to_reference(dx[n0:n1], expected)
-        assert (dx[:n0] == 7.0).all()  # another thread's images
-
-
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=IDS)
 def test_book_layout_im2col_and_col2im(geometry, dtype, rng, numba_backend):
     N, C, H, W, fh, fw, stride, pad = geometry
@@ -185,12 +85,11 @@ def test_book_layout_im2col_and_col2im(geometry, dtype, rng, numba_backend):
                               reference.col2im(dcol, x.shape, fh, fw, stride, pad))
 
 
-@pytest.mark.parametrize("loop_order", ["rows", "lines"])
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=IDS)
-def test_both_loop_orders_of_the_book_layout_kernels(geometry, loop_order, dtype, rng):
-    """Each order on every geometry, on images [1, N) only: the backend picks one by shape."""
+def test_book_layout_kernels_on_an_image_range(geometry, dtype, rng):
+    """The kernels on images [1, N) only: image 0 belongs to another thread's range."""
     N, C, H, W, fh, fw, stride, pad = geometry
-    unfold, fold = {"rows": (k.im2col_rows, k.col2im_rows), "lines": (k.im2col_lines, k.col2im_lines)}[loop_order]
+    unfold, fold = k.im2col_lines, k.col2im_lines
     x = rng.standard_normal((N, C, H, W)).astype(dtype)
     expected = reference.im2col(x, fh, fw, stride, pad)
     first_row = expected.shape[0] // N
@@ -205,20 +104,17 @@ def test_both_loop_orders_of_the_book_layout_kernels(geometry, loop_order, dtype
     assert (dx[:1] == 7.0).all()
 
 
-def test_line_order_is_chosen_for_windows_with_few_taps():
-    assert nb._by_lines(1, 3, 3, 28)  # the network's first layer
-    assert not nb._by_lines(16, 3, 3, 28)
-
-
 # --------------------------------------------------------------------------- convolution
 
 @pytest.fixture
 def many_small_pieces(monkeypatch):
-    """One image per chunk, two chunk groups, work split across threads even for tiny inputs."""
-    monkeypatch.setattr(nb, "CHUNK_BYTES", 1)
-    monkeypatch.setattr(nb, "SUM_GROUPS", 2)
+    """Two image groups in backward, work split across three threads even for tiny inputs."""
+    monkeypatch.setattr(_plan, "DW_GROUPS", 2)
+    _plan._conv_plan.cache_clear()  # plans are remembered
     monkeypatch.setattr(nb, "MIN_ELEMENTS_PER_THREAD", 1)
     monkeypatch.setenv("FASTCONV_NUM_THREADS", "3")
+    yield
+    _plan._conv_plan.cache_clear()
 
 
 def conv_case(geometry, dtype, rng, n_filters=3):
@@ -245,51 +141,24 @@ def test_convolution_in_one_piece(geometry, dtype, rng, numba_backend):
     assert_conv_matches_reference(*conv_case(geometry, dtype, rng))
 
 
-@pytest.mark.parametrize("per_image_dw", [False, True])
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=IDS)
-def test_dw_as_one_product_or_as_per_image_products(geometry, per_image_dw, dtype, rng, numba_backend, monkeypatch):
-    monkeypatch.setattr(nb, "PER_IMAGE_DW_MAX_TAPS", 10**6 if per_image_dw else 0)
-    assert_conv_matches_reference(*conv_case(geometry, dtype, rng))
-
-
-@pytest.mark.parametrize("geometry", GEOMETRIES, ids=IDS)
-def test_convolution_cut_into_chunks_groups_and_threads(geometry, dtype, rng, numba_backend, many_small_pieces):
+def test_convolution_cut_into_groups_and_threads(geometry, dtype, rng, numba_backend, many_small_pieces):
     x, Wt, b, dout, stride, pad = conv_case(geometry, dtype, rng)
-    x, dout = np.concatenate([x] * 3), np.concatenate([dout] * 3)  # enough images for several chunks per group
+    x, dout = np.concatenate([x] * 3), np.concatenate([dout] * 3)  # several images per group
     cache = assert_conv_matches_reference(x, Wt, b, dout, stride, pad)
-    assert len(cache.plan.groups) == 2 and all(len(group) > 1 for group in cache.plan.groups)
-    assert cache.plan.threads == 2
+    assert cache.plan.direct == (stride == 1 and pad < min(geometry[4:6]))
+    assert not cache.plan.direct or cache.plan.groups == 2
 
 
-@pytest.mark.parametrize("geometry", GEOMETRIES, ids=IDS)
-def test_products_in_column_pieces(geometry, dtype, rng, numba_backend, monkeypatch):
-    """Every product cut into pieces of at most 3 columns (windows), an uneven split for most shapes."""
-    monkeypatch.setattr(nb, "GEMM_COLUMNS", 3)
-    x, Wt, b, dout, stride, pad = conv_case(geometry, dtype, rng)
-    assert_conv_matches_reference(np.concatenate([x] * 2), Wt, b, np.concatenate([dout] * 2), stride, pad)
-
-
-def test_convolution_of_large_same_size_planes_uses_the_long_copies(dtype, rng, numba_backend):
-    geometry = (3, 2, 12, 12, 3, 3, 1, 1)  # 144-cell planes
-    assert nb._long_copies(geometry[:4], 3, 3, 1, 1)
-    assert_conv_matches_reference(*conv_case(geometry, dtype, rng))
-
-
-def test_per_image_dw_summed_over_several_chunks_of_a_group(dtype, rng, numba_backend, monkeypatch):
-    geometry = (6, 1, 5, 5, 3, 3, 1, 1)  # 9 taps
-    monkeypatch.setattr(nb, "CHUNK_BYTES", 2 * 9 * 25 * np.dtype(dtype).itemsize)  # two images per chunk
-    monkeypatch.setattr(nb, "SUM_GROUPS", 1)
-    cache = assert_conv_matches_reference(*conv_case(geometry, dtype, rng))
-    assert cache.plan.groups == [[(0, 2, 0, 5), (2, 4, 0, 5), (4, 6, 0, 5)]]
-
-
-def test_convolution_exposes_the_books_col_and_col_W(rng, numba_backend):
-    x, Wt, b, _, stride, pad = conv_case(GEOMETRIES[2], np.float64, rng)
+@pytest.mark.parametrize("geometry", [GEOMETRIES[0], GEOMETRIES[2]], ids=["direct", "unfolded"])
+def test_convolution_exposes_the_books_col_and_col_W(geometry, rng, numba_backend):
+    x, Wt, b, _, stride, pad = conv_case(geometry, np.float64, rng)
     _, cache = kernels.conv_forward(x, Wt, b, stride, pad)
-    np.testing.assert_array_equal(cache.col, reference.im2col(x, 3, 3, stride, pad))
+    expected = reference.im2col(x, 3, 3, stride, pad)
+    x[...] = np.nan  # the caller's array may change after forward
+    np.testing.assert_array_equal(cache.col, expected)
     np.testing.assert_array_equal(cache.col_W, Wt.reshape(3, -1).T)
     assert cache.col is cache.col  # made once
-    assert (cache.x_shape, cache.dtype, cache.out_hw) == (x.shape, x.dtype, (4, 3))
 
 
 def test_work_is_not_held_up_by_a_busy_thread():
@@ -358,47 +227,7 @@ def test_a_forked_child_gets_working_threads(rng, numba_backend, two_threads):
     assert answer == b"ok"
 
 
-def test_plan_depends_on_sizes_not_on_threads(monkeypatch):
-    plans = []
-    for threads in ("1", "2", "5"):
-        monkeypatch.setenv("FASTCONV_NUM_THREADS", threads)
-        plans.append(nb._ConvPlan(100, 144, 28, 28, 4))
-    assert all(p.groups == plans[0].groups for p in plans)
-    assert [p.threads for p in plans] == [1, 2, 5]
-    pieces = [piece for group in plans[0].groups for piece in group]
-    assert pieces[0] == (0, plans[0].images_per_chunk, 0, 28) and pieces[-1][1] == 100
-    assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))  # contiguous, in order
-    assert [tuple(p) for p in plans[0].pieces.tolist()] == pieces  # what the kernels get
-
-
-def test_large_images_are_cut_into_lines_in_order_when_tiling_is_on(monkeypatch):
-    monkeypatch.setattr(nb, "TILE_BYTES", 144 * 28 * 4 * 5)  # five lines of windows
-    plan = nb._ConvPlan(3, 144, 28, 28, 4)
-    assert plan.images_per_chunk == 1 and plan.columns == 5 * 28
-    pieces = [tuple(p) for p in plan.pieces.tolist()]
-    assert pieces == [(n, n + 1, a, min(a + 5, 28)) for n in range(3) for a in range(0, 28, 5)]
-    assert plan.chunk_bounds == [0, 6, 12, 18]  # a chunk: the pieces of one image
-    assert nb._ConvPlan(3, 144, 8, 8, 4).pieces.tolist() == [[0, 3, 0, 8]]  # too few columns to cut
-
-
-@pytest.mark.parametrize("geometry", [(3, 2, 12, 12, 3, 3, 1, 1), (3, 2, 11, 12, 3, 2, 2, 2)],
-                         ids=["long_copies", "padded_plane"])
-@pytest.mark.parametrize("lines", [1, 3])
-def test_convolution_cut_into_lines(geometry, lines, dtype, rng, numba_backend, monkeypatch):
-    N, C, H, W, fh, fw, stride, pad = geometry
-    monkeypatch.setattr(nb, "TILE_BYTES", lines * C * fh * fw * out_size(W, fw, stride, pad) * np.dtype(dtype).itemsize)
-    monkeypatch.setattr(nb, "TILE_MIN_COLUMNS", 1)
-    monkeypatch.setattr(nb, "SUM_GROUPS", 2)
-    monkeypatch.setenv("FASTCONV_NUM_THREADS", "2")
-    monkeypatch.setattr(nb, "MIN_ELEMENTS_PER_THREAD", 1)
-    cache = assert_conv_matches_reference(*conv_case(geometry, dtype, rng))
-    out_h = out_size(H, fh, stride, pad)
-    assert [tuple(p)[2:] for p in cache.plan.pieces.tolist()][:-(-out_h // lines)] == line_ranges(out_h, lines)
-    assert cache.plan.threads == 2
-
-
 def test_results_do_not_depend_on_the_thread_count(rng, numba_backend, monkeypatch):
-    monkeypatch.setattr(nb, "CHUNK_BYTES", 1)
     monkeypatch.setattr(nb, "MIN_ELEMENTS_PER_THREAD", 1)
     x, Wt, b, dout, stride, pad = conv_case((9, 2, 6, 6, 3, 3, 1, 1), np.float32, rng, n_filters=4)
     results = []
@@ -418,7 +247,6 @@ def test_results_do_not_depend_on_the_thread_count(rng, numba_backend, monkeypat
 @pytest.fixture
 def two_threads(monkeypatch):
     monkeypatch.setenv("FASTCONV_NUM_THREADS", "2")
-    monkeypatch.setattr(nb, "CHUNK_BYTES", 1)
     monkeypatch.setattr(nb, "MIN_ELEMENTS_PER_THREAD", 1)
 
 
@@ -427,10 +255,11 @@ def test_workspace_is_reused_and_outputs_are_never_overwritten(rng, numba_backen
     out1, cache1 = kernels.conv_forward(x, Wt, b, stride, pad)
     dx1, dW1, db1 = kernels.conv_backward(dout, cache1, Wt)
     kept = [a.copy() for a in (out1, dx1, dW1, db1)]
+    packed, forward_buffers = cache1.packed, [id(a) for a in cache1.scratch["forward"]]
     out2, cache2 = kernels.conv_forward(2 * x, Wt, b, stride, pad, workspace=cache1)
     dx2, _, _ = kernels.conv_backward(dout, cache2, Wt)
-    assert len(cache1.scratch) == 2
-    assert [id(s) for s in cache2.scratch] == [id(s) for s in cache1.scratch]
+    assert cache2.packed is packed and len(cache2.scratch["forward"]) == 2
+    assert [id(a) for a in cache2.scratch["forward"]] == forward_buffers
     assert out2 is not out1 and dx2 is not dx1
     for a, b_ in zip((out1, dx1, dW1, db1), kept):
         np.testing.assert_array_equal(a, b_)
@@ -526,7 +355,8 @@ def test_import_compiles_nothing():
     result = run_python("""
         import fastconv.backends.numba as backend
         from numba.core.registry import CPUDispatcher
-        jitted = [f for f in vars(backend._k).values() if isinstance(f, CPUDispatcher)]
+        jitted = [f for module in (backend._k, backend._direct) for f in vars(module).values()
+                  if isinstance(f, CPUDispatcher)]
         print(len(jitted), sum(len(f.signatures) for f in jitted))
     """)
     count, compiled = map(int, result.stdout.split())
@@ -648,7 +478,7 @@ def test_compiled_kernels_stay_inside_their_arrays(tmp_path):
         import numpy as np
         import fastconv
         from fastconv import kernels
-        from fastconv.backends import numba as nb
+        from fastconv.backends import _numba_direct as direct
         geometries = {GEOMETRIES!r}
         rng = np.random.default_rng(0)
         with fastconv.use_backend("numba"):
@@ -656,8 +486,8 @@ def test_compiled_kernels_stay_inside_their_arrays(tmp_path):
                 for dtype in (np.float32, np.float64):
                     x = rng.standard_normal((N, C, H, W)).astype(dtype)
                     Wt = rng.standard_normal((2, C, fh, fw)).astype(dtype)
-                    for tile_bytes, gemm_columns in ((0, 512), (1, 2)):  # whole images; one line, 2-column products
-                        nb.TILE_BYTES, nb.TILE_MIN_COLUMNS, nb.GEMM_COLUMNS = tile_bytes, 1, gemm_columns
+                    for variant in ("avx512", "avx2", "generic"):  # every tile shape and width
+                        direct.VARIANT = variant
                         out, cache = kernels.conv_forward(x, Wt, np.zeros(2, dtype), stride, pad)
                         kernels.conv_backward(np.ones_like(out), cache, Wt)
                     kernels.col2im(kernels.im2col(x, fh, fw, stride, pad), x.shape, fh, fw, stride, pad)
@@ -669,43 +499,3 @@ def test_compiled_kernels_stay_inside_their_arrays(tmp_path):
         print("ok")
     """, NUMBA_BOUNDSCHECK="1", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
     assert result.stdout.strip() == "ok"
-
-
-# --------------------------------------------------------------------------- BLAS from jitted code
-
-@pytest.mark.parametrize("trans_a", ["N", "T"])
-@pytest.mark.parametrize("trans_b", ["N", "T"])
-@pytest.mark.parametrize("beta", [0.0, 1.0])
-def test_gemm_on_column_major_blocks_with_leading_dimensions(trans_a, trans_b, beta, dtype, rng):
-    """c = op(a) @ op(b) + beta*c on Fortran-order blocks inside larger flat buffers, as the convolution
-    loops call it (JIT on: SciPy's BLAS; JIT off: the NumPy stand-in)."""
-    from fastconv.backends import _numba_conv as conv
-    m, n, kk, spare = 5, 4, 3, 2
-    op_a = rng.standard_normal((m, kk)).astype(dtype)
-    op_b = rng.standard_normal((kk, n)).astype(dtype)
-    c0 = rng.standard_normal((m, n)).astype(dtype)
-
-    def stored(matrix, transposed):
-        """matrix (or its transpose) column-major in a flat buffer, leading dimension rows + spare."""
-        block = matrix.T if transposed else matrix
-        rows, cols = block.shape
-        flat = np.full((rows + spare) * cols, np.nan, dtype=dtype)
-        flat.reshape(cols, rows + spare)[:, :rows] = block.T
-        return flat, rows + spare
-
-    a, lda = stored(op_a, trans_a == "T")
-    b, ldb = stored(op_b, trans_b == "T")
-    c, ldc = stored(c0, False)
-    conv.gemm(ord(trans_a), ord(trans_b), m, n, kk, a, lda, b, ldb, beta, c, ldc)
-    got = c.reshape(n, ldc)[:, :m].T
-    assert_close_to_reference(got, op_a @ op_b + beta * c0)
-    assert np.isnan(c.reshape(n, ldc)[:, m:]).all()  # the rows between blocks are not written
-
-
-def test_the_import_error_names_scipy_when_its_blas_is_missing(monkeypatch):
-    import importlib.util
-    from fastconv.backends import _numba_conv as conv
-    monkeypatch.setitem(sys.modules, "scipy.linalg.cython_blas", None)
-    spec = importlib.util.spec_from_file_location("numba_conv_without_scipy", conv.__file__)
-    with pytest.raises(ImportError, match="the numba backend needs SciPy for its BLAS"):
-        spec.loader.exec_module(importlib.util.module_from_spec(spec))

@@ -16,13 +16,9 @@ writable, else in the user's cache directory (Numba's own fallback, e.g.
 ``~/.cache/numba`` for a read-only install), or in ``NUMBA_CACHE_DIR`` when
 set. With no writable place at all the kernels still work, uncached.
 
-Two layouts of the window matrix appear here:
-
-- the book's ``col``: shape (N*out_h*out_w, C*fh*fw), one window per row;
-- ``colT``, the transpose for images [n0, n1): shape
-  (C*fh*fw, (n1-n0)*out_h*out_w). Its row for one filter tap (c, ky, kx)
-  holds what that tap sees in every window: for stride 1 a sequence of
-  shifted image rows, cheap to fill and to fold back.
+The convolutions' kernels are in ``_numba_direct``; ``im2col_lines`` and
+``col2im_lines`` make and fold the book's ``col`` (shape
+(N*out_h*out_w, C*fh*fw), one window per row) for the kernel interface.
 """
 import warnings
 
@@ -78,235 +74,10 @@ def _zero_images(flat, n0, n1, image_size):
         flat[_ix(j)] = 0
 
 
-@_inlined
-def im2col_t_same_size(x, fh, fw, pad, colT, n0, n1, oy0, oy1):
-    """colT[(c, ky, kx), (n - n0, oy - oy0, ox)] = x[n, c, oy - pad + ky, ox - pad + kx] (0 in the padding)
-    for output lines [oy0, oy1), when the output has the input's size (stride 1, pad = (f - 1) / 2).
-
-    Then a tap's view of an image is the image shifted by a constant offset:
-    one long copy per tap and image, after which the columns that wrapped
-    around from the neighbouring row are zeroed.
-    """
-    _, C, H, W = x.shape
-    hw = H * W
-    cells = (oy1 - oy0) * W  # of one image in a row of colT
-    width = colT.shape[1]
-    src = x.reshape(-1)
-    dst = colT.reshape(-1)
-    for c in range(C):
-        for ky in range(fh):
-            # lines [oy_lo, oy_hi) of the range, and columns [lo, hi), see the image, not the padding
-            oy_lo, oy_hi = _valid_span(H, H, ky, 1, pad)
-            oy_lo = min(max(oy_lo, oy0), oy1)
-            oy_hi = max(min(oy_hi, oy1), oy_lo)
-            for kx in range(fw):
-                lo, hi = _valid_span(W, W, kx, 1, pad)
-                shift = (ky - pad) * W + (kx - pad)
-                # cells [j_lo, j_hi) of the image's block are copied, the rest of [oy0*W, oy1*W) is padding
-                j_lo = min(max(oy_lo * W, -shift), oy1 * W)
-                j_hi = max(min(oy_hi * W, hw - shift), j_lo)
-                row = ((c * fh + ky) * fw + kx) * width
-                for i in range(n1 - n0):
-                    d = row + i * cells - oy0 * W  # cell j of the image goes to d + j
-                    s = ((n0 + i) * C + c) * hw + shift
-                    for j in range(oy0 * W, j_lo):
-                        dst[_ix(d + j)] = 0
-                    for j in range(j_hi - j_lo):
-                        dst[_ix(d + j_lo + j)] = src[_ix(s + j_lo + j)]
-                    for j in range(j_hi, oy1 * W):
-                        dst[_ix(d + j)] = 0
-                    if lo > 0 or hi < W:
-                        for oy in range(oy_lo, oy_hi):
-                            for ox in range(lo):
-                                dst[_ix(d + oy * W + ox)] = 0
-                            for ox in range(hi, W):
-                                dst[_ix(d + oy * W + ox)] = 0
-
-
-@_inlined
-def im2col_t_padded(x, fh, fw, stride, pad, colT, n0, n1, oy0, oy1, plane):
-    """colT[(c, ky, kx), (n - n0, oy - oy0, ox)] = x[n, c, oy*stride - pad + ky, ox*stride - pad + kx], 0 in
-    the padding, for output lines [oy0, oy1) and any geometry, through a zero-padded copy of each image plane.
-
-    ``plane`` is scratch of (H + 2*pad) * (W + 2*pad) elements. With the
-    padding in place every window line is a plain (strided) copy with no
-    bounds to work out: faster on small planes, where the bounds and zeroing
-    of the other kernels cost more than the copying. Only the input rows that
-    the lines read are copied into it.
-    """
-    _, C, H, W = x.shape
-    Hp = H + 2 * pad
-    Wp = W + 2 * pad
-    out_w = (Wp - fw) // stride + 1
-    cells = (oy1 - oy0) * out_w
-    width = colT.shape[1]
-    y_first = max(oy0 * stride - pad, 0)
-    y_end = min((oy1 - 1) * stride - pad + fh, H)
-    src = x.reshape(-1)
-    dst = colT.reshape(-1)
-    padded = plane.reshape(-1)
-    for j in range(Hp * Wp):  # the border stays 0; the interior is overwritten plane by plane
-        padded[_ix(j)] = 0
-    for i in range(n1 - n0):
-        for c in range(C):
-            s = ((n0 + i) * C + c) * H * W
-            for y in range(y_first, y_end):
-                for j in range(W):
-                    padded[_ix((y + pad) * Wp + pad + j)] = src[_ix(s + y * W + j)]
-            for ky in range(fh):
-                for kx in range(fw):
-                    d = ((c * fh + ky) * fw + kx) * width + i * cells
-                    for oy in range(oy0, oy1):
-                        q = (oy * stride + ky) * Wp + kx
-                        e = d + (oy - oy0) * out_w
-                        if stride == 1:
-                            for j in range(out_w):
-                                dst[_ix(e + j)] = padded[_ix(q + j)]
-                        else:
-                            for j in range(out_w):
-                                dst[_ix(e + j)] = padded[_ix(q + j * stride)]
-
-
-@_inlined
-def col2im_t_padded(colT, fh, fw, stride, pad, dx, n0, n1, oy0, oy1, plane):
-    """``col2im_t`` through a padded plane (scratch as in ``im2col_t_padded``), added into dx without its border."""
-    _, C, H, W = dx.shape
-    Hp = H + 2 * pad
-    Wp = W + 2 * pad
-    out_w = (Wp - fw) // stride + 1
-    cells = (oy1 - oy0) * out_w
-    width = colT.shape[1]
-    py0 = oy0 * stride  # padded rows [py0, py1) receive the lines' taps
-    py1 = (oy1 - 1) * stride + fh
-    src = colT.reshape(-1)
-    dst = dx.reshape(-1)
-    padded = plane.reshape(-1)
-    if oy0 == 0:
-        _zero_images(dst, n0, n1, C * H * W)
-    for i in range(n1 - n0):
-        for c in range(C):
-            for j in range(py0 * Wp, py1 * Wp):
-                padded[_ix(j)] = 0
-            for ky in range(fh):
-                for kx in range(fw):
-                    s = ((c * fh + ky) * fw + kx) * width + i * cells
-                    for oy in range(oy0, oy1):
-                        q = (oy * stride + ky) * Wp + kx
-                        e = s + (oy - oy0) * out_w
-                        if stride == 1:
-                            for j in range(out_w):
-                                padded[_ix(q + j)] += src[_ix(e + j)]
-                        else:
-                            for j in range(out_w):
-                                padded[_ix(q + j * stride)] += src[_ix(e + j)]
-            d = ((n0 + i) * C + c) * H * W
-            for y in range(max(py0 - pad, 0), min(py1 - pad, H)):
-                for j in range(W):
-                    dst[_ix(d + y * W + j)] += padded[_ix((y + pad) * Wp + pad + j)]
-
-
-@_inlined
-def col2im_t(colT, fh, fw, stride, pad, dx, n0, n1, oy0, oy1):
-    """dx[n0:n1] += the adjoint of unfolding output lines [oy0, oy1): every tap added back to its pixel,
-    padding dropped. The images are zeroed first when the range starts at line 0.
-    """
-    _, C, H, W = dx.shape
-    images = n1 - n0
-    lines = oy1 - oy0
-    width = colT.shape[1]
-    out_w = (W + 2 * pad - fw) // stride + 1
-    src = colT.reshape(-1)
-    dst = dx.reshape(-1)
-    if oy0 == 0:
-        _zero_images(dst, n0, n1, C * H * W)
-    for c in range(C):
-        for ky in range(fh):
-            for kx in range(fw):
-                row = ((c * fh + ky) * fw + kx) * width
-                lo, hi = _valid_span(out_w, W, kx, stride, pad)
-                for i in range(images):
-                    plane = ((n0 + i) * C + c) * H * W
-                    for oy in range(oy0, oy1):
-                        y = oy * stride - pad + ky
-                        if y < 0 or y >= H:
-                            continue
-                        s = row + (i * lines + oy - oy0) * out_w + lo
-                        d = plane + y * W + lo * stride + kx - pad
-                        if stride == 1:
-                            for j in range(hi - lo):
-                                dst[_ix(d + j)] += src[_ix(s + j)]
-                        else:
-                            for j in range(hi - lo):
-                                dst[_ix(d + j * stride)] += src[_ix(s + j)]
-
-
-@_kernel
-def im2col_rows(x, fh, fw, stride, pad, col, n0, n1):
-    """The book's ``col`` rows of images [n0, n1): col[(n, oy, ox), (c, ky, kx)]."""
-    _, C, H, W = x.shape
-    out_h = (H + 2 * pad - fh) // stride + 1
-    out_w = (W + 2 * pad - fw) // stride + 1
-    src = x.reshape(-1)
-    dst = col.reshape(-1)
-    taps = C * fh * fw
-    for n in range(n0, n1):
-        for oy in range(out_h):
-            for ox in range(out_w):
-                d = ((n * out_h + oy) * out_w + ox) * taps
-                lo = min(max(pad - ox * stride, 0), fw)  # taps kx in [lo, hi) fall inside the image
-                hi = max(min(W + pad - ox * stride, fw), lo)
-                for c in range(C):
-                    for ky in range(fh):
-                        y = oy * stride - pad + ky
-                        e = d + (c * fh + ky) * fw
-                        if y < 0 or y >= H:
-                            for kx in range(fw):
-                                dst[_ix(e + kx)] = 0
-                            continue
-                        s = ((n * C + c) * H + y) * W + ox * stride - pad
-                        for kx in range(lo):
-                            dst[_ix(e + kx)] = 0
-                        for kx in range(lo, hi):
-                            dst[_ix(e + kx)] = src[_ix(s + kx)]
-                        for kx in range(hi, fw):
-                            dst[_ix(e + kx)] = 0
-
-
-@_kernel
-def col2im_rows(col, fh, fw, stride, pad, dx, n0, n1):
-    """dx[n0:n1] = the adjoint of ``im2col_rows`` (taps of overlapping windows are summed)."""
-    _, C, H, W = dx.shape
-    out_h = (H + 2 * pad - fh) // stride + 1
-    out_w = (W + 2 * pad - fw) // stride + 1
-    src = col.reshape(-1)
-    dst = dx.reshape(-1)
-    taps = C * fh * fw
-    _zero_images(dst, n0, n1, C * H * W)
-    for n in range(n0, n1):
-        for oy in range(out_h):
-            for ox in range(out_w):
-                s = ((n * out_h + oy) * out_w + ox) * taps
-                lo = max(pad - ox * stride, 0)
-                hi = min(W + pad - ox * stride, fw)
-                for c in range(C):
-                    for ky in range(fh):
-                        y = oy * stride - pad + ky
-                        if y < 0 or y >= H:
-                            continue
-                        e = s + (c * fh + ky) * fw
-                        d = ((n * C + c) * H + y) * W + ox * stride - pad
-                        for kx in range(lo, hi):
-                            dst[_ix(d + kx)] += src[_ix(e + kx)]
-
-
 @_kernel
 def im2col_lines(x, fh, fw, stride, pad, col, n0, n1):
-    """The same rows as ``im2col_rows``, filled one output line and one tap at a time.
-
-    The inner loop runs along the line's windows (stores ``taps`` apart), not
-    along a filter row: faster when a window has few taps (the network's
-    first layer: 9), slower when it has many.
-    """
+    """The book's ``col`` rows of images [n0, n1): col[(n, oy, ox), (c, ky, kx)], filled one output line
+    and one tap at a time (the inner loop runs along the line's windows, stores ``taps`` apart)."""
     _, C, H, W = x.shape
     out_h = (H + 2 * pad - fh) // stride + 1
     out_w = (W + 2 * pad - fw) // stride + 1
@@ -337,7 +108,7 @@ def im2col_lines(x, fh, fw, stride, pad, col, n0, n1):
 
 @_kernel
 def col2im_lines(col, fh, fw, stride, pad, dx, n0, n1):
-    """``col2im_rows`` in the loop order of ``im2col_lines``."""
+    """dx[n0:n1] = the adjoint of ``im2col_lines`` (taps of overlapping windows are summed)."""
     _, C, H, W = dx.shape
     out_h = (H + 2 * pad - fh) // stride + 1
     out_w = (W + 2 * pad - fw) // stride + 1
@@ -362,25 +133,6 @@ def col2im_lines(col, fh, fw, stride, pad, dx, n0, n1):
 
 
 @_inlined
-def add_bias_to_nchw(rows, b, out, n0, n1):
-    """out[n, f, :] = rows[f, (n - n0) block] + b[f] for images [n0, n1); ``rows`` is (F, (n1-n0)*hw).
-
-    ``rows`` may be ``out[n0]`` itself (one image): each cell is read before it is written.
-    """
-    _, F, hw = out.shape
-    width = rows.shape[1]
-    src = rows.reshape(-1)
-    dst = out.reshape(-1)
-    for i in range(n1 - n0):
-        for f in range(F):
-            s = f * width + i * hw
-            d = ((n0 + i) * F + f) * hw
-            bias = b[f]
-            for p in range(hw):
-                dst[_ix(d + p)] = src[_ix(s + p)] + bias
-
-
-@_inlined
 def row_sum(flat, start, count):
     """flat[start:start + count].sum() in float64, with four running sums: independent additions pipeline."""
     t0 = t1 = t2 = t3 = 0.0
@@ -394,26 +146,6 @@ def row_sum(flat, start, count):
     for q in range(p, count):
         t0 += flat[_ix(start + q)]
     return (t0 + t1) + (t2 + t3)
-
-
-@_inlined
-def nchw_to_rows(dout, rows, db, n0, n1):
-    """rows[f, (n - n0) block] = dout[n, f, :] for images [n0, n1), and db[f] += their sum.
-
-    ``db`` is float64: the bias gradient then barely depends on how the batch
-    is cut, and is at least as accurate as the reference's.
-    """
-    _, F, hw = dout.shape
-    width = rows.shape[1]
-    src = dout.reshape(-1)
-    dst = rows.reshape(-1)
-    for i in range(n1 - n0):
-        for f in range(F):
-            s = ((n0 + i) * F + f) * hw
-            d = f * width + i * hw
-            for p in range(hw):
-                dst[_ix(d + p)] = src[_ix(s + p)]
-            db[f] += row_sum(src, s, hw)
 
 
 @_inlined

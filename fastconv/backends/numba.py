@@ -1,22 +1,22 @@
-"""The numba backend: jitted loops for convolution, pooling and ReLU; the convolutions call SciPy's BLAS.
+"""The numba backend: jitted loops for convolution, pooling and ReLU.
 
 Threading: the jitted kernels are serial and release the GIL; this module
-cuts the batch into contiguous ranges of images (ReLU: of elements) and runs
-one kernel call per range on a small pool of Python threads
-(``get_num_threads()`` in all, the calling thread included), each thread
-taking the next range left. A range writes only its own images, so no two
-threads ever add into the same memory. Convolutions run their matrix
-products inside those threads with the BLAS held to one thread (restored
-afterwards): two thread pools taking turns, a multi-threaded BLAS and a
-parallel kernel runtime, spin-wait against each other and lose several times
-their speed.
+runs one kernel call per thread on a small pool of Python threads
+(``get_num_threads()`` in all, the calling thread included). Pooling and
+ReLU cut the batch into contiguous ranges of images (ReLU: of elements),
+each thread taking the next range left; the convolutions' kernels take their
+images (forward) or image groups (backward) from a shared counter inside the
+compiled code. A task writes only its own images, so no two threads ever
+add into the same memory. Nothing spins while waiting: idle pool threads
+sleep on a queue, and no environment variable or other library's thread
+pool is touched (the unfolded convolutions and the affine products hold the
+BLAS to one thread while they run, restoring it afterwards).
 
-Convolution never builds the book's batch-sized ``col``: each thread unfolds
-a few images at a time into a buffer sized for the CPU cache and multiplies
-it there, a whole chunk of images in one jitted call (``_numba_conv``), and
-the backward pass unfolds the input again rather than reading a stored
-copy. The book's ``col`` and ``col_W`` stay available as cache attributes
-computed on first access.
+Convolutions use the direct kernels of ``_numba_direct`` with the plan of
+``fastconv._plan`` (shared with the cython backend); geometries that plan
+does not take (stride > 1, pad of the filter size or more) use the book's
+unfolded product. The book's ``col`` and ``col_W`` stay available as cache
+attributes, ``col`` computed on first access.
 
 Buffers: outputs (``out``, ``dx``, ``dW``, ``db``, ``mask``, ``col``,
 ``arg_max``) are always new arrays, since the caller may keep them. Scratch
@@ -25,9 +25,9 @@ next forward call of the same layer (its previous cache comes back as
 ``workspace``) when their shapes and dtype still fit; otherwise they are
 allocated anew.
 
-Results do not depend on the number of threads: the images are cut into
-chunks by a rule that ignores the thread count, and the convolution
-gradients are summed over a fixed sequence of chunk groups, in order.
+Results do not depend on the number of threads: a convolution computes each
+image the same way whichever thread takes it, and sums its gradients over a
+fixed sequence of image groups, in order.
 """
 import os
 import threading
@@ -40,36 +40,15 @@ try:
 except Exception as exc:  # a broken install can raise more than ImportError
     raise ImportError(f"the numba backend needs a working numba (pip install numba): {exc}") from exc
 
+from fastconv import _plan
+from fastconv._checks import output_size as _out_size
 from fastconv._threads import get_num_threads
-from fastconv.backends import _numba_conv as _conv
+from fastconv.backends import _numba_direct as _direct
 from fastconv.backends import _numba_kernels as _k
 from fastconv.backends._blas import affine_backward, affine_forward  # noqa: F401  (part of the interface)
 from fastconv.backends._blas import single_threaded_blas as _single_threaded_blas
 
 NAME = "numba"
-
-# Bytes of unfolded windows one thread handles at a time (rounded to whole
-# images): small enough to stay in a core's cache between being written and
-# multiplied, large enough for the products to run near full speed (1 MiB was
-# the best of 256 KiB to 2 MiB for the chapter-8 network on a 2-core EPYC).
-CHUNK_BYTES = 1 << 20
-
-# An image whose windows make a product of at least TILE_MIN_COLUMNS columns
-# and take more than TILE_BYTES can be unfolded and multiplied a few output
-# lines at a time (0: whole images). Off: unlike the cython backend's, these
-# pieces made the chapter-8 network's second layer slower (float64, 2
-# threads: forward 10.2 ms in 128 KB pieces against 8.6 ms whole).
-TILE_BYTES = 0
-TILE_MIN_COLUMNS = 256
-
-# Products wider than this many columns (windows) are computed in pieces:
-# OpenBLAS multiplies the second layer's (16, 144) filters into 392 columns
-# at once faster than into 784 (float64, 2 threads: forward 6.0 ms against
-# 7.0 ms; float32: 3.4 ms against 5.2 ms).
-GEMM_COLUMNS = 512
-
-# Convolution backward sums dW and db over at most this many chunk groups.
-SUM_GROUPS = 16
 
 # Below this many elements per thread a kernel runs on the calling thread only.
 MIN_ELEMENTS_PER_THREAD = 1 << 15
@@ -155,205 +134,170 @@ def _split(kernel, count, elements_per_item, *args):
     _workers.run([drain] * threads)
 
 
-def _out_size(size, window, stride, pad):
-    return (size + 2 * pad - window) // stride + 1
-
-
 # --------------------------------------------------------------------------- im2col / col2im
-
-def _by_lines(channels, filter_h, filter_w, out_w):
-    """Whether the line-ordered loops suit: windows with no more taps than a line has windows."""
-    return channels * filter_h * filter_w <= out_w
-
 
 def im2col(x, filter_h, filter_w, stride, pad):
     N, C, H, W = x.shape
-    out_w = _out_size(W, filter_w, stride, pad)
-    out_hw = _out_size(H, filter_h, stride, pad) * out_w
+    out_hw = _out_size(H, filter_h, stride, pad) * _out_size(W, filter_w, stride, pad)
     col = np.empty((N * out_hw, C * filter_h * filter_w), dtype=x.dtype)
-    kernel = _k.im2col_lines if _by_lines(C, filter_h, filter_w, out_w) else _k.im2col_rows
-    _split(kernel, N, col.size // max(N, 1), x, filter_h, filter_w, stride, pad, col)
+    _split(_k.im2col_lines, N, col.size // max(N, 1), x, filter_h, filter_w, stride, pad, col)
     return col
 
 
 def col2im(col, x_shape, filter_h, filter_w, stride, pad):
-    N, C, _, W = x_shape
-    out_w = _out_size(W, filter_w, stride, pad)
+    N = x_shape[0]
     x = np.empty(x_shape, dtype=col.dtype)
-    kernel = _k.col2im_lines if _by_lines(C, filter_h, filter_w, out_w) else _k.col2im_rows
-    _split(kernel, N, col.size // max(N, 1), col, filter_h, filter_w, stride, pad, x)
+    _split(_k.col2im_lines, N, col.size // max(N, 1), col, filter_h, filter_w, stride, pad, x)
     return x
 
 
 # --------------------------------------------------------------------------- convolution
 
-class _ConvPlan:
-    """How a batch is cut: pieces of work, chunks of pieces, groups of chunks, and how many threads.
+class ConvCache:
+    """What convolution backward needs: the plan, a private copy of the input, and reusable buffers.
 
-    A piece (n0, n1, oy0, oy1) is images [n0, n1) and output lines
-    [oy0, oy1). Images small enough come several to a piece (all lines, about
-    ``CHUNK_BYTES`` of windows); an image that alone makes a wide enough
-    product and has more than ``TILE_BYTES`` of windows is cut into pieces of
-    a few lines each. A chunk is one piece of several images, or the pieces of
-    one image. Forward hands out chunks; backward hands out groups, and sums
-    dW and db per group, in order, then over the groups: the result depends on
-    the sizes, never on the number of threads. Threads take the next
-    unprocessed chunk or group until none is left, so a thread that the OS
-    puts aside for a while (other processes) delays nobody.
+    Direct kernels keep the forward's padded input planes (``packed``);
+    other geometries keep the book's ``col``. Either way backward never reads
+    the caller's ``x``, which may change in place after forward. The next
+    forward call of the same layer takes the buffers over (this cache then
+    refuses backward).
     """
 
-    def __init__(self, n_images, taps, out_h, out_w, itemsize):
-        image_bytes = taps * out_h * out_w * itemsize
-        lines = out_h
-        if 0 < TILE_BYTES < image_bytes and out_h * out_w >= TILE_MIN_COLUMNS:
-            self.images_per_chunk = 1
-            lines = max(1, min(out_h, TILE_BYTES // (taps * out_w * itemsize)))
-        else:
-            self.images_per_chunk = max(1, min(n_images, CHUNK_BYTES // max(image_bytes, 1)))
-        chunks = [[(n0, min(n0 + self.images_per_chunk, n_images), oy0, min(oy0 + lines, out_h))
-                   for oy0 in range(0, out_h, lines)]
-                  for n0 in range(0, n_images, self.images_per_chunk)]
-        n_groups = min(len(chunks), SUM_GROUPS)
-        self.groups = [[piece for chunk in chunks[a:z] for piece in chunk] for a, z in _spans(len(chunks), n_groups)]
-        self.pieces = np.array([piece for group in self.groups for piece in group], dtype=np.int64).reshape(-1, 4)
-        self.chunk_bounds = np.cumsum([0] + [len(chunk) for chunk in chunks]).tolist()
-        self.group_bounds = np.cumsum([0] + [len(group) for group in self.groups]).tolist()
-        self.columns = self.images_per_chunk * lines * out_w  # of the widest piece
-        self.threads = max(1, min(n_groups, _thread_count(n_images, taps * out_h * out_w)))
+    __slots__ = ("plan", "stride", "pad", "x_shape", "dtype", "out_hw", "packed", "scratch", "_col", "_col_W")
 
-    def run(self, bounds, work, scratch):
-        """``work(i, p0, p1, buffers)`` for every range i of pieces [bounds[i], bounds[i + 1]), on
-        ``len(scratch)`` threads, each with its own buffers."""
-        ranges = iter(range(len(bounds) - 1))  # next() on it is atomic: it runs holding the GIL
-
-        def drain(buffers):
-            for i in ranges:
-                work(i, bounds[i], bounds[i + 1], buffers)
-        _workers.run([lambda b=b: drain(b) for b in scratch])
-
-
-class _ConvScratch:
-    """One thread's flat buffers: unfolded windows, product rows, a padded image plane, folded gradient."""
-
-    __slots__ = ("key", "col", "rows", "plane", "_dcol")
-
-    def __init__(self, key, dtype, taps, n_filters, columns, plane_size):
-        self.key = key
-        self.col = np.empty(taps * columns, dtype=dtype)
-        self.rows = np.empty(n_filters * columns, dtype=dtype)
-        self.plane = np.empty(plane_size, dtype=dtype)
-        self._dcol = None  # backward only
-
-    @property
-    def dcol(self):
-        if self._dcol is None:
-            self._dcol = np.empty_like(self.col)
-        return self._dcol
-
-
-class ConvCache:
-    """What convolution backward needs, the scratch the next forward may reuse, and the book's views."""
-
-    __slots__ = ("x", "W", "stride", "pad", "x_shape", "dtype", "out_hw", "plan", "scratch", "_col")
-
-    def __init__(self, x, W, stride, pad, out_hw, plan, scratch):
-        self.x = x  # backward unfolds the input again (the layer keeps it as well)
-        self.W = W
-        self.stride = stride
-        self.pad = pad
-        self.x_shape = x.shape
-        self.dtype = x.dtype
-        self.out_hw = out_hw
+    def __init__(self, plan, W, packed, col, scratch):
         self.plan = plan
+        self.stride = plan.stride
+        self.pad = plan.pad
+        self.x_shape = (plan.batch, plan.channels, plan.height, plan.width)
+        self.dtype = plan.dtype
+        self.out_hw = (plan.out_h, plan.out_w)
+        self.packed = packed
         self.scratch = scratch
-        self._col = None
+        self._col = col
+        self._col_W = W.reshape(W.shape[0], -1).T
 
     @property
     def col(self):
         """The book's ``col`` of the forward input, made on first access."""
         if self._col is None:
-            self._col = im2col(self.x, self.W.shape[2], self.W.shape[3], self.stride, self.pad)
+            fwd, p = self.plan.forward, self.plan
+            images = self._buffers().reshape(p.batch, fwd.image_stride)[:, :fwd.image_elements]
+            planes = images.reshape(p.batch, p.channels, fwd.in_h, fwd.in_w)
+            x = planes[:, :, p.pad:p.pad + p.height, p.pad:p.pad + p.width]
+            self._col = im2col(np.ascontiguousarray(x), p.filter_h, p.filter_w, p.stride, p.pad)
         return self._col
 
     @property
     def col_W(self):
-        """The book's ``col_W``: the filters as columns, (C*FH*FW, FN)."""
-        return self.W.reshape(self.W.shape[0], -1).T
+        """The book's ``col_W``: the forward's filters as columns, (C*FH*FW, FN)."""
+        return self._col_W
+
+    def _buffers(self):
+        if self.plan.direct and self.packed is None:
+            raise ValueError("this convolution cache was reused as the workspace of a later forward call; "
+                             "call backward with the cache of the latest forward call")
+        return self.packed
+
+    def take_over(self, plan):
+        """The packed-input buffer and thread scratch for ``plan`` when they fit; this cache gives them up."""
+        packed, scratch = self.packed, self.scratch
+        self.packed, self.scratch = None, {}
+        if packed is None or not plan.direct or packed.dtype != plan.dtype or packed.size != plan.packed_input:
+            packed = None
+        return packed, scratch
 
 
-# Windows with fewer taps than this get dW as one product per image, summed
-# (the first layer: 9 taps; its (16, 9) sum over a chunk's 14112 windows ran
-# at a sixth of the speed of per-image products).
-PER_IMAGE_DW_MAX_TAPS = 16
-
-# Same-size planes at least this large are unfolded by long shifted copies;
-# smaller ones, and other geometries, through a padded copy of the plane.
-LONG_COPY_MIN_CELLS = 128
-
-
-def _long_copies(x_shape, fh, fw, stride, pad):
-    H, W = x_shape[2:]
-    same_size = stride == 1 and _out_size(H, fh, 1, pad) == H and _out_size(W, fw, 1, pad) == W
-    return same_size and H * W >= LONG_COPY_MIN_CELLS
+def _thread_scratch(scratch, key, threads, sizes, dtype):
+    """``threads`` lists of arrays of ``sizes`` elements, reusing those under ``key`` when they fit."""
+    kept = [buffers for buffers in scratch.get(key, [])
+            if [b.size for b in buffers] == list(sizes) and buffers[0].dtype == dtype]
+    scratch[key] = kept[:threads] + [[np.empty(size, dtype=dtype) for size in sizes]
+                                     for _ in range(threads - len(kept))]
+    return scratch[key]
 
 
-def _plane_size(x_shape, pad):
-    return (x_shape[2] + 2 * pad) * (x_shape[3] + 2 * pad)
+def _run_counted(kernel, leading, trailing, thread_buffers):
+    """``kernel(*leading, counter, *trailing, *buffers)`` for each thread's list of buffers, side by side,
+    all taking their tasks from one shared counter."""
+    counter = np.zeros(1, dtype=np.int64)
+    _workers.run([lambda buffers=buffers: kernel(*leading, counter, *trailing, *buffers) for buffers in thread_buffers])
 
 
-def _conv_scratch(workspace, threads, dtype, taps, n_filters, columns, plane_size):
-    """One scratch per thread, taken from the previous cache when it fits."""
-    key = (np.dtype(dtype), taps, n_filters, columns, plane_size)
-    previous = getattr(workspace, "scratch", None) or []
-    return [s if s.key == key else _ConvScratch(key, dtype, taps, n_filters, columns, plane_size)
-            for s in previous[:threads]] + [
-        _ConvScratch(key, dtype, taps, n_filters, columns, plane_size) for _ in range(threads - len(previous))]
+def _grid_pass_arguments(plan, tile_pass):
+    return (plan.filter_h, plan.filter_w, tile_pass.in_h, tile_pass.in_w, tile_pass.grid_tiles,
+            _direct.token(tile_pass.k_tile), _direct.token(tile_pass.vectors), _direct.token(plan.lanes))
 
 
 def conv_forward(x, W, b, stride, pad, workspace):
-    N, C, H, Wd = x.shape
-    FN, _, FH, FW = W.shape
-    out_h, out_w = _out_size(H, FH, stride, pad), _out_size(Wd, FW, stride, pad)
-    taps = C * FH * FW
-    plan = _ConvPlan(N, taps, out_h, out_w, x.dtype.itemsize)
-    scratch = _conv_scratch(workspace, plan.threads, x.dtype, taps, FN, plan.columns, _plane_size(x.shape, pad))
-    W_rows = W.reshape(FN, taps)
-    long_copies = _long_copies(x.shape, FH, FW, stride, pad)
-    out = np.empty((N, FN, out_h * out_w), dtype=x.dtype)
-
-    def work(_, p0, p1, buffers):
-        _conv.conv_forward_pieces(x, W_rows, b, out, plan.pieces, p0, p1, FH, FW, stride, pad, long_copies,
-                                  GEMM_COLUMNS, buffers.col, buffers.rows, buffers.plane)
-
-    with _single_threaded_blas:
-        plan.run(plan.chunk_bounds, work, scratch)
-    cache = ConvCache(x, W, stride, pad, (out_h, out_w), plan, scratch)
-    return out.reshape(N, FN, out_h, out_w), cache
+    plan = _direct.plan(x.shape, W.shape, stride, pad, x.dtype)
+    packed, scratch = workspace.take_over(plan) if isinstance(workspace, ConvCache) else (None, {})
+    if not plan.direct:
+        return _unfolded_forward(x, W, b, plan, scratch)
+    fwd = plan.forward
+    if packed is None:
+        packed = np.empty(plan.packed_input, dtype=x.dtype)
+    bias = np.zeros(fwd.k_padded, dtype=x.dtype)
+    bias[:plan.filters] = b
+    weights = _plan.pack_forward_weights(plan, W).reshape(-1)
+    out = np.empty((plan.batch, plan.filters, plan.out_h, plan.out_w), dtype=x.dtype)
+    threads = min(plan.forward_threads(get_num_threads()), _thread_count(plan.batch, fwd.grid_elements))
+    grids = _thread_scratch(scratch, "forward", threads, [plan.forward_scratch], x.dtype)
+    _run_counted(_direct.convolve_images, (x, weights, bias, out),
+                 (fwd.image_stride, fwd.image_stride, pad, pad) + _grid_pass_arguments(plan, fwd),
+                 [[packed, grid] for grid, in grids])
+    return out, ConvCache(plan, W, packed, None, scratch)
 
 
 def conv_backward(dout, cache, W):
-    x, stride, pad, plan = cache.x, cache.stride, cache.pad, cache.plan
-    N, C = x.shape[:2]
-    FN, _, FH, FW = W.shape
-    taps = C * FH * FW
-    dout = dout.reshape(N, FN, dout.shape[2] * dout.shape[3])
-    W_rows = W.reshape(FN, taps)
-    long_copies = _long_copies(x.shape, FH, FW, stride, pad)
-    per_image_dw = taps < PER_IMAGE_DW_MAX_TAPS
-    dx = np.empty(x.shape, dtype=x.dtype)
-    dW_T_parts = np.empty((len(plan.groups), taps * FN), dtype=x.dtype)
-    db_parts = np.zeros((len(plan.groups), FN), dtype=np.float64)
+    plan = cache.plan
+    if not plan.direct:
+        return _unfolded_backward(dout, cache, W)
+    packed = cache._buffers()
+    fwd, bd = plan.forward, plan.backward_data
+    # dW and db: a sum per group of images, then the groups' sums in order (the same for any thread count)
+    dW_groups = np.empty((plan.groups, plan.dw_group_elements), dtype=plan.dtype)
+    db_groups = np.empty((plan.groups, plan.filters), dtype=np.float64)
+    bounds = np.array([first for first, _ in _plan.group_bounds(plan.batch, plan.groups)] + [plan.batch],
+                      dtype=np.int64)
+    c_sizes, c_repeats = _direct.channel_tile_runs(plan.channel_tiles)
+    threads = plan.backward_threads(get_num_threads())
+    transposed = _thread_scratch(cache.scratch, "weights", threads,
+                                 [plan.w_blocks * plan.out_h * plan.out_w * plan.lanes], plan.dtype)
+    _run_counted(_direct.weight_gradient_groups, (packed, dout, dW_groups, db_groups),
+                 (bounds, fwd.image_stride, plan.channels, plan.filter_h, plan.filter_w, fwd.in_h, fwd.in_w,
+                  c_sizes, c_repeats, _direct.token(plan.lanes)), transposed)
+    dW_sum = dW_groups.sum(axis=0).reshape(plan.w_blocks, plan.channels, plan.filter_h, plan.filter_w, plan.lanes)
+    dW = _direct.weight_gradient_to_nchw(dW_sum, plan.filters)
+    # dx: the forward's grid pass over dout, padded by FH - 1 - pad, with the filters transposed and flipped
+    dx = np.empty(cache.x_shape, dtype=plan.dtype)
+    weights_t = _plan.pack_backward_data_weights(plan, W).reshape(-1)
+    threads = min(plan.forward_threads(get_num_threads()), _thread_count(plan.batch, bd.grid_elements))
+    buffers = _thread_scratch(cache.scratch, "data", threads, [bd.image_stride, bd.grid_elements], plan.dtype)
+    _run_counted(_direct.convolve_images, (dout, weights_t, np.zeros(bd.k_padded, dtype=plan.dtype), dx), (
+        0, bd.image_stride, plan.filter_h - 1 - plan.pad, plan.filter_w - 1 - plan.pad) + _grid_pass_arguments(plan, bd),
+        buffers)
+    return dx, dW, db_groups.sum(axis=0).astype(plan.dtype)
 
-    def work(g, p0, p1, buffers):
-        _conv.conv_backward_pieces(x, W_rows, dout, dx, dW_T_parts[g], db_parts[g], plan.pieces, p0, p1,
-                                   FH, FW, stride, pad, long_copies, per_image_dw, GEMM_COLUMNS,
-                                   buffers.col, buffers.rows, buffers.dcol, buffers.plane)
 
+def _unfolded_forward(x, W, b, plan, scratch):
+    """Geometries the direct kernels do not take (stride > 1, pad of the filter size or more): the book's
+    unfolded product, on a one-thread BLAS so that results do not depend on any thread count."""
+    col = im2col(x, plan.filter_h, plan.filter_w, plan.stride, plan.pad)
     with _single_threaded_blas:
-        plan.run(plan.group_bounds, work, cache.scratch)
-    dW = np.ascontiguousarray(dW_T_parts.sum(axis=0).reshape(taps, FN).T).reshape(W.shape)
-    db = db_parts.sum(axis=0).astype(x.dtype)
-    return dx, dW, db
+        rows = col @ W.reshape(plan.filters, -1).T + b
+    out = np.ascontiguousarray(rows.reshape(plan.batch, plan.out_h, plan.out_w, plan.filters).transpose(0, 3, 1, 2))
+    return out, ConvCache(plan, W, None, col, scratch)
+
+
+def _unfolded_backward(dout, cache, W):
+    plan = cache.plan
+    rows = dout.transpose(0, 2, 3, 1).reshape(-1, plan.filters)
+    with _single_threaded_blas:
+        dW = (rows.T @ cache.col).reshape(W.shape)
+        dcol = rows @ W.reshape(plan.filters, -1)
+    dx = col2im(dcol, cache.x_shape, plan.filter_h, plan.filter_w, plan.stride, plan.pad)
+    return dx, dW, rows.sum(axis=0, dtype=np.float64).astype(plan.dtype)
 
 
 # --------------------------------------------------------------------------- max pooling

@@ -1,0 +1,427 @@
+"""Direct convolution kernels of the numba backend, on an explicit SIMD vector type.
+
+Plain Numba loops leave these kernels scalar. Here a register tile is a
+tuple of rows of ``Vector`` values, each an LLVM vector of ``lanes`` floats
+(one SIMD register), and intrinsics emit its loads, stores and fused
+multiply-adds with a broadcast operand: the code the C compilers make of
+the same tile.
+
+Sizes that must be compile-time constants (tile rows and columns, lanes,
+channel tiles) travel as *tokens*: tuples of zeros whose length is the size
+(``token(8)``). A tuple's length is part of its Numba type, so each layer's
+tile shape gets its own compiled specialization, chosen by ordinary
+dispatch and cached on disk like any other signature.
+
+The algorithm, the layouts and every size come from ``fastconv._plan``
+(shared with the cython backend): forward and backward-data compute an
+output *grid* over zero-padded input planes with a tile of output channels x
+vectors of grid positions, started from the bias; backward-weights keeps one
+vector of output channels per input channel of a channel tile and streams
+over an image's pixels. Each kernel call is one thread's share of a pass: it
+takes images (grid passes) or image groups (backward-weights) from a shared
+counter until none is left, so which thread runs a task never changes its
+arithmetic. Forward and backward-data are the same kernel, so layers whose
+tiles have the same shape share one compiled specialization.
+
+With ``NUMBA_DISABLE_JIT=1`` the intrinsics are replaced by NumPy stand-ins
+taking the same arguments (a tile is then a (rows, columns, lanes) array).
+"""
+import threading
+
+import numpy as np
+from numba import config, literal_unroll, types
+from numba import uint64 as _ix
+
+from fastconv import _plan
+from fastconv.backends._numba_kernels import _inlined, _kernel, row_sum
+
+try:
+    import llvmlite.binding as _llvm
+    from llvmlite import ir
+    from numba.core import cgutils
+    from numba.extending import intrinsic, models, register_model
+except ImportError as exc:  # the numba backend is reported unavailable with this reason
+    raise ImportError(f"the numba backend needs numba's extension API and llvmlite: {exc}") from exc
+
+# The instruction-set variant of fastconv._plan the kernels are planned for; None: the CPU's.
+# Tests set "avx2" or "generic" to run those variants' tiles and widths on any x86-64 CPU.
+VARIANT = None
+
+
+def host_variant():
+    """"avx512" with AVX-512F, "avx2" with AVX2 and FMA, else "generic" (16-byte vectors)."""
+    try:
+        features = _llvm.get_host_cpu_features()
+    except RuntimeError:  # LLVM cannot tell on this platform
+        return "generic"
+    if features.get("avx512f"):
+        return "avx512"
+    if features.get("avx2") and features.get("fma"):
+        return "avx2"
+    return "generic"
+
+
+def variant():
+    return VARIANT or host_variant()
+
+
+def token(size):
+    """A compile-time size for the kernels: a tuple of ``size`` zeros."""
+    return (0,) * size
+
+
+_ONE = token(1)  # a tile of one row or one column
+
+
+# --------------------------------------------------------------------------- the vector type
+
+class Vector(types.Type):
+    """``lanes`` values of ``dtype`` held in one SIMD register."""
+
+    def __init__(self, dtype, lanes):
+        self.dtype = dtype
+        self.lanes = lanes
+        super().__init__(name=f"Vector({dtype}, {lanes})")
+
+
+@register_model(Vector)
+class _VectorModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        element = dmm.lookup(fe_type.dtype).get_value_type()
+        super().__init__(dmm, fe_type, ir.VectorType(element, fe_type.lanes))
+
+
+def _tile_type(dtype, rows, columns, lanes):
+    """rows x columns vectors: a tuple of rows, each a tuple of vectors."""
+    return types.UniTuple(types.UniTuple(Vector(dtype, lanes), columns), rows)
+
+
+def _address(context, builder, array_type, array, index, vector_type=None):
+    """Pointer to array[index] (as a pointer to a vector when ``vector_type`` is given)."""
+    pointer = builder.gep(context.make_array(array_type)(context, builder, array).data, [index])
+    return pointer if vector_type is None else builder.bitcast(pointer, vector_type.as_pointer())
+
+
+def _fma(builder, a, b, c):
+    """a * b + c, rounded once."""
+    vt = a.type
+    suffix = "f32" if isinstance(vt.element, ir.FloatType) else "f64"
+    function = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt, vt, vt]),
+                                              f"llvm.fma.v{vt.count}{suffix}")
+    return builder.call(function, [a, b, c])
+
+
+def _splat(builder, vector_type, value):
+    one = builder.insert_element(ir.Constant(vector_type, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+    zeros = ir.Constant(ir.VectorType(ir.IntType(32), vector_type.count), [0] * vector_type.count)
+    return builder.shuffle_vector(one, one, zeros)
+
+
+def _at(builder, index, step, j):
+    return builder.add(index, builder.mul(step, ir.Constant(step.type, j)))
+
+
+def _tile_shape(tile_type):
+    return tile_type.count, tile_type.dtype.count
+
+
+@intrinsic
+def _tile_splat(typingctx, array, index, rows, columns, lanes):
+    tile = _tile_type(array.dtype, rows.count, columns.count, lanes.count)
+    sig = tile(array, types.intp, rows, columns, lanes)
+
+    def codegen(context, builder, sig, args):
+        vector_type = context.get_value_type(tile.dtype.dtype)
+        value = ir.Constant(context.get_value_type(tile), ir.Undefined)
+        for r in range(tile.count):
+            at = builder.add(args[1], ir.Constant(args[1].type, r))
+            vector = _splat(builder, vector_type, builder.load(_address(context, builder, sig.args[0], args[0], at)))
+            for c in range(tile.dtype.count):
+                value = builder.insert_value(value, vector, [r, c])
+        return value
+    return sig, codegen
+
+
+@intrinsic
+def _tile_load(typingctx, array, index, row_step, rows, columns, lanes):
+    tile = _tile_type(array.dtype, rows.count, columns.count, lanes.count)
+    sig = tile(array, types.intp, types.intp, rows, columns, lanes)
+
+    def codegen(context, builder, sig, args):
+        vector_type = context.get_value_type(tile.dtype.dtype)
+        align = context.get_abi_alignment(vector_type.element)
+        lane_step = ir.Constant(args[1].type, lanes.count)
+        value = ir.Constant(context.get_value_type(tile), ir.Undefined)
+        for r in range(tile.count):
+            for c in range(tile.dtype.count):
+                at = _at(builder, _at(builder, args[1], args[2], r), lane_step, c)
+                pointer = _address(context, builder, sig.args[0], args[0], at, vector_type)
+                value = builder.insert_value(value, builder.load(pointer, align=align), [r, c])
+        return value
+    return sig, codegen
+
+
+@intrinsic
+def _tile_store(typingctx, array, index, row_step, tile):
+    sig = types.void(array, types.intp, types.intp, tile)
+
+    def codegen(context, builder, sig, args):
+        rows, columns = _tile_shape(sig.args[3])
+        vector_type = context.get_value_type(sig.args[3].dtype.dtype)
+        align = context.get_abi_alignment(vector_type.element)
+        lane_step = ir.Constant(args[1].type, vector_type.count)
+        for r in range(rows):
+            for c in range(columns):
+                at = _at(builder, _at(builder, args[1], args[2], r), lane_step, c)
+                pointer = _address(context, builder, sig.args[0], args[0], at, vector_type)
+                builder.store(builder.extract_value(args[3], [r, c]), pointer, align=align)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
+def _tile_outer_fma(typingctx, tile, vectors, array, index, step):
+    sig = tile(tile, vectors, array, types.intp, types.intp)
+
+    def codegen(context, builder, sig, args):
+        value, vectors, array, index, step = args
+        rows, columns = _tile_shape(sig.args[0])
+        vector_type = context.get_value_type(sig.args[0].dtype.dtype)
+        for r in range(rows):
+            scalar = builder.load(_address(context, builder, sig.args[2], array, _at(builder, index, step, r)))
+            broadcast = _splat(builder, vector_type, scalar)
+            for c in range(columns):
+                product = _fma(builder, broadcast, builder.extract_value(vectors, [0, c]),
+                               builder.extract_value(value, [r, c]))
+                value = builder.insert_value(value, product, [r, c])
+        return value
+    return sig, codegen
+
+
+@intrinsic
+def _take_next(typingctx, counter):
+    sig = types.intp(counter)
+
+    def codegen(context, builder, sig, args):
+        pointer = _address(context, builder, sig.args[0], args[0], ir.Constant(ir.IntType(64), 0))
+        return builder.atomic_rmw("add", pointer, ir.Constant(pointer.type.pointee, 1), "monotonic")
+    return sig, codegen
+
+
+def _tile_splat_py(array, index, rows, columns, lanes):
+    return np.repeat(array[index:index + len(rows)], len(columns) * len(lanes)).reshape(
+        len(rows), len(columns), len(lanes))
+
+
+def _tile_load_py(array, index, row_step, rows, columns, lanes):
+    size = len(columns) * len(lanes)
+    return np.stack([array[index + r * row_step:index + r * row_step + size] for r in range(len(rows))]).reshape(
+        len(rows), len(columns), len(lanes))
+
+
+def _tile_store_py(array, index, row_step, tile):
+    for r, row in enumerate(tile):
+        array[index + r * row_step:index + r * row_step + row.size] = row.reshape(-1)
+
+
+def _tile_outer_fma_py(tile, vectors, array, index, step):
+    return tile + array[index + step * np.arange(len(tile))][:, None, None] * vectors[0]
+
+
+_take_lock = threading.Lock()
+
+
+def _take_next_py(counter):
+    with _take_lock:
+        value = counter[0]
+        counter[0] += 1
+    return value
+
+
+if config.DISABLE_JIT:
+    tile_splat, tile_load, tile_store, tile_outer_fma, take_next = (
+        _tile_splat_py, _tile_load_py, _tile_store_py, _tile_outer_fma_py, _take_next_py)
+else:
+    tile_splat, tile_load, tile_store, tile_outer_fma, take_next = (
+        _tile_splat, _tile_load, _tile_store, _tile_outer_fma, _take_next)
+# tile_splat(array, i, rows, columns, lanes)[r][c] = array[i + r] in every lane
+# tile_load(array, i, row_step, rows, columns, lanes)[r][c] = array[i + r*row_step + c*lanes :][:lanes]
+# tile_store(array, i, row_step, tile): the inverse of tile_load
+# tile_outer_fma(tile, vectors, array, i, step)[r][c] = tile[r][c] + array[i + r*step] * vectors[0][c]
+# take_next(counter): counter[0], incremented atomically (the next task of a pass)
+
+
+# --------------------------------------------------------------------------- kernels
+
+@_inlined
+def _copy_planes(src, first, planes, src_h, src_w, dst, start, size, in_h, in_w, border_h, border_w):
+    """Planes [first, first + planes) of ``src`` (flat, src_h x src_w planes) into in_h x in_w planes of
+    ``dst`` from ``start``, at offset (border_h, border_w) (negative borders crop the source), with zeros
+    everywhere else in dst[start:start + size]."""
+    for i in range(size):
+        dst[_ix(start + i)] = 0
+    y_lo, y_hi = max(0, -border_h), min(src_h, in_h - border_h)
+    x_lo, x_hi = max(0, -border_w), min(src_w, in_w - border_w)
+    for p in range(planes):
+        for y in range(y_lo, y_hi):
+            s = ((first + p) * src_h + y) * src_w
+            d = start + (p * in_h + y + border_h) * in_w + border_w
+            for x in range(x_lo, x_hi):
+                dst[_ix(d + x)] = src[_ix(s + x)]
+
+
+@_inlined
+def _grid_pass(planes, start, in_channels, in_h, in_w, weights, bias, kb, fh, fw, grid_tiles, grid, k_tile, vectors,
+               lanes):
+    """grid[(k, q)] = bias[kb*K + k] + sum over (c, ky, kx) of weights * planes[c, q + ky*in_w + kx], for the
+    K = len(k_tile) channels of block kb and grid_tiles * len(vectors) * len(lanes) positions q."""
+    K = len(k_tile)
+    width = len(vectors) * len(lanes)
+    grid_padded = grid_tiles * width
+    in_plane = in_h * in_w
+    for t in range(grid_tiles):
+        q0 = t * width
+        acc = tile_splat(bias, kb * K, k_tile, vectors, lanes)
+        for c in range(in_channels):
+            plane = start + c * in_plane + q0
+            for ky in range(fh):
+                for kx in range(fw):
+                    inputs = tile_load(planes, plane + ky * in_w + kx, 0, _ONE, vectors, lanes)
+                    acc = tile_outer_fma(acc, inputs, weights, (((kb * in_channels + c) * fh + ky) * fw + kx) * K, 1)
+        tile_store(grid, q0, grid_padded, acc)
+
+
+@_inlined
+def _grid_to_nchw(grid, grid_padded, in_w, k0, out, n):
+    """out[n, k0 + k] = the kept positions of grid row block k: the first out_w of every in_w."""
+    _, K, OH, OW = out.shape
+    flat = out.reshape(-1)
+    for k in range(min(K - k0, grid.size // grid_padded)):
+        for oy in range(OH):
+            s = k * grid_padded + oy * in_w
+            d = ((n * K + k0 + k) * OH + oy) * OW
+            for x in range(OW):
+                flat[_ix(d + x)] = grid[_ix(s + x)]
+
+
+@_kernel
+def convolve_images(src, weights, bias, out, counter, image_step, image_size, border_h, border_w, fh, fw, in_h, in_w,
+                    grid_tiles, k_tile, vectors, lanes, planes, grid):
+    """One thread's share of a grid pass over a batch: images taken from ``counter`` until none is left.
+
+    Image n of ``src`` (N, C, h, w) is copied into zero-padded planes at
+    ``planes[n * image_step:]`` (``image_size`` elements with the tail) and
+    convolved with packed ``weights`` (the layouts of fastconv._plan) and
+    ``bias`` (padded to whole channel blocks), one block of len(k_tile)
+    output channels at a time into the thread's ``grid``, whose kept
+    positions are copied to out[n] (NCHW). Forward keeps every image's
+    planes (``image_step`` = ``image_size``) for backward; backward-data
+    reuses one thread-private image (``image_step`` = 0).
+    """
+    N, C, H, W = src.shape
+    K = out.shape[1]
+    grid_padded = grid_tiles * len(vectors) * len(lanes)
+    flat = src.reshape(-1)
+    n = take_next(counter)
+    while n < N:
+        start = n * image_step
+        _copy_planes(flat, n * C, C, H, W, planes, start, image_size, in_h, in_w, border_h, border_w)
+        for kb in range((K + len(k_tile) - 1) // len(k_tile)):
+            _grid_pass(planes, start, C, in_h, in_w, weights, bias, kb, fh, fw, grid_tiles, grid, k_tile, vectors,
+                       lanes)
+            _grid_to_nchw(grid, grid_padded, in_w, kb * len(k_tile), out, n)
+        n = take_next(counter)
+
+
+@_inlined
+def _transpose_gradient(dout, n, blocks, lanes, dT, db):
+    """dT (blocks, OH*OW, lanes) = image n of dout with channels innermost (zero past the last);
+    db[k] += the sum of channel k (float64)."""
+    _, K, OH, OW = dout.shape
+    V = len(lanes)
+    cells = OH * OW
+    flat = dout.reshape(-1)
+    for i in range(blocks * cells * V):
+        dT[_ix(i)] = 0
+    for k in range(K):
+        s = (n * K + k) * cells
+        d = (k // V) * cells * V + k % V
+        for p in range(cells):
+            dT[_ix(d + p * V)] = flat[_ix(s + p)]
+        db[k] += row_sum(flat, s, cells)
+
+
+@_inlined
+def _weight_gradient(packed, start, C, c0, in_h, in_w, dT, blocks, OH, OW, fh, fw, dW, c_tile, lanes):
+    """dW (blocks, C, fh, fw, lanes) += one image's products of dT and its padded planes
+    [c0, c0 + len(c_tile)) (from ``start``), one accumulator per input channel."""
+    V = len(lanes)
+    in_plane = in_h * in_w
+    for kb in range(blocks):
+        for ky in range(fh):
+            for kx in range(fw):
+                w0 = (((kb * C + c0) * fh + ky) * fw + kx) * V
+                acc = tile_load(dW, w0, fh * fw * V, c_tile, _ONE, lanes)
+                for oy in range(OH):
+                    d0 = (kb * OH + oy) * OW * V
+                    p0 = start + c0 * in_plane + (oy + ky) * in_w + kx
+                    for ox in range(OW):
+                        d = tile_load(dT, d0 + ox * V, 0, _ONE, _ONE, lanes)
+                        acc = tile_outer_fma(acc, d, packed, p0 + ox, in_plane)
+                tile_store(dW, w0, fh * fw * V, acc)
+
+
+@_kernel
+def weight_gradient_groups(packed, dout, dW, db, counter, group_bounds, image_step, C, fh, fw, in_h, in_w,
+                           c_sizes, c_repeats, lanes, dT):
+    """One thread's share of backward-weights: image groups taken from ``counter`` until none is left.
+
+    Group g (images group_bounds[g] to group_bounds[g + 1], in order) sums
+    into dW[g] (blocks, C, fh, fw, lanes) and db[g] (float64). ``packed``
+    holds forward's padded planes, ``image_step`` elements per image. The
+    input channels are cut into tiles: c_repeats[i] tiles of len(c_sizes[i])
+    channels for each i, in order.
+    """
+    _, K, OH, OW = dout.shape
+    V = len(lanes)
+    blocks = (K + V - 1) // V
+    g = take_next(counter)
+    while g < len(group_bounds) - 1:
+        dW_group = dW[g]
+        db_group = db[g]
+        dW_group[:] = 0
+        db_group[:] = 0
+        for n in range(group_bounds[g], group_bounds[g + 1]):
+            _transpose_gradient(dout, n, blocks, lanes, dT, db_group)
+            c0 = 0
+            i = 0
+            for c_tile in literal_unroll(c_sizes):  # tiles of different sizes are different types
+                for _ in range(c_repeats[i]):
+                    _weight_gradient(packed, n * image_step, C, c0, in_h, in_w, dT, blocks, OH, OW, fh, fw, dW_group,
+                                     c_tile, lanes)
+                    c0 += len(c_tile)
+                i += 1
+        g = take_next(counter)
+
+
+def channel_tile_runs(channel_tiles):
+    """fastconv._plan's channel tiles as runs of one size: (a token per size, the number of tiles of each)."""
+    sizes, repeats = [], []
+    for _, count in channel_tiles:
+        if sizes and len(sizes[-1]) == count:
+            repeats[-1] += 1
+        else:
+            sizes.append(token(count))
+            repeats.append(1)
+    return tuple(sizes), np.array(repeats, dtype=np.int64)
+
+
+def weight_gradient_to_nchw(dW_sum, filters):
+    """dW (blocks, C, fh, fw, lanes) summed over groups, as (K, C, fh, fw) filters."""
+    blocks, C, fh, fw, lanes = dW_sum.shape
+    return np.ascontiguousarray(dW_sum.transpose(0, 4, 1, 2, 3).reshape(blocks * lanes, C, fh, fw)[:filters])
+
+
+def plan(x_shape, w_shape, stride, pad, dtype):
+    """fastconv._plan's plan for this CPU (or the forced ``VARIANT``)."""
+    return _plan.conv_plan(x_shape, w_shape, stride, pad, dtype, variant())
