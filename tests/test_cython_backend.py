@@ -123,6 +123,20 @@ def test_pool_layer_reuses_its_indices_and_stays_correct_as_the_batch_changes(cy
         previous = layer._cache.source
 
 
+@pytest.mark.parametrize("shape", [(3, 4, 28, 28), (2, 3, 9, 13), (1, 2, 2, 2), (2, 5, 16, 17), (1, 1, 4, 40)])
+def test_two_by_two_pooling_with_ties_nan_and_infinities_matches_reference(cython_backend, dtype, shape, rng):
+    # the vectorized 2x2 / stride-2 path: ties, NaN (first NaN wins) and -inf, on odd widths too
+    x = rng.integers(-2, 3, shape).astype(dtype)
+    for value, fraction in ((np.nan, 0.05), (-np.inf, 0.05), (np.inf, 0.02)):
+        x[rng.random(shape) < fraction] = value
+    out, cache = kernels.maxpool_forward(x, 2, 2, 2, 0)
+    expected, expected_cache = reference.maxpool_forward(x, 2, 2, 2, 0, None)
+    np.testing.assert_array_equal(out, expected)
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    np.testing.assert_array_equal(kernels.maxpool_backward(dout, cache),
+                                  reference.maxpool_backward(dout, expected_cache))
+
+
 def test_outputs_survive_the_next_call_that_reuses_the_workspace(cython_backend, rng):
     x, W, b = conv_problem(rng, 4)
     out, cache = kernels.conv_forward(x, W, b, 1, 1)

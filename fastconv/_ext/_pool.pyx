@@ -15,6 +15,11 @@ from cython cimport floating
 
 from fastconv._ext._parallel cimport fc_next_task, fc_task_fn, run_tasks
 
+cdef extern from "pool2x2.h":
+    void fc_pool2x2_plane_float(const float *x, int H, int W, float *out, int *source, int out_h, int out_w) nogil
+    void fc_pool2x2_plane_double(const double *x, int H, int W, double *out, int *source, int out_h,
+                                 int out_w) nogil
+
 cdef enum:
     # planes handed to a thread at a time
     PLANES_PER_TASK = 16
@@ -78,6 +83,14 @@ cdef void _forward_planes(floating *kind, _Job *job) noexcept nogil:
         if first >= job.planes:
             break
         for plane in range(first, min(first + PLANES_PER_TASK, job.planes)):
+            if job.pool_h == 2 and job.pool_w == 2 and job.stride == 2 and job.pad == 0:
+                if floating is float:
+                    fc_pool2x2_plane_float(x + plane * job.H * job.W, job.H, job.W, out + plane * out_hw,
+                                           job.source + plane * out_hw, job.out_h, job.out_w)
+                else:
+                    fc_pool2x2_plane_double(x + plane * job.H * job.W, job.H, job.W, out + plane * out_hw,
+                                            job.source + plane * out_hw, job.out_h, job.out_w)
+                continue
             _pool_plane(x + plane * job.H * job.W, out + plane * out_hw, job.source + plane * out_hw,
                         job.H, job.W, job.pool_h, job.pool_w, job.stride, job.pad, job.out_h, job.out_w)
 
