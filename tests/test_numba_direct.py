@@ -186,10 +186,12 @@ def test_take_next_hands_out_each_task_once():
 # --------------------------------------------------------------------------- layouts
 
 def test_channel_tiles_become_runs_of_one_size():
-    sizes, repeats = direct.channel_tile_runs(((0, 16), (16, 16), (32, 4), (36, 1)))
-    assert [len(s) for s in sizes] == [16, 4, 1] and repeats.tolist() == [2, 1, 1]
-    sizes, repeats = direct.channel_tile_runs(_plan.channel_tiles(64, 32))
-    assert [len(s) for s in sizes] == [16] and repeats.tolist() == [4]
+    sizes, repeats, taps = direct.channel_tile_runs(((0, 16), (16, 16), (32, 4), (36, 1)), 3)
+    assert [len(s) for s in sizes] == [16, 4, 1] and repeats.tolist() == [2, 1, 1] and not taps
+    sizes, repeats, taps = direct.channel_tile_runs(_plan.channel_tiles(64, 32), 3)
+    assert [len(s) for s in sizes] == [16] and repeats.tolist() == [4] and not taps
+    sizes, repeats, taps = direct.channel_tile_runs(_plan.channel_tiles(1, 32), 5)  # one channel: 5 columns
+    assert [len(s) for s in sizes] == [5] and repeats.tolist() == [1] and taps
 
 
 def test_weight_gradient_layout_back_to_filters(rng):

@@ -352,35 +352,41 @@ def _transpose_gradient(dout, n, blocks, lanes, dT, db):
 
 
 @_inlined
-def _weight_gradient(packed, start, C, c0, in_h, in_w, dT, blocks, OH, OW, fh, fw, dW, c_tile, lanes):
-    """dW (blocks, C, fh, fw, lanes) += one image's products of dT and its padded planes
-    [c0, c0 + len(c_tile)) (from ``start``), one accumulator per input channel."""
+def _weight_gradient(packed, start, C, c0, in_h, in_w, dT, blocks, OH, OW, fh, fw, dW, rows, taps_in_rows, lanes):
+    """dW (blocks, C, fh, fw, lanes) += one image's products of dT and its padded planes (from ``start``).
+
+    A tile holds one accumulator per input channel c0, c0 + 1, ... or, with
+    ``taps_in_rows`` (a single input channel), per filter column kx: rows
+    that would otherwise be one accumulator, waiting on its own additions.
+    """
     V = len(lanes)
     in_plane = in_h * in_w
+    x_step, w_step, columns = (1, V, 1) if taps_in_rows else (in_plane, fh * fw * V, fw)
     for kb in range(blocks):
         for ky in range(fh):
-            for kx in range(fw):
+            for kx in range(columns):
                 w0 = (((kb * C + c0) * fh + ky) * fw + kx) * V
-                acc = tile_load(dW, w0, fh * fw * V, c_tile, _ONE, lanes)
+                acc = tile_load(dW, w0, w_step, rows, _ONE, lanes)
                 for oy in range(OH):
                     d0 = (kb * OH + oy) * OW * V
                     p0 = start + c0 * in_plane + (oy + ky) * in_w + kx
                     for ox in range(OW):
                         d = tile_load(dT, d0 + ox * V, 0, _ONE, _ONE, lanes)
-                        acc = tile_outer_fma(acc, d, packed, p0 + ox, in_plane)
-                tile_store(dW, w0, fh * fw * V, acc)
+                        acc = tile_outer_fma(acc, d, packed, p0 + ox, x_step)
+                tile_store(dW, w0, w_step, acc)
 
 
 @_kernel
 def weight_gradient_groups(packed, dout, dW, db, counter, group_bounds, image_step, C, fh, fw, in_h, in_w,
-                           c_sizes, c_repeats, lanes, dT):
+                           c_sizes, c_repeats, taps_in_rows, lanes, dT):
     """One thread's share of backward-weights: image groups taken from ``counter`` until none is left.
 
     Group g (images group_bounds[g] to group_bounds[g + 1], in order) sums
     into dW[g] (blocks, C, fh, fw, lanes) and db[g] (float64). ``packed``
     holds forward's padded planes, ``image_step`` elements per image. The
     input channels are cut into tiles: c_repeats[i] tiles of len(c_sizes[i])
-    channels for each i, in order.
+    channels for each i, in order; with ``taps_in_rows`` (one input channel)
+    a tile holds the fw filter columns instead (c_sizes: one size, fw).
     """
     _, K, OH, OW = dout.shape
     V = len(lanes)
@@ -398,14 +404,17 @@ def weight_gradient_groups(packed, dout, dW, db, counter, group_bounds, image_st
             for c_tile in literal_unroll(c_sizes):  # tiles of different sizes are different types
                 for _ in range(c_repeats[i]):
                     _weight_gradient(packed, n * image_step, C, c0, in_h, in_w, dT, blocks, OH, OW, fh, fw, dW_group,
-                                     c_tile, lanes)
-                    c0 += len(c_tile)
-                i += 1
+                                     c_tile, taps_in_rows, lanes)
+                    c0 += 1 if taps_in_rows else len(c_tile)
+                i += 1  # noqa: SIM113  (literal_unroll loops cannot enumerate)
         g = take_next(counter)
 
 
-def channel_tile_runs(channel_tiles):
-    """fastconv._plan's channel tiles as runs of one size: (a token per size, the number of tiles of each)."""
+def channel_tile_runs(channel_tiles, filter_w):
+    """fastconv._plan's channel tiles as runs of one size: (a token per size, the number of tiles of each,
+    whether a tile holds filter columns instead: for one input channel)."""
+    if channel_tiles == ((0, 1),):
+        return (token(filter_w),), np.ones(1, dtype=np.int64), True
     sizes, repeats = [], []
     for _, count in channel_tiles:
         if sizes and len(sizes[-1]) == count:
@@ -413,7 +422,7 @@ def channel_tile_runs(channel_tiles):
         else:
             sizes.append(token(count))
             repeats.append(1)
-    return tuple(sizes), np.array(repeats, dtype=np.int64)
+    return tuple(sizes), np.array(repeats, dtype=np.int64), False
 
 
 def weight_gradient_to_nchw(dW_sum, filters):
