@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import fastconv
+from fastconv.app._interrupts import deferred_interrupts
 from fastconv.app.checkpoint import remove_temporaries
 from fastconv.app.progress import RunProgress
 from fastconv.app.runs import CHECKPOINT, load_data, member_outcome, write_member
@@ -259,8 +260,9 @@ class ParallelTraining:
 
         def on_done(task, result):
             _, folder, config, seed, _ = models[task.key]
-            write_member(Path(folder), config, seed, data, result["params"], result["history"])
-            results[task.key] = (None, result["history"], result["test_proba"])
+            with deferred_interrupts():  # a model's folder is written whole
+                write_member(Path(folder), config, seed, data, result["params"], result["history"])
+                results[task.key] = (None, result["history"], result["test_proba"])
             display.done(task.key, f"test accuracy {100 * result['history']['test_acc']:.2f} %")
             if self.on_event is not None:
                 self.on_event({"key": task.key, "kind": "done"})
