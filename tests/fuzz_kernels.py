@@ -92,14 +92,20 @@ class Case:
         return a
 
     def geometry(self, pooling=False):
+        """Mostly tiny problems; one in six as large as the vector tiles of the fast kernels and beyond."""
         rng = self.rng
+        self.large = rng.random() < 1 / 6
         n = int(rng.choice([0, 1, 1, 2, 3, 4]))
-        c = int(rng.choice([0, 1, 2, 3, 4], p=[0.05, 0.35, 0.25, 0.2, 0.15]))
-        fh, fw = int(rng.integers(1, 5)), int(rng.integers(1, 5))
+        if self.large:
+            c = int(rng.integers(5, 41))
+        else:
+            c = int(rng.choice([0, 1, 2, 3, 4], p=[0.05, 0.35, 0.25, 0.2, 0.15]))
+        fh, fw = int(rng.integers(1, 6)), int(rng.integers(1, 6))
         stride = int(rng.integers(1, 4))
         pad = int(rng.integers(0, min(fh, fw) // 2 + 1)) if pooling else int(rng.integers(0, 4))
-        h = int(rng.integers(max(1, fh - 2 * pad), fh + 8))
-        w = int(rng.integers(max(1, fw - 2 * pad), fw + 8))
+        extent = 30 if self.large else 8
+        h = int(rng.integers(max(1, fh - 2 * pad), fh + extent))
+        w = int(rng.integers(max(1, fw - 2 * pad), fw + extent))
         return n, c, h, w, fh, fw, stride, pad
 
     def on(self, name, function, *args):
@@ -126,7 +132,10 @@ class Case:
 
     def conv_problem(self):
         n, c, h, w, fh, fw, stride, pad = self.geometry()
-        fn = int(self.rng.choice([0, 1, 2, 3, 5, 8], p=[0.05, 0.25, 0.2, 0.2, 0.15, 0.15]))
+        if self.large:
+            fn = int(self.rng.integers(5, 41))
+        else:
+            fn = int(self.rng.choice([0, 1, 2, 3, 5, 8], p=[0.05, 0.25, 0.2, 0.2, 0.15, 0.15]))
         dtype_x, dtype_w = self.rng.choice(DTYPES), self.rng.choice(DTYPES)
         x = self.array((n, c, h, w), dtype_x)
         W = self.array((fn, c, fh, fw), dtype_w)
