@@ -225,6 +225,8 @@ def test_a_sweep_refuses_bad_values_and_a_used_folder(synthetic_dir, tmp_path, c
     sweep = ["sweep", "--quiet", "--data-dir", str(synthetic_dir), "--jobs", "2"]
     assert main([*sweep, "--out", str(tmp_path / "a"), "--lr", "0.001", "-1"]) == 2
     assert "lr" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    assert main([*sweep, "--out", str(tmp_path / "b"), "--seed", "1", "2", "--backend", "no-such-backend"]) == 2
+    assert "no-such-backend" in capsys.readouterr().err and not (tmp_path / "b").exists()
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "notes.txt").write_text("mine")
     assert main([*sweep, "--out", str(tmp_path / "used"), "--seed", "1", "2"]) == 2

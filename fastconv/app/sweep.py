@@ -251,6 +251,9 @@ def sweep_command(args):
     except TrainingDiverged as exc:
         _error(exc)
         return cli.EXIT_DIVERGED
+    except ValueError as exc:  # an unknown --backend
+        _error(exc)
+        return cli.EXIT_USAGE
     except KeyboardInterrupt:
         words = ["fastconv", "sweep", "--resume", "--out", args.out]
         for option in ("data_dir", "backend", "jobs", "dask"):
