@@ -255,13 +255,17 @@ def test_a_child_forked_after_kernels_ran_runs_them_too():
             kernels.maxpool_forward(kernels.relu_forward(x)[0], 2, 2, 2, 0)
 
         work()
-        child = mp.get_context("fork").Process(target=work)
-        child.start()
-        child.join(60)
-        hung = child.is_alive()
-        if hung:
-            child.kill()
-        print("hung" if hung else f"exit {child.exitcode}")
+        outcomes = []
+        for _ in range(6):  # several children: a race in the child's new pool shows up in some
+            child = mp.get_context("fork").Process(target=work)
+            child.start()
+            child.join(60)
+            hung = child.is_alive()
+            if hung:
+                child.kill()
+            outcomes.append("hung" if hung else f"exit {child.exitcode}")
+            work()
+        print(" ".join(sorted(set(outcomes))))
     """)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "exit 0", result.stdout + result.stderr

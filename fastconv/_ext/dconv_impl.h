@@ -6,6 +6,7 @@
  *   FC_V      lanes of one vector
  *   FC_REGS   vector registers the tiles may fill (32 or 16)
  *   FC_NAME   FC_NAME(x): x with the variant's and type's suffix
+ * (dconv_variant.h sets them).
  * The algorithm and the meaning of every size are described in
  * fastconv/_plan.py. The vectors are GCC/Clang vector extensions: the variant
  * file's target pragma makes them AVX-512, AVX2 or baseline SIMD.

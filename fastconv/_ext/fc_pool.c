@@ -111,6 +111,8 @@ static void after_fork_in_child(void)
     pthread_cond_init(&work_ready, NULL);
     pthread_cond_init(&work_done, NULL);
     workers = 0;
+    for (int id = 0; id < FC_POOL_MAX_THREADS; id++)
+        assigned[id] = 0;
     sleeping = 0;
     caller_sleeping = 0;
     remaining = 0;
@@ -128,6 +130,8 @@ static int start_workers(int wanted)
         pthread_attr_t attr;
         pthread_attr_init(&attr);
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        /* a new worker must not take a run of a thread that had its id before (in a parent process) */
+        __atomic_store_n(&assigned[workers + 1], 0, __ATOMIC_RELAXED);
         int failed = pthread_create(&thread, &attr, worker_main, (void *)(long)(workers + 1));
         pthread_attr_destroy(&attr);
         if (failed)
