@@ -341,14 +341,17 @@ def _transpose_gradient(dout, n, blocks, lanes, dT, db):
     V = len(lanes)
     cells = OH * OW
     flat = dout.reshape(-1)
-    for i in range(blocks * cells * V):
-        dT[_ix(i)] = 0
+    if K % V:  # lanes past the last channel
+        for i in range((blocks - 1) * cells * V, blocks * cells * V):
+            dT[_ix(i)] = 0
+    for kb in range(blocks):
+        k_end = min(K, (kb + 1) * V)
+        for p in range(cells):  # consecutive stores: each pixel's vector is written whole
+            d = (kb * cells + p) * V - kb * V
+            for k in range(kb * V, k_end):
+                dT[_ix(d + k)] = flat[_ix((n * K + k) * cells + p)]
     for k in range(K):
-        s = (n * K + k) * cells
-        d = (k // V) * cells * V + k % V
-        for p in range(cells):
-            dT[_ix(d + p * V)] = flat[_ix(s + p)]
-        db[k] += row_sum(flat, s, cells)
+        db[k] += row_sum(flat, (n * K + k) * cells, cells)
 
 
 @_inlined
