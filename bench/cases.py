@@ -79,8 +79,9 @@ def build_cases(shapes, dtypes, n_images=_shapes.INFERENCE_IMAGES, only=None, ke
     full = _shapes.INFERENCE_IMAGES
     cases = []
     for dtype in dtypes:
+        # the headline figures: network_repeat samples of every implementation, unless one takes seconds
         cases.append(Case(TRAIN_STEP, NETWORK, f"gradient + Adam, {batch_label}", dtype,
-                          flops=3 * shapes.forward_flops, repeat=network_repeat))
+                          flops=3 * shapes.forward_flops, repeat=network_repeat, max_time=5.0))
         if dtype in inference_dtypes:
             cases.append(Case(
                 INFERENCE, NETWORK,

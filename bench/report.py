@@ -99,7 +99,7 @@ def build_parser():
     p.add_argument("--min-repeat", type=int, help="fewest samples when a benchmark is slow (full run: 3)")
     p.add_argument("--max-time", type=float,
                    help="seconds of samples per implementation and benchmark after which --min-repeat "
-                        "samples suffice (full run: 0.5; inference: 8)")
+                        "samples suffice (full run: 0.5; train step: 5; inference: 8)")
     p.add_argument("--network-repeat", type=int, help="samples of each train step (full run: 11)")
     p.add_argument("--alone-repeat", type=int,
                    help="samples of PyTorch's train step alone, before and after the benchmarks each "
