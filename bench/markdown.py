@@ -182,7 +182,9 @@ def _conv_layers(report, dtype):
     baselines = {b: of for b, of in _baselines(report["settings"]).items() if b in impls}
     head = ["layer", "kernel"] + impls + [f"{b} / {of}" for b, of in baselines.items()]
     rows = []
-    for (layer, kernel), by_impl in rows_by_key.items():
+    order = sorted(rows_by_key, key=lambda key: (key[0], CONV_KERNELS.index(key[1])))  # each layer's pair together
+    for layer, kernel in order:
+        by_impl = rows_by_key[(layer, kernel)]
         cells = [layer, kernel.replace("conv_", "")] + [_conv_cell(by_impl.get(i)) for i in impls]
         for b, of in baselines.items():
             old, new = by_impl.get(b), by_impl.get(of)

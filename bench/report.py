@@ -56,8 +56,8 @@ THREAD_VARS = ("FASTCONV_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"
 def _tree_label(tree):
     """The short commit of a source tree, or its folder's name where git cannot tell."""
     try:
-        done = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, check=False,
-                              text=True, timeout=30)
+        done = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              check=False, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         done = None
     return done.stdout.strip() if done is not None and done.returncode == 0 else Path(tree).resolve().name
