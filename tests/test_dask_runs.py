@@ -16,12 +16,21 @@ distributed = pytest.importorskip("distributed", reason="the dask extra is not i
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A scheduler and two single-threaded worker processes, on loopback, each running kernels on one thread."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FASTCONV_NUM_THREADS", "1")  # the workers' environment
+    """A scheduler and two single-threaded worker processes, on loopback, each running kernels on one thread.
+
+    LocalCluster leaves variables for its workers in this process's environment
+    (OPENBLAS_NUM_THREADS, MALLOC_TRIM_THRESHOLD_, ...), which processes started
+    later would inherit; the environment is put back as it was.
+    """
+    environment = dict(os.environ)
+    try:
+        os.environ["FASTCONV_NUM_THREADS"] = "1"  # the workers' environment
         with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                                       dashboard_address=None, silence_logs=logging.ERROR) as local:
             yield local
+    finally:
+        os.environ.clear()
+        os.environ.update(environment)
 
 
 def test_members_on_a_local_cluster_are_the_models_trained_alone(synthetic_dir, tmp_path, alone, cluster, capsys):
