@@ -23,13 +23,18 @@ _BENCH_PARENT = str(Path(__file__).resolve().parent.parent)
 _FROM_TREE = ("import sys; sys.path.insert(0, {bench!r}); import bench.worker as worker; "
               "sys.path[:] = [{tree!r}] + [p for p in sys.path if p not in ('', {bench!r}, {cwd!r})]; "
               "sys.exit(worker.main())")
+# Otherwise the worker measures the fastconv a user would import: the installed one comes before the
+# folder holding bench (often the repository root, whose fastconv may be unbuilt), which goes last.
+_INSTALLED = ("import sys; sys.path[:] = [p for p in sys.path if p not in ('', {bench!r}, {cwd!r})] + [{bench!r}]; "
+              "import bench.worker as worker; sys.exit(worker.main())")
 
 
 def _command(spec):
     if spec.get("source"):
         code = _FROM_TREE.format(bench=_BENCH_PARENT, tree=str(Path(spec["source"]).resolve()), cwd=os.getcwd())
-        return [sys.executable, "-c", code, json.dumps(spec)]
-    return [sys.executable, "-m", "bench.worker", json.dumps(spec)]
+    else:
+        code = _INSTALLED.format(bench=_BENCH_PARENT, cwd=os.getcwd())
+    return [sys.executable, "-c", code, json.dumps(spec)]
 
 
 class Worker:

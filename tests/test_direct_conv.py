@@ -237,8 +237,9 @@ def test_kernels_called_from_several_threads_at_once_give_the_same_bits(monkeypa
 
 def run_python(code, timeout=120):
     env = dict(os.environ, FASTCONV_BACKEND="cython", FASTCONV_NUM_THREADS="2")
+    # run from the tests' folder: the repository root would put the unbuilt source tree first on the path
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+                          timeout=timeout, env=env, cwd=os.path.dirname(__file__))
 
 
 def test_a_child_forked_after_kernels_ran_runs_them_too():

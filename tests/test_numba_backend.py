@@ -67,7 +67,8 @@ def env_without_fastconv(**extra):
     return env
 
 
-def run_python(code, cwd=None, **env):
+def run_python(code, cwd=os.path.dirname(__file__), **env):
+    # by default from the tests' folder: the repository root would put the unbuilt source tree first
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
                             env=env_without_fastconv(**env), cwd=cwd, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
