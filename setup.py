@@ -76,6 +76,7 @@ class BuildExtWithThreads(build_ext):
         flags = thread_flags(self.compiler)
         if flags is None:
             print("fastconv: threads not available, building serial extensions")
+        self._rebuild_if_mode_changed("serial" if flags is None else "threads")
         for ext in self.extensions:
             if sys.platform != "win32":
                 # -ffp-contract=fast: a * b + c in the kernels becomes one fused multiply-add
@@ -85,6 +86,16 @@ class BuildExtWithThreads(build_ext):
                 ext.extra_link_args = list(ext.extra_link_args) + flags[1]
                 ext.define_macros = list(ext.define_macros) + [("FASTCONV_THREADS", "1")]
         super().build_extensions()
+
+    def _rebuild_if_mode_changed(self, mode):
+        # objects left in the build folder by a build of the other mode look up to date: rebuild them all
+        stamp = os.path.join(self.build_temp, "fastconv-build-mode")
+        if os.path.exists(stamp):
+            with open(stamp) as f:
+                self.force = self.force or f.read() != mode
+        os.makedirs(self.build_temp, exist_ok=True)
+        with open(stamp, "w") as f:
+            f.write(mode)
 
 
 def extensions():

@@ -24,16 +24,6 @@ def _cython():
     return _buildinfo.cython_version()
 
 
-def _openmp():
-    try:
-        from fastconv._ext import _buildinfo
-    except ImportError as exc:
-        return f"unknown (compiled extensions failed to import: {exc})"
-    if _buildinfo.openmp_enabled():
-        return f"enabled (OpenMP max threads {_buildinfo.openmp_max_threads()})"
-    return "not used (the compiled kernels run on fastconv's own thread pool)"
-
-
 def _pool():
     try:
         from fastconv._ext import _parallel
@@ -70,7 +60,6 @@ def collect():
         "numpy": np.__version__,
         "cython": _cython(),
         "numba": _version("numba"),
-        "openmp": _openmp(),
         "pool": _pool(),
         "simd": _simd(),
         "blas": _blas(),
@@ -89,7 +78,6 @@ def format_info(facts):
         f"numpy    {facts['numpy']}",
         f"cython   {facts['cython']} (compiled with)",
         f"numba    {facts['numba']}",
-        f"openmp   {facts['openmp']}",
         f"pool     {facts['pool']}",
         f"simd     {facts['simd']}",
         f"blas     {facts['blas']}",

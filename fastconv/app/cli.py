@@ -74,7 +74,7 @@ def build_parser():
 
     parser = argparse.ArgumentParser(prog="fastconv", description="Fast convolution layers for NumPy deep learning.")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("info", help="versions, backends, OpenMP and threads on this machine")
+    commands.add_parser("info", help="versions, backends, SIMD variant and threads on this machine")
     _add_train_parser(commands)
     add_sweep_parser(commands)
     return parser

@@ -5,8 +5,8 @@ it, and the run asks them through it to stop (Ctrl-C). A member task holds
 only the channel's ``reporter``, a small picklable object.
 
 - ``local_executor(jobs, threads)``: ``jobs`` worker processes on this
-  machine, started with ``spawn`` (a forked child of a process whose
-  OpenMP kernels have run can hang), each running its kernels on
+  machine, started with ``spawn`` (a forked child inherits the parent's
+  thread-pool and BLAS state, and forking a threaded process is fragile), each running its kernels on
   ``threads`` threads: the worker sets ``FASTCONV_NUM_THREADS`` and its BLAS
   limit in its own process when it starts. Workers ignore SIGINT; Ctrl-C
   reaches the run, which asks them to stop. A pool that lost a process is
