@@ -83,10 +83,12 @@ class Events:
                 trigger[1](event)
 
 
-def first_epoch_ends(events, only_after_a_finished_model=False):
+def first_epoch_ends(events, only_after_a_finished_model=False, models_started=1):
+    """A model's first epoch ends (once ``models_started`` models have reported their start)."""
     def test(event):
         return (event["kind"] == "log" and event["text"].startswith("epoch   1/")
-                and (events.finished or not only_after_a_finished_model))
+                and (events.finished or not only_after_a_finished_model)
+                and sum(bool(events.starts(k)) for k in list(events.by_key)) >= models_started)
 
     return test
 
@@ -154,7 +156,8 @@ def test_ctrl_c_stops_every_member_with_a_checkpoint_that_resume_continues(synth
     def ctrl_c(event):
         raise KeyboardInterrupt
 
-    events.when(first_epoch_ends(events), ctrl_c)
+    # a worker's start reaches this process after its first epoch may have ended in the other worker
+    events.when(first_epoch_ends(events, models_started=2), ctrl_c)
     out = tmp_path / "ensemble"
     with parallel_training(MODELS, jobs=2, progress=False, on_event=events) as parallel:
         with pytest.raises(KeyboardInterrupt):
