@@ -67,7 +67,7 @@ tiles compiled for that many registers; the plan picks the forward tile with the
 least padded work times ``TILE_COST``.
 
 Public names (stable): ``VARIANTS``, ``LANES``, ``REGISTERS``, ``FORWARD_TILES``,
-``TILE_COST``, ``CHANNEL_TILES``, ``DW_GROUPS``, ``output_size``, ``direct_supported``,
+``TILE_COST``, ``PIXEL_TILES``, ``PIXEL_TILE_COST``, ``CHANNEL_TILES``, ``DW_GROUPS``, ``output_size``, ``direct_supported``,
 ``conv_plan``, ``ConvPlan``, ``TilePass``, ``group_bounds``, ``channel_tiles``,
 ``pack_forward_weights``, ``pack_backward_data_weights``.
 """
@@ -91,12 +91,22 @@ REGISTERS = {"avx512": 32, "avx2": 16, "generic": 16}
 FORWARD_TILES = {32: ((16, 1), (12, 2), (8, 3), (8, 2), (6, 4), (4, 6), (1, 12)),
                  16: ((8, 1), (6, 2), (4, 2), (2, 4), (1, 6))}
 
+# (vectors of output channels, pixels) of the tiles with the output channels in the lanes: accumulators +
+# weight vectors + one broadcast fit the registers
+PIXEL_TILES = {32: ((4, 6), (3, 8), (2, 12)), 16: ((2, 6),)}
+
 # Time per multiply-add of each forward tile relative to 8 x 3 (measured with AVX-512 in float32, data in
 # cache, on the chapter-8 network's image widths): tiles with about as many loads (input vectors, weight
 # broadcasts) as multiply-adds are slowed down by them. The 16-register tiles are estimated the same way
 # from their loads per multiply-add.
 TILE_COST = {(16, 1): 1.27, (12, 2): 1.06, (8, 3): 1.0, (8, 2): 1.11, (6, 4): 1.02, (4, 6): 1.06, (1, 12): 1.3,
              (8, 1): 1.38, (6, 2): 1.25, (4, 2): 1.3, (2, 4): 1.38, (1, 6): 1.65}
+# the same for the channels-in-lanes tiles, keyed ("pixels", vectors of channels, pixels); their results
+# are transposed into the NCHW output afterwards, which is counted in
+PIXEL_TILE_COST = {("pixels", 4, 6): 1.1, ("pixels", 3, 8): 1.1, ("pixels", 2, 12): 1.2, ("pixels", 2, 6): 1.35}
+
+# the channels-in-lanes tile takes as many input channels at a time as have this many bytes of weights
+L1_WEIGHT_BYTES = 16384
 
 # input channels of one backward-weights tile (one accumulator each, plus the dout vector), largest first
 CHANNEL_TILES = {32: (16, 8, 4, 2, 1), 16: (8, 4, 2, 1)}
@@ -139,6 +149,17 @@ class TilePass:
     ``out_w`` of each row are kept; it is computed in ``grid_tiles`` tiles of
     ``vectors * lanes`` positions (``grid_padded`` in all), for ``k_blocks``
     blocks of ``k_tile`` output channels (``k_padded`` in all).
+
+    With ``channel_lanes`` the tile keeps output channels in the lanes instead:
+    ``k_tile`` is a multiple of ``lanes`` and ``vectors`` counts output pixels
+    (row-major over ``out_h x out_w``, no thrown-away positions); for each (c, kh,
+    kw) the tile loads ``k_tile / lanes`` weight vectors and multiplies them by
+    one input value per pixel. Input channels are taken ``c_chunk`` at a time
+    over all pixels, so that the chunk's weights stay in the L1 cache, the
+    sums carried in scratch between chunks (the same additions in the same
+    order). A block's results, ``(pixels, k_tile)``, are transposed into the
+    output. The plan takes it where the grid would waste
+    many lanes (small planes, whose rows are short against the padding).
     """
 
     in_channels: int
@@ -154,6 +175,9 @@ class TilePass:
     lanes: int
     k_tile: int
     vectors: int
+    channel_lanes: bool = False
+    c_chunk: int = 1
+
 
     @property
     def in_plane(self):
@@ -165,14 +189,21 @@ class TilePass:
 
     @property
     def grid_tiles(self):
+        if self.channel_lanes:
+            return -(-self.out_h * self.out_w // self.vectors)
         return -(-self.grid // (self.vectors * self.lanes))
 
     @property
     def grid_padded(self):
+        """Results per output channel in scratch (the channels-in-lanes tile: one per pixel of its tiles)."""
+        if self.channel_lanes:
+            return self.grid_tiles * self.vectors
         return self.grid_tiles * self.vectors * self.lanes
 
     @property
     def in_tail(self):
+        if self.channel_lanes:  # reads valid input positions only
+            return 0
         # the last tile's loads reach grid_padded - grid + FW - 1 elements past the planes (FW - 1 = in_w - out_w)
         return self.grid_padded - self.grid + max(self.lanes, self.in_w - self.out_w)
 
@@ -200,21 +231,30 @@ class TilePass:
         return self.k_tile * self.grid_padded
 
 
-def _tile_pass(in_channels, out_channels, src_h, src_w, border_h, border_w, filter_h, filter_w, lanes, registers):
+def _tile_pass(in_channels, out_channels, src_h, src_w, border_h, border_w, filter_h, filter_w, lanes, registers,
+               itemsize):
     in_h, in_w = src_h + 2 * border_h, src_w + 2 * border_w
     out_h = in_h - filter_h + 1
     out_w = in_w - filter_w + 1
-    grid = out_h * in_w
+    grid, pixels = out_h * in_w, out_h * out_w
 
     def cost(tile):
-        k_tile, vectors = tile
-        positions = -(-grid // (vectors * lanes)) * vectors * lanes
+        k_tile, vectors, channel_lanes = tile
+        if channel_lanes:
+            positions = -(-pixels // vectors) * vectors
+            factor = PIXEL_TILE_COST["pixels", k_tile // lanes, vectors]
+        else:
+            positions = -(-grid // (vectors * lanes)) * vectors * lanes
+            factor = TILE_COST[k_tile, vectors]
         channels = -(-out_channels // k_tile) * k_tile
-        return channels * positions * TILE_COST[tile], -k_tile * vectors, -k_tile  # ties: the larger tile
+        return channels * positions * factor, -k_tile * vectors, -k_tile  # ties: the larger tile
 
-    k_tile, vectors = min(FORWARD_TILES[registers], key=cost)
+    tiles = [(k_tile, vectors, False) for k_tile, vectors in FORWARD_TILES[registers]]
+    tiles += [(k_vectors * lanes, pixels_, True) for k_vectors, pixels_ in PIXEL_TILES[registers]]
+    k_tile, vectors, channel_lanes = min(tiles, key=cost)
+    c_chunk = max(1, L1_WEIGHT_BYTES // (filter_h * filter_w * k_tile * itemsize)) if channel_lanes else in_channels
     return TilePass(in_channels, out_channels, src_h, src_w, border_h, border_w, in_h, in_w, out_h, out_w,
-                    lanes, k_tile, vectors)
+                    lanes, k_tile, vectors, channel_lanes, min(c_chunk, in_channels))
 
 
 @dataclass(frozen=True)
@@ -331,8 +371,9 @@ def _conv_plan(x_shape, w_shape, stride, pad, dtype, variant):
                   pad=pad, out_h=out_h, out_w=out_w, dtype=dtype, variant=variant, lanes=lanes, registers=registers)
     if not direct_supported(FH, FW, stride, pad):
         return ConvPlan(direct=False, **common)
-    forward = _tile_pass(C, K, H, W, pad, pad, FH, FW, lanes, registers)
-    backward_data = _tile_pass(K, C, out_h, out_w, FH - 1 - pad, FW - 1 - pad, FH, FW, lanes, registers)
+    forward = _tile_pass(C, K, H, W, pad, pad, FH, FW, lanes, registers, dtype.itemsize)
+    backward_data = _tile_pass(K, C, out_h, out_w, FH - 1 - pad, FW - 1 - pad, FH, FW, lanes, registers,
+                               dtype.itemsize)
     return ConvPlan(direct=True, forward=forward, backward_data=backward_data,
                     channel_tiles=channel_tiles(C, registers), groups=min(N, DW_GROUPS), **common)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import fastconv
-from fastconv import _build_check
+from fastconv import _build_check, _plan
 
 BACKENDS = fastconv.available_backends()
 MNIST_DIR = Path(os.environ.get("FASTCONV_TEST_MNIST", Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mnist"))
@@ -40,6 +40,17 @@ def dtype(request):
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+@pytest.fixture(params=["grid", "pixels"])
+def tile_kind(request, monkeypatch):
+    """The direct kernels' forward tiles forced to one kind: the grid tile, or the tile with the output
+    channels in the lanes (the plan otherwise picks per layer; plans are forgotten before and after)."""
+    other = "PIXEL_TILE_COST" if request.param == "grid" else "TILE_COST"
+    monkeypatch.setattr(_plan, other, dict.fromkeys(getattr(_plan, other), 1e9))
+    _plan._conv_plan.cache_clear()
+    yield request.param
+    _plan._conv_plan.cache_clear()
 
 
 def tolerance(dtype):

@@ -70,11 +70,12 @@ def reference_run(x, w, b, pad, dout):
 
 def direct_run(x, w, b, pad, dout):
     out, cache = kernels.conv_forward(x, w, b, 1, pad)
+    assert cache.plan.direct
     return (out,) + tuple(kernels.conv_backward(dout, cache, w))
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=geometry_id)
-def test_integer_data_equals_reference_bit_for_bit(variant, geometry, dtype, rng):
+def test_integer_data_equals_reference_bit_for_bit(variant, geometry, dtype, rng, tile_kind):
     x, w, b = integer_problem(rng, geometry, dtype)
     N, C, K, H, W, FH, FW, pad = geometry
     out_shape = (N, K, H + 2 * pad - FH + 1, W + 2 * pad - FW + 1)
@@ -102,7 +103,7 @@ def random_geometries(count, seed):
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES + list(random_geometries(24, 5)), ids=geometry_id)
-def test_random_data_is_close_to_reference(variant, geometry, dtype, rng):
+def test_random_data_is_close_to_reference(variant, geometry, dtype, rng, tile_kind):
     N, C, K, H, W, FH, FW, pad = geometry
     x = rng.standard_normal((N, C, H, W)).astype(dtype)
     w = rng.standard_normal((K, C, FH, FW)).astype(dtype)

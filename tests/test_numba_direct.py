@@ -84,7 +84,7 @@ def run_reference(x, Wt, b, dout, pad):
 
 
 @pytest.mark.parametrize("variant,geometry", CASES, ids=CASE_IDS)
-def test_integer_data_gives_the_references_bits(variant, geometry, dtype, rng, numba_backend, monkeypatch):
+def test_integer_data_gives_the_references_bits(variant, geometry, dtype, rng, numba_backend, monkeypatch, tile_kind):
     monkeypatch.setattr(direct, "VARIANT", variant)
     case = conv_case(geometry, dtype, rng, integers=True)
     for got, expected in zip(run_fast(*case), run_reference(*case)):
@@ -98,7 +98,7 @@ def relative_error(got, expected):
 
 
 @pytest.mark.parametrize("variant,geometry", CASES, ids=CASE_IDS)
-def test_random_data_within_the_error_bounds(variant, geometry, dtype, rng, numba_backend, monkeypatch):
+def test_random_data_within_the_error_bounds(variant, geometry, dtype, rng, numba_backend, monkeypatch, tile_kind):
     """Relative L2 error against the reference run in float64: 1e-12 in float64; in float32 1e-5 for
     out and dx, 1e-4 for dW and db (sums over the whole batch)."""
     monkeypatch.setattr(direct, "VARIANT", variant)
@@ -186,6 +186,30 @@ def test_tile_intrinsics_against_numpy(rows, columns, lanes, dtype, rng):
     np.testing.assert_allclose(out[:rows * width].reshape(rows, width), expected, rtol=tolerance, atol=tolerance)
     splatted = np.repeat(array[index:index + rows], width).reshape(rows, width)  # consecutive values, one per row
     np.testing.assert_array_equal(out[rows * width:].reshape(rows, width), splatted)
+
+
+@pytest.mark.parametrize("rows,columns,lanes", [(1, 1, 2), (6, 4, 16), (12, 2, 8)])
+def test_gathering_fma_against_numpy(rows, columns, lanes, dtype, rng):
+    width = columns * lanes
+    array = rng.standard_normal(60).astype(dtype)
+    weights = rng.standard_normal(width).astype(dtype)
+    start = rng.standard_normal(rows * width).astype(dtype)
+    offsets = rng.integers(0, 50, rows + 3).astype(np.int64)
+    base, first = 7, 2
+
+    def program(array, weights, offsets, out, rows, columns, lanes):
+        acc = direct.tile_load(out, 0, len(columns) * len(lanes), rows, columns, lanes)
+        vectors = direct.tile_load(weights, 0, 0, direct._ONE, columns, lanes)
+        acc = direct.tile_gather_fma(acc, vectors, array, base, offsets, first)
+        direct.tile_store(out, 0, len(columns) * len(lanes), acc)
+
+    compiled = program if config.DISABLE_JIT else njit(program)
+    out = start.copy()
+    compiled(array, weights, offsets, out, direct.token(rows), direct.token(columns), direct.token(lanes))
+    scalars = array[base + offsets[first:first + rows]]
+    expected = start.reshape(rows, width).astype(np.float64) + np.outer(scalars, weights)
+    tolerance = 1e-12 if dtype == np.float64 else 1e-5
+    np.testing.assert_allclose(out.reshape(rows, width), expected, rtol=tolerance, atol=tolerance)
 
 
 def test_take_next_hands_out_each_task_once():

@@ -11,7 +11,7 @@ from fastconv._ext._parallel cimport fc_task_fn, run_tasks
 cdef extern from "dconv.h":
     ctypedef struct fc_tile_pass:
         int in_channels, out_channels, src_h, src_w, border_h, border_w, in_h, in_w, out_h, out_w
-        int filter_h, filter_w, k_tile, vectors, k_blocks, grid_tiles
+        int filter_h, filter_w, k_tile, vectors, k_blocks, grid_tiles, channel_lanes, c_chunk
         long in_plane, image_stride, grid_stride
 
     ctypedef struct fc_forward_job:
@@ -52,6 +52,7 @@ cdef extern from "dconv.h":
         fc_task_fn forward
         fc_task_fn backward
         fc_task_fn sum_groups
+        int (*has_tile)(int channel_lanes, int k_tile, int vectors) nogil
 
     int fc_dconv_available(int variant) nogil
     const fc_dconv_functions_t *fc_dconv_functions(int variant, int is_double) nogil
@@ -68,16 +69,19 @@ def available(variant):
     return bool(fc_dconv_available(VARIANTS.index(variant)))
 
 
-cdef fc_tile_pass _tile_pass(object p) except *:
+cdef fc_tile_pass _tile_pass(object p, const fc_dconv_functions_t *fns) except *:
     cdef fc_tile_pass t
     t.in_channels, t.out_channels = p.in_channels, p.out_channels
     t.src_h, t.src_w, t.border_h, t.border_w = p.src_h, p.src_w, p.border_h, p.border_w
     t.in_h, t.in_w, t.out_h, t.out_w = p.in_h, p.in_w, p.out_h, p.out_w
     t.filter_h, t.filter_w = p.in_h - p.out_h + 1, p.in_w - p.out_w + 1
     t.k_tile, t.vectors, t.k_blocks, t.grid_tiles = p.k_tile, p.vectors, p.k_blocks, p.grid_tiles
+    t.channel_lanes, t.c_chunk = p.channel_lanes, p.c_chunk
     t.in_plane, t.image_stride, t.grid_stride = p.in_plane, p.image_stride, p.grid_padded
-    if t.in_channels < 1 or t.out_channels < 1 or t.out_h < 1 or t.out_w < 1 or t.filter_h < 1 or t.filter_w < 1:
+    if t.in_channels < 1 or t.out_channels < 1 or t.c_chunk < 1 or t.out_h < 1 or t.out_w < 1 or t.filter_h < 1 or t.filter_w < 1:
         raise ValueError("empty convolution pass")
+    if not fns.has_tile(t.channel_lanes, t.k_tile, t.vectors):
+        raise ValueError(f"no tile of {t.k_tile} channels x {t.vectors} is compiled for this variant")
     return t
 
 
@@ -126,9 +130,9 @@ def conv_forward(object tile_pass, Py_ssize_t batch, const floating[::1] x, floa
                  floating[::1] scratch, Py_ssize_t scratch_stride, int variant, int num_threads):
     """out = convolution of x plus bias; packed = x's padded planes (kept for backward)."""
     cdef fc_forward_job job
-    job.pass_ = _tile_pass(tile_pass)
-    cdef fc_tile_pass *p = &job.pass_
     cdef const fc_dconv_functions_t *fns = _functions(variant, floating is double)
+    job.pass_ = _tile_pass(tile_pass, fns)
+    cdef fc_tile_pass *p = &job.pass_
     cdef Py_ssize_t align = SCRATCH_ALIGNMENT // sizeof(floating)
     _need(x.shape[0], batch * p.in_channels * p.src_h * p.src_w, "x")
     if x.shape[0] != batch * p.in_channels * p.src_h * p.src_w:
@@ -158,8 +162,9 @@ def conv_backward(object forward_pass, object data_pass, Py_ssize_t batch, int l
     dw_groups and db_groups receive each group's sums; they are added in group order.
     """
     cdef fc_backward_job job
-    job.forward = _tile_pass(forward_pass)
-    job.data = _tile_pass(data_pass)
+    cdef const fc_dconv_functions_t *fns = _functions(variant, floating is double)
+    job.forward = _tile_pass(forward_pass, fns)
+    job.data = _tile_pass(data_pass, fns)
     cdef fc_tile_pass *f = &job.forward
     cdef fc_tile_pass *d = &job.data
     cdef Py_ssize_t align = SCRATCH_ALIGNMENT // sizeof(floating)
@@ -170,7 +175,6 @@ def conv_backward(object forward_pass, object data_pass, Py_ssize_t batch, int l
     cdef double total
     if lanes * sizeof(floating) != (64, 32, 16)[variant]:
         raise ValueError(f"{VARIANTS[variant]} vectors do not hold {lanes} elements")
-    cdef const fc_dconv_functions_t *fns = _functions(variant, floating is double)
     if (d.in_channels != K or d.out_channels != C or d.src_h != f.out_h or d.src_w != f.out_w
             or d.out_h != f.src_h or d.out_w != f.src_w):
         raise ValueError("the backward-data pass does not match the forward pass")

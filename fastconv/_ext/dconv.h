@@ -18,6 +18,8 @@ typedef struct {
     int out_h, out_w;                     /* valid outputs; the grid has out_h rows of in_w */
     int filter_h, filter_w;
     int k_tile, vectors, k_blocks, grid_tiles;
+    int channel_lanes;                    /* 1: output channels in the lanes, vectors = pixels per tile */
+    int c_chunk;                          /* channels-in-lanes tile: input channels per pass over the pixels */
     long in_plane;                        /* in_h * in_w */
     long image_stride;                    /* padded planes of one image and the tail that may be read */
     long grid_stride;                     /* grid positions per output channel (grid_padded) */
@@ -64,6 +66,7 @@ typedef struct {
     fc_task_fn forward;     /* fc_forward_job: one task per image */
     fc_task_fn backward;    /* fc_backward_job: one task per image group */
     fc_task_fn sum_groups;  /* fc_backward_job: dW from the groups, one task per (lane block, channel) */
+    int (*has_tile)(int channel_lanes, int k_tile, int vectors); /* whether that forward tile is compiled */
 } fc_dconv_functions_t;
 
 enum { FC_AVX512 = 0, FC_AVX2 = 1, FC_GENERIC = 2, FC_VARIANTS = 3 };

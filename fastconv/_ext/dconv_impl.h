@@ -116,6 +116,26 @@ static void FC_NAME(transpose_block)(const FC_T *dy, int count, int pixels, FC_T
             dT[(long)q * FC_V + i] = dy[(long)i * pixels + q];
 }
 
+/* The opposite of transpose_block: rows[j * row_stride + q] = T[q * t_stride + j] for j < count (channels)
+   and q < pixels. */
+static void FC_NAME(untranspose_block)(const FC_T *T, long t_stride, int count, int pixels, FC_T *rows,
+                                       long row_stride)
+{
+    int q0 = 0;
+#if defined(__GNUC__) && !defined(__clang__)
+    for (; q0 + FC_V <= pixels; q0 += FC_V) {
+        VEC r[FC_V];
+        _Pragma("GCC unroll 16") for (int i = 0; i < FC_V; i++) r[i] = FC_NAME(load)(T + (long)(q0 + i) * t_stride);
+        FC_NAME(transpose_registers)(r);
+        for (int j = 0; j < count; j++)
+            FC_NAME(store)(rows + (long)j * row_stride + q0, r[j]);
+    }
+#endif
+    for (int j = 0; j < count; j++)
+        for (int q = q0; q < pixels; q++)
+            rows[(long)j * row_stride + q] = T[(long)q * t_stride + j];
+}
+
 /* out[j] = the sum of the lanes of r[j], for j < n (lanes added in a fixed order). */
 static inline void FC_NAME(lane_sums)(VEC r[FC_V], FC_T *out, int n)
 {
@@ -211,6 +231,44 @@ static double FC_NAME(row_sum)(const FC_T *values, int count)
                 FC_NAME(store)(grid + i * grid_stride + p0 + j * FC_V, acc[i][j]);                   \
     }
 
+/* Forward tile with the output channels in the lanes: KV vectors of output channels x P output pixels
+   (row-major over out_h x out_w, from q0 on), for planes too small for the grid tile to fill its vectors.
+   Each multiply-add is a vector of weights times one input value. Input channels [c0, c1) are added to
+   the bias (c0 = 0) or to the sums already in the rows q0... of T (pixels, KV * FC_V), where the results
+   go. Pixels past the last are computed as the last one (rows T has, unused). */
+#define FC_PIXEL_TILE(KV, P)                                                                         \
+    static void FC_NAME(pixels_##KV##_##P)(const FC_T *in, long plane, int channels, int in_w,      \
+                                           int out_w, int pixels, int fh, int fw, const FC_T *w,     \
+                                           const FC_T *bias, FC_T *T, int q0, int c0, int c1)        \
+    {                                                                                                \
+        const FC_T *at[P];                                                                           \
+        _Pragma("GCC unroll 16") for (int p = 0; p < P; p++) {                                       \
+            int q = q0 + p < pixels ? q0 + p : pixels - 1;                                           \
+            at[p] = in + (long)(q / out_w) * in_w + q % out_w;                                       \
+        }                                                                                            \
+        VEC acc[P][KV];                                                                              \
+        _Pragma("GCC unroll 16") for (int p = 0; p < P; p++)                                         \
+            _Pragma("GCC unroll 8") for (int v = 0; v < KV; v++)                                     \
+                acc[p][v] = FC_NAME(load)(c0 ? T + (long)(q0 + p) * (KV * FC_V) + v * FC_V : bias + v * FC_V); \
+        for (int c = c0; c < c1; c++) {                                                              \
+            for (int kh = 0; kh < fh; kh++) {                                                        \
+                for (int kw = 0; kw < fw; kw++) {                                                    \
+                    const long offset = c * plane + kh * in_w + kw;                                  \
+                    const FC_T *wp = w + ((long)(c * fh + kh) * fw + kw) * (KV * FC_V);              \
+                    VEC wv[KV];                                                                      \
+                    _Pragma("GCC unroll 8") for (int v = 0; v < KV; v++) wv[v] = FC_NAME(load)(wp + v * FC_V); \
+                    _Pragma("GCC unroll 16") for (int p = 0; p < P; p++) {                           \
+                        FC_T s = at[p][offset];                                                      \
+                        _Pragma("GCC unroll 8") for (int v = 0; v < KV; v++) acc[p][v] += wv[v] * s; \
+                    }                                                                                \
+                }                                                                                    \
+            }                                                                                        \
+        }                                                                                            \
+        _Pragma("GCC unroll 16") for (int p = 0; p < P; p++)                                         \
+            _Pragma("GCC unroll 8") for (int v = 0; v < KV; v++)                                     \
+                FC_NAME(store)(T + (long)(q0 + p) * (KV * FC_V) + v * FC_V, acc[p][v]);              \
+    }
+
 /* Backward-weights tile: CT input channels for one tap and one block of FC_V output channels,
    summed over the pixels of one image into acc_mem (channel i at acc_mem + i * cstride).
    x: channel 0 of the tile, already moved by the tap; dT: the image's dout, (pixels, FC_V).
@@ -272,6 +330,8 @@ static void FC_NAME(dw_one_channel_3x3)(const FC_T *x, int in_w, const FC_T *dT,
 typedef void (*FC_NAME(tile_fn))(const FC_T *, long, int, int, int, int, const FC_T *, const FC_T *,
                                  FC_T *, long, long);
 typedef void (*FC_NAME(dw_fn))(const FC_T *, long, int, const FC_T *, int, int, FC_T *, long);
+typedef void (*FC_NAME(pixel_fn))(const FC_T *, long, int, int, int, int, int, int, const FC_T *, const FC_T *,
+                                  FC_T *, int, int, int);
 
 #if FC_REGS >= 32
 FC_FORWARD_TILE(16, 1)
@@ -281,6 +341,9 @@ FC_FORWARD_TILE(1, 12)
 FC_FORWARD_TILE(12, 2)
 FC_FORWARD_TILE(6, 4)
 FC_FORWARD_TILE(8, 2)
+FC_PIXEL_TILE(4, 6)
+FC_PIXEL_TILE(3, 8)
+FC_PIXEL_TILE(2, 12)
 FC_WEIGHTS_TILE(16, 1)
 #else
 FC_FORWARD_TILE(8, 1)
@@ -288,6 +351,7 @@ FC_FORWARD_TILE(4, 2)
 FC_FORWARD_TILE(2, 4)
 FC_FORWARD_TILE(1, 6)
 FC_FORWARD_TILE(6, 2)
+FC_PIXEL_TILE(2, 6)
 #endif
 FC_WEIGHTS_TILE(8, 1)
 FC_WEIGHTS_TILE(4, 2)
@@ -310,6 +374,18 @@ static FC_NAME(tile_fn) FC_NAME(forward_tile)(int k_tile, int vectors)
     if (k_tile == 2 && vectors == 4) return FC_NAME(tile_2_4);
     if (k_tile == 1 && vectors == 6) return FC_NAME(tile_1_6);
     if (k_tile == 6 && vectors == 2) return FC_NAME(tile_6_2);
+#endif
+    return 0;
+}
+
+static FC_NAME(pixel_fn) FC_NAME(pixel_tile)(int k_vectors, int pixels)
+{
+#if FC_REGS >= 32
+    if (k_vectors == 4 && pixels == 6) return FC_NAME(pixels_4_6);
+    if (k_vectors == 3 && pixels == 8) return FC_NAME(pixels_3_8);
+    if (k_vectors == 2 && pixels == 12) return FC_NAME(pixels_2_12);
+#else
+    if (k_vectors == 2 && pixels == 6) return FC_NAME(pixels_2_6);
 #endif
     return 0;
 }
@@ -357,6 +433,28 @@ static void FC_NAME(pad_planes)(const fc_tile_pass *p, const FC_T *src, FC_T *ds
 static void FC_NAME(run_pass)(const fc_tile_pass *p, const FC_T *in, const FC_T *weights, const FC_T *bias,
                               FC_T *grid, FC_T *out)
 {
+    if (p->channel_lanes) {
+        /* output channels in the lanes: grid holds one block's (pixels, k_tile) results */
+        FC_NAME(pixel_fn) tile = FC_NAME(pixel_tile)(p->k_tile / FC_V, p->vectors);
+        const long block_weights = (long)p->in_channels * p->filter_h * p->filter_w * p->k_tile;
+        const int pixels = p->out_h * p->out_w;
+        for (int kb = 0; kb < p->k_blocks; kb++) {
+            /* input channels a chunk at a time: the chunk's weights stay in the L1 cache for every tile */
+            for (int c0 = 0; c0 < p->in_channels; c0 += p->c_chunk) {
+                int c1 = c0 + p->c_chunk < p->in_channels ? c0 + p->c_chunk : p->in_channels;
+                for (int q0 = 0; q0 < pixels; q0 += p->vectors)
+                    tile(in, p->in_plane, p->in_channels, p->in_w, p->out_w, pixels, p->filter_h, p->filter_w,
+                         weights + kb * block_weights, bias + kb * p->k_tile, grid, q0, c0, c1);
+            }
+            for (int v = 0; v < p->k_tile; v += FC_V) {
+                int first = kb * p->k_tile + v;
+                int count = p->out_channels - first < FC_V ? p->out_channels - first : FC_V;
+                if (count > 0)
+                    FC_NAME(untranspose_block)(grid + v, p->k_tile, count, pixels, out + (long)first * pixels, pixels);
+            }
+        }
+        return;
+    }
     FC_NAME(tile_fn) tile = FC_NAME(forward_tile)(p->k_tile, p->vectors);
     const long block_weights = (long)p->in_channels * p->filter_h * p->filter_w * p->k_tile;
     const long step = (long)p->vectors * FC_V;
@@ -475,7 +573,14 @@ static void FC_NAME(sum_groups_task)(void *arg, int thread)
     }
 }
 
+static int FC_NAME(has_tile)(int channel_lanes, int k_tile, int vectors)
+{
+    if (channel_lanes)
+        return k_tile % FC_V == 0 && FC_NAME(pixel_tile)(k_tile / FC_V, vectors) != 0;
+    return FC_NAME(forward_tile)(k_tile, vectors) != 0;
+}
+
 static const fc_dconv_functions_t FC_NAME(functions) = {
-    FC_NAME(forward_task), FC_NAME(backward_task), FC_NAME(sum_groups_task)};
+    FC_NAME(forward_task), FC_NAME(backward_task), FC_NAME(sum_groups_task), FC_NAME(has_tile)};
 
 #undef VEC

@@ -199,6 +199,29 @@ def _tile_outer_fma(typingctx, tile, vectors, array, index, step):
 
 
 @intrinsic
+def _tile_gather_fma(typingctx, tile, vectors, array, base, offsets, first):
+    sig = tile(tile, vectors, array, types.intp, offsets, types.intp)
+
+    def codegen(context, builder, sig, args):
+        value, vectors, array, base, offsets, first = args
+        rows, columns = _tile_shape(sig.args[0])
+        vector_type = context.get_value_type(sig.args[0].dtype.dtype)
+        for r in range(rows):
+            # offsets are int64, as the index
+            offset = builder.load(_address(context, builder, sig.args[4], offsets,
+                                           builder.add(first, ir.Constant(first.type, r))))
+            index = builder.add(base, offset)
+            scalar = builder.load(_address(context, builder, sig.args[2], array, index))
+            broadcast = _splat(builder, vector_type, scalar)
+            for c in range(columns):
+                product = _fma(builder, broadcast, builder.extract_value(vectors, [0, c]),
+                               builder.extract_value(value, [r, c]))
+                value = builder.insert_value(value, product, [r, c])
+        return value
+    return sig, codegen
+
+
+@intrinsic
 def _take_next(typingctx, counter):
     sig = types.intp(counter)
 
@@ -228,6 +251,10 @@ def _tile_outer_fma_py(tile, vectors, array, index, step):
     return tile + array[index + step * np.arange(len(tile))][:, None, None] * vectors[0]
 
 
+def _tile_gather_fma_py(tile, vectors, array, base, offsets, first):
+    return tile + array[base + offsets[first:first + len(tile)]][:, None, None] * vectors[0]
+
+
 _take_lock = threading.Lock()
 
 
@@ -239,15 +266,16 @@ def _take_next_py(counter):
 
 
 if config.DISABLE_JIT:
-    tile_splat, tile_load, tile_store, tile_outer_fma, take_next = (
-        _tile_splat_py, _tile_load_py, _tile_store_py, _tile_outer_fma_py, _take_next_py)
+    tile_splat, tile_load, tile_store, tile_outer_fma, tile_gather_fma, take_next = (
+        _tile_splat_py, _tile_load_py, _tile_store_py, _tile_outer_fma_py, _tile_gather_fma_py, _take_next_py)
 else:
-    tile_splat, tile_load, tile_store, tile_outer_fma, take_next = (
-        _tile_splat, _tile_load, _tile_store, _tile_outer_fma, _take_next)
+    tile_splat, tile_load, tile_store, tile_outer_fma, tile_gather_fma, take_next = (
+        _tile_splat, _tile_load, _tile_store, _tile_outer_fma, _tile_gather_fma, _take_next)
 # tile_splat(array, i, rows, columns, lanes)[r][c] = array[i + r] in every lane
 # tile_load(array, i, row_step, rows, columns, lanes)[r][c] = array[i + r*row_step + c*lanes :][:lanes]
 # tile_store(array, i, row_step, tile): the inverse of tile_load
 # tile_outer_fma(tile, vectors, array, i, step)[r][c] = tile[r][c] + array[i + r*step] * vectors[0][c]
+# tile_gather_fma(tile, vectors, array, i, offsets, f)[r][c] = tile[r][c] + array[i + offsets[f + r]] * vectors[0][c]
 # take_next(counter): counter[0], incremented atomically (the next task of a pass)
 
 
@@ -331,6 +359,66 @@ def convolve_images(src, weights, bias, out, counter, image_step, image_size, bo
                        lanes)
             _grid_to_nchw(grid, grid_padded, in_w, kb * len(k_tile), out, n)
         n = take_next(counter)
+
+
+@_inlined
+def _pixel_pass(planes, start, in_channels, in_plane, in_w, weights, bias, kb, fh, fw, grid_tiles, offsets, T,
+                k_vectors, pixels, lanes):
+    """T[(q, k)] = bias[kb*K + k] + sum over (c, ky, kx) of weights * planes[c, q's input + ky*in_w + kx], for
+    the K = len(k_vectors) * len(lanes) channels of block kb and grid_tiles * len(pixels) pixels q (the
+    channels-in-lanes tile; ``offsets[q]``: pixel q's input position in a plane)."""
+    K = len(k_vectors) * len(lanes)
+    P = len(pixels)
+    for t in range(grid_tiles):
+        q0 = t * P
+        acc = tile_load(bias, kb * K, 0, pixels, k_vectors, lanes)
+        for c in range(in_channels):
+            plane = start + c * in_plane
+            for ky in range(fh):
+                for kx in range(fw):
+                    w0 = (((kb * in_channels + c) * fh + ky) * fw + kx) * K
+                    acc = tile_gather_fma(acc, tile_load(weights, w0, 0, _ONE, k_vectors, lanes), planes,
+                                          plane + ky * in_w + kx, offsets, q0)
+        tile_store(T, q0 * K, K, acc)
+
+
+@_inlined
+def _pixels_to_nchw(T, K_tile, k0, out, n):
+    """out[n, k0 + k] = column k of T (pixels, K_tile)."""
+    _, K, OH, OW = out.shape
+    flat = out.reshape(-1)
+    cells = OH * OW
+    for k in range(min(K - k0, K_tile)):
+        d = (n * K + k0 + k) * cells
+        for q in range(cells):
+            flat[_ix(d + q)] = T[_ix(q * K_tile + k)]
+
+
+@_kernel
+def convolve_images_pixels(src, weights, bias, out, counter, image_step, image_size, border_h, border_w, fh, fw,
+                           in_h, in_w, grid_tiles, offsets, k_vectors, pixels, lanes, planes, T):
+    """``convolve_images`` with the channels-in-lanes tile: a block's results go to the thread's ``T``
+    (pixels, channels) and are transposed into out[n]."""
+    N, C, H, W = src.shape
+    K = out.shape[1]
+    K_tile = len(k_vectors) * len(lanes)
+    flat = src.reshape(-1)
+    n = take_next(counter)
+    while n < N:
+        start = n * image_step
+        _copy_planes(flat, n * C, C, H, W, planes, start, image_size, in_h, in_w, border_h, border_w)
+        for kb in range((K + K_tile - 1) // K_tile):
+            _pixel_pass(planes, start, C, in_h * in_w, in_w, weights, bias, kb, fh, fw, grid_tiles, offsets, T,
+                        k_vectors, pixels, lanes)
+            _pixels_to_nchw(T, K_tile, kb * K_tile, out, n)
+        n = take_next(counter)
+
+
+def pixel_offsets(tile_pass):
+    """Each pixel's input position in a padded plane, for the channels-in-lanes tile's pixels (those past
+    the last repeat it)."""
+    q = np.minimum(np.arange(tile_pass.grid_padded), tile_pass.out_h * tile_pass.out_w - 1)
+    return (q // tile_pass.out_w * tile_pass.in_w + q % tile_pass.out_w).astype(np.int64)
 
 
 @_inlined

@@ -224,9 +224,15 @@ def _run_counted(kernel, leading, trailing, thread_buffers):
     _workers.run([lambda buffers=buffers: kernel(*leading, counter, *trailing, *buffers) for buffers in thread_buffers])
 
 
-def _grid_pass_arguments(plan, tile_pass):
-    return (plan.filter_h, plan.filter_w, tile_pass.in_h, tile_pass.in_w, tile_pass.grid_tiles,
-            _direct.token(tile_pass.k_tile), _direct.token(tile_pass.vectors), _direct.token(plan.lanes))
+def _pass_kernel(plan, tile_pass):
+    """The kernel of a tile pass (grid or channels-in-lanes tile) and its arguments after the borders."""
+    geometry = (plan.filter_h, plan.filter_w, tile_pass.in_h, tile_pass.in_w, tile_pass.grid_tiles)
+    if tile_pass.channel_lanes:
+        return _direct.convolve_images_pixels, geometry + (
+            _direct.pixel_offsets(tile_pass), _direct.token(tile_pass.k_tile // plan.lanes),
+            _direct.token(tile_pass.vectors), _direct.token(plan.lanes))
+    return _direct.convolve_images, geometry + (
+        _direct.token(tile_pass.k_tile), _direct.token(tile_pass.vectors), _direct.token(plan.lanes))
 
 
 def conv_forward(x, W, b, stride, pad, workspace):
@@ -243,8 +249,8 @@ def conv_forward(x, W, b, stride, pad, workspace):
     out = np.empty((plan.batch, plan.filters, plan.out_h, plan.out_w), dtype=x.dtype)
     threads = min(plan.forward_threads(get_num_threads()), _thread_count(plan.batch, fwd.grid_elements))
     grids = _thread_scratch(scratch, "forward", threads, [plan.forward_scratch], x.dtype)
-    _run_counted(_direct.convolve_images, (x, weights, bias, out),
-                 (fwd.image_stride, fwd.image_stride, pad, pad) + _grid_pass_arguments(plan, fwd),
+    kernel, arguments = _pass_kernel(plan, fwd)
+    _run_counted(kernel, (x, weights, bias, out), (fwd.image_stride, fwd.image_stride, pad, pad) + arguments,
                  [[packed, grid] for grid, in grids])
     return out, ConvCache(plan, W, packed, None, scratch)
 
@@ -274,9 +280,9 @@ def conv_backward(dout, cache, W):
     weights_t = _plan.pack_backward_data_weights(plan, W).reshape(-1)
     threads = min(plan.forward_threads(get_num_threads()), _thread_count(plan.batch, bd.grid_elements))
     buffers = _thread_scratch(cache.scratch, "data", threads, [bd.image_stride, bd.grid_elements], plan.dtype)
-    _run_counted(_direct.convolve_images, (dout, weights_t, np.zeros(bd.k_padded, dtype=plan.dtype), dx), (
-        0, bd.image_stride, plan.filter_h - 1 - plan.pad, plan.filter_w - 1 - plan.pad) + _grid_pass_arguments(plan, bd),
-        buffers)
+    kernel, arguments = _pass_kernel(plan, bd)
+    _run_counted(kernel, (dout, weights_t, np.zeros(bd.k_padded, dtype=plan.dtype), dx),
+                 (0, bd.image_stride, plan.filter_h - 1 - plan.pad, plan.filter_w - 1 - plan.pad) + arguments, buffers)
     return dx, dW, db_groups.sum(axis=0).astype(plan.dtype)
 
 
