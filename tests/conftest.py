@@ -45,9 +45,12 @@ def rng():
 @pytest.fixture(params=["grid", "pixels"])
 def tile_kind(request, monkeypatch):
     """The direct kernels' forward tiles forced to one kind: the grid tile, or the tile with the output
-    channels in the lanes (the plan otherwise picks per layer; plans are forgotten before and after)."""
+    channels in the lanes, its input channels taken a few at a time (the plan otherwise picks per layer;
+    plans are forgotten before and after)."""
     other = "PIXEL_TILE_COST" if request.param == "grid" else "TILE_COST"
     monkeypatch.setattr(_plan, other, dict.fromkeys(getattr(_plan, other), 1e9))
+    if request.param == "pixels":  # chunks of 1 to 3 input channels for 3x3 filters: partial sums carried over
+        monkeypatch.setattr(_plan, "L1_WEIGHT_BYTES", 1200)
     _plan._conv_plan.cache_clear()
     yield request.param
     _plan._conv_plan.cache_clear()

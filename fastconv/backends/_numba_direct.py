@@ -363,23 +363,28 @@ def convolve_images(src, weights, bias, out, counter, image_step, image_size, bo
 
 @_inlined
 def _pixel_pass(planes, start, in_channels, in_plane, in_w, weights, bias, kb, fh, fw, grid_tiles, offsets, T,
-                k_vectors, pixels, lanes):
+                c_chunk, k_vectors, pixels, lanes):
     """T[(q, k)] = bias[kb*K + k] + sum over (c, ky, kx) of weights * planes[c, q's input + ky*in_w + kx], for
     the K = len(k_vectors) * len(lanes) channels of block kb and grid_tiles * len(pixels) pixels q (the
-    channels-in-lanes tile; ``offsets[q]``: pixel q's input position in a plane)."""
+    channels-in-lanes tile; ``offsets[q]``: pixel q's input position in a plane). Input channels are
+    taken ``c_chunk`` at a time, each chunk's weights staying in the L1 cache over all the tiles."""
     K = len(k_vectors) * len(lanes)
     P = len(pixels)
-    for t in range(grid_tiles):
-        q0 = t * P
-        acc = tile_load(bias, kb * K, 0, pixels, k_vectors, lanes)
-        for c in range(in_channels):
-            plane = start + c * in_plane
-            for ky in range(fh):
-                for kx in range(fw):
-                    w0 = (((kb * in_channels + c) * fh + ky) * fw + kx) * K
-                    acc = tile_gather_fma(acc, tile_load(weights, w0, 0, _ONE, k_vectors, lanes), planes,
-                                          plane + ky * in_w + kx, offsets, q0)
-        tile_store(T, q0 * K, K, acc)
+    for c0 in range(0, in_channels, c_chunk):
+        for t in range(grid_tiles):
+            q0 = t * P
+            if c0 == 0:
+                acc = tile_load(bias, kb * K, 0, pixels, k_vectors, lanes)
+            else:
+                acc = tile_load(T, q0 * K, K, pixels, k_vectors, lanes)
+            for c in range(c0, min(c0 + c_chunk, in_channels)):
+                plane = start + c * in_plane
+                for ky in range(fh):
+                    for kx in range(fw):
+                        w0 = (((kb * in_channels + c) * fh + ky) * fw + kx) * K
+                        acc = tile_gather_fma(acc, tile_load(weights, w0, 0, _ONE, k_vectors, lanes), planes,
+                                              plane + ky * in_w + kx, offsets, q0)
+            tile_store(T, q0 * K, K, acc)
 
 
 @_inlined
@@ -396,7 +401,7 @@ def _pixels_to_nchw(T, K_tile, k0, out, n):
 
 @_kernel
 def convolve_images_pixels(src, weights, bias, out, counter, image_step, image_size, border_h, border_w, fh, fw,
-                           in_h, in_w, grid_tiles, offsets, k_vectors, pixels, lanes, planes, T):
+                           in_h, in_w, grid_tiles, offsets, c_chunk, k_vectors, pixels, lanes, planes, T):
     """``convolve_images`` with the channels-in-lanes tile: a block's results go to the thread's ``T``
     (pixels, channels) and are transposed into out[n]."""
     N, C, H, W = src.shape
@@ -409,7 +414,7 @@ def convolve_images_pixels(src, weights, bias, out, counter, image_step, image_s
         _copy_planes(flat, n * C, C, H, W, planes, start, image_size, in_h, in_w, border_h, border_w)
         for kb in range((K + K_tile - 1) // K_tile):
             _pixel_pass(planes, start, C, in_h * in_w, in_w, weights, bias, kb, fh, fw, grid_tiles, offsets, T,
-                        k_vectors, pixels, lanes)
+                        c_chunk, k_vectors, pixels, lanes)
             _pixels_to_nchw(T, K_tile, kb * K_tile, out, n)
         n = take_next(counter)
 

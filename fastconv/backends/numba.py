@@ -229,7 +229,7 @@ def _pass_kernel(plan, tile_pass):
     geometry = (plan.filter_h, plan.filter_w, tile_pass.in_h, tile_pass.in_w, tile_pass.grid_tiles)
     if tile_pass.channel_lanes:
         return _direct.convolve_images_pixels, geometry + (
-            _direct.pixel_offsets(tile_pass), _direct.token(tile_pass.k_tile // plan.lanes),
+            _direct.pixel_offsets(tile_pass), tile_pass.c_chunk, _direct.token(tile_pass.k_tile // plan.lanes),
             _direct.token(tile_pass.vectors), _direct.token(plan.lanes))
     return _direct.convolve_images, geometry + (
         _direct.token(tile_pass.k_tile), _direct.token(tile_pass.vectors), _direct.token(plan.lanes))
