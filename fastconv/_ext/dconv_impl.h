@@ -307,6 +307,37 @@ static double FC_NAME(row_sum)(const FC_T *values, int count)
         }                                                                                            \
     }
 
+/* The backward-weights tile for two blocks of FC_V output channels at once (dT and acc_mem of the second
+   block kstride elements after the first's): each x value loaded feeds two multiply-adds. Every
+   accumulator adds the same products in the same order as FC_WEIGHTS_TILE(CT, 1) does. */
+#define FC_WEIGHTS_PAIR_TILE(CT)                                                                     \
+    static void FC_NAME(dw_pair_##CT)(const FC_T *x, long plane, int in_w, const FC_T *dT, long dt_stride, \
+                                      int out_h, int out_w, FC_T *acc_mem, long cstride, long kstride) \
+    {                                                                                                \
+        VEC a0[CT], a1[CT];                                                                          \
+        _Pragma("GCC unroll 16") for (int i = 0; i < CT; i++) {                                      \
+            a0[i] = FC_NAME(load)(acc_mem + i * cstride);                                            \
+            a1[i] = FC_NAME(load)(acc_mem + kstride + i * cstride);                                  \
+        }                                                                                            \
+        for (int oh = 0; oh < out_h; oh++) {                                                         \
+            const FC_T *xr = x + (long)oh * in_w;                                                    \
+            const FC_T *dr = dT + (long)oh * out_w * FC_V;                                           \
+            for (int ow = 0; ow < out_w; ow++) {                                                     \
+                VEC d0 = FC_NAME(load)(dr + (long)ow * FC_V);                                        \
+                VEC d1 = FC_NAME(load)(dr + dt_stride + (long)ow * FC_V);                            \
+                _Pragma("GCC unroll 16") for (int i = 0; i < CT; i++) {                              \
+                    FC_T v = xr[i * plane + ow];                                                     \
+                    a0[i] += d0 * v;                                                                 \
+                    a1[i] += d1 * v;                                                                 \
+                }                                                                                    \
+            }                                                                                        \
+        }                                                                                            \
+        _Pragma("GCC unroll 16") for (int i = 0; i < CT; i++) {                                      \
+            FC_NAME(store)(acc_mem + i * cstride, a0[i]);                                            \
+            FC_NAME(store)(acc_mem + kstride + i * cstride, a1[i]);                                  \
+        }                                                                                            \
+    }
+
 /* Backward-weights of one input channel with a 3 x 3 filter: the nine taps in one pass over the pixels
    (one dout vector load for nine multiply-adds). acc_mem: the nine taps' sums, FC_V apart. */
 static void FC_NAME(dw_one_channel_3x3)(const FC_T *x, int in_w, const FC_T *dT, int out_h, int out_w,
@@ -345,6 +376,7 @@ FC_PIXEL_TILE(4, 6)
 FC_PIXEL_TILE(3, 8)
 FC_PIXEL_TILE(2, 12)
 FC_WEIGHTS_TILE(16, 1)
+FC_WEIGHTS_PAIR_TILE(8)
 #else
 FC_FORWARD_TILE(8, 1)
 FC_FORWARD_TILE(4, 2)
@@ -485,13 +517,45 @@ static void FC_NAME(forward_task)(void *arg, int thread)
     }
 }
 
+/* Backward-weights of one image for output-channel block kb, or blocks kb and kb + 1 together where a
+   pair tile exists and the channel tile is wide enough; returns the number of blocks done. */
+static int FC_NAME(dw_blocks)(const fc_backward_job *job, const FC_T *x, const FC_T *dT, FC_T *dw, int kb)
+{
+    const fc_tile_pass *f = &job->forward;
+    const int C = f->in_channels, FH = f->filter_h, FW = f->filter_w;
+    const long taps = (long)FH * FW, pixels = (long)f->out_h * f->out_w;
+    const int pair = FC_REGS >= 32 && kb + 1 < job->w_blocks;
+    for (int t = 0; t < job->n_channel_tiles; t++) {
+        int c0 = job->channel_tiles[2 * t], count = job->channel_tiles[2 * t + 1];
+#if FC_REGS >= 32
+        if (pair && count >= 8) {
+            for (int c = c0; c < c0 + count; c += 8)
+                for (int kh = 0; kh < FH; kh++)
+                    for (int kw = 0; kw < FW; kw++)
+                        FC_NAME(dw_pair_8)(x + c * f->in_plane + (long)kh * f->in_w + kw, f->in_plane, f->in_w,
+                                           dT + (long)kb * pixels * FC_V, pixels * FC_V, f->out_h, f->out_w,
+                                           dw + (((long)kb * C + c) * taps + kh * FW + kw) * FC_V, taps * FC_V,
+                                           (long)C * taps * FC_V);
+            continue;
+        }
+#endif
+        FC_NAME(dw_fn) tile = FC_NAME(weights_tile)(count);
+        for (int b = kb; b < kb + 1 + pair; b++)
+            for (int kh = 0; kh < FH; kh++)
+                for (int kw = 0; kw < FW; kw++)
+                    tile(x + c0 * f->in_plane + (long)kh * f->in_w + kw, f->in_plane, f->in_w,
+                         dT + (long)b * pixels * FC_V, f->out_h, f->out_w,
+                         dw + (((long)b * C + c0) * taps + kh * FW + kw) * FC_V, taps * FC_V);
+    }
+    return 1 + pair;
+}
+
 static void FC_NAME(backward_task)(void *arg, int thread)
 {
     fc_backward_job *job = arg;
     const fc_tile_pass *f = &job->forward, *d = &job->data;
     const int K = f->out_channels, C = f->in_channels, FH = f->filter_h, FW = f->filter_w;
     const int out_h = f->out_h, out_w = f->out_w, pixels = out_h * out_w;
-    const long taps = (long)FH * FW;
     FC_T *dT = FC_NAME(aligned)(job->scratch, job->scratch_stride, thread);
     FC_T *grid = dT + (long)job->w_blocks * pixels * FC_V;  /* multiple of FC_V: stays aligned */
     FC_T *padded = grid + d->k_tile * d->grid_stride;
@@ -518,20 +582,13 @@ static void FC_NAME(backward_task)(void *arg, int thread)
             for (int k = 0; k < K; k++)
                 db[k] += FC_NAME(row_sum)(dy + (long)k * pixels, pixels);
             const FC_T *x = (const FC_T *)job->packed + n * f->image_stride;
-            for (int kb = 0; kb < job->w_blocks; kb++) {
-                const FC_T *dTb = dT + (long)kb * pixels * FC_V;
-                if (C == 1 && FH == 3 && FW == 3) {
-                    FC_NAME(dw_one_channel_3x3)(x, f->in_w, dTb, out_h, out_w, dw + (long)kb * 9 * FC_V);
-                    continue;
-                }
-                for (int t = 0; t < job->n_channel_tiles; t++) {
-                    int c0 = job->channel_tiles[2 * t], count = job->channel_tiles[2 * t + 1];
-                    FC_NAME(dw_fn) tile = FC_NAME(weights_tile)(count);
-                    for (int kh = 0; kh < FH; kh++)
-                        for (int kw = 0; kw < FW; kw++)
-                            tile(x + c0 * f->in_plane + (long)kh * f->in_w + kw, f->in_plane, f->in_w, dTb,
-                                 out_h, out_w, dw + (((long)kb * C + c0) * taps + kh * FW + kw) * FC_V, taps * FC_V);
-                }
+            if (C == 1 && FH == 3 && FW == 3) {
+                for (int kb = 0; kb < job->w_blocks; kb++)
+                    FC_NAME(dw_one_channel_3x3)(x, f->in_w, dT + (long)kb * pixels * FC_V, out_h, out_w,
+                                                dw + (long)kb * 9 * FC_V);
+            } else {
+                for (int kb = 0; kb < job->w_blocks; kb += FC_NAME(dw_blocks)(job, x, dT, dw, kb))
+                    ;
             }
             FC_T *dx = (FC_T *)job->dx + n * (long)C * f->src_h * f->src_w;
             if (job->one_channel) {
