@@ -41,7 +41,7 @@ image is transposed into ``(w_blocks, out_h * out_w, lanes)`` (channels padded
 with zeros to ``w_blocks * lanes``), and for one (block of lanes output channels,
 ``c_tile`` input channels, kh, kw) a tile of ``c_tile`` accumulators, one per
 input channel, adds ``dout_vector(pixel) * x(c, pixel + tap)`` over all pixels
-of the image (kernels with 32 vector registers take two blocks of output
+of the image (the compiled kernels with 32 vector registers take two blocks of output
 channels at once where a tile has 8 or more channels, so that each x value
 loaded feeds two multiply-adds; every sum is the same). The accumulators of a
 group of images live in the group's own
