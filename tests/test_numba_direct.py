@@ -221,12 +221,17 @@ def test_take_next_hands_out_each_task_once():
 # --------------------------------------------------------------------------- layouts
 
 def test_channel_tiles_become_runs_of_one_size():
-    sizes, repeats, taps = direct.channel_tile_runs(((0, 16), (16, 16), (32, 4), (36, 1)), 3)
+    sizes, repeats, taps = direct.channel_tile_runs(((0, 16), (16, 16), (32, 4), (36, 1)), 3, 16)
     assert [len(s) for s in sizes] == [16, 4, 1] and repeats.tolist() == [2, 1, 1] and not taps
-    sizes, repeats, taps = direct.channel_tile_runs(_plan.channel_tiles(64, 32), 3)
+    sizes, repeats, taps = direct.channel_tile_runs(_plan.channel_tiles(64, 32), 3, 16)
     assert [len(s) for s in sizes] == [16] and repeats.tolist() == [4] and not taps
-    sizes, repeats, taps = direct.channel_tile_runs(_plan.channel_tiles(1, 32), 5)  # one channel: 5 columns
+    sizes, repeats, taps = direct.channel_tile_runs(_plan.channel_tiles(1, 32), 5, 16)  # one channel: 5 columns
     assert [len(s) for s in sizes] == [5] and repeats.tolist() == [1] and taps
+
+
+def test_channel_tiles_wider_than_a_pair_tile_are_cut():
+    sizes, repeats, taps = direct.channel_tile_runs(((0, 16), (16, 16), (32, 8), (40, 2)), 3, 8)
+    assert [len(s) for s in sizes] == [8, 2] and repeats.tolist() == [5, 1] and not taps
 
 
 def test_weight_gradient_layout_back_to_filters(rng):

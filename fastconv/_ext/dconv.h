@@ -10,6 +10,24 @@
 
 #include "fc_pool.h"
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+/* Subnormal numbers read and computed as zero (DAZ and FTZ) on the calling thread, until
+   fc_restore_fp(the returned state). Late in training, gradients hold many subnormal floats,
+   and every multiply-add on one takes a slow microcode path (backward ran twice as long).
+   The state is per thread and restored: code outside the kernels never sees it. */
+static inline unsigned fc_flush_subnormals(void)
+{
+    unsigned saved = _mm_getcsr();
+    _mm_setcsr(saved | 0x8040);
+    return saved;
+}
+static inline void fc_restore_fp(unsigned saved) { _mm_setcsr(saved); }
+#else
+static inline unsigned fc_flush_subnormals(void) { return 0; }
+static inline void fc_restore_fp(unsigned saved) { (void)saved; }
+#endif
+
 /* One run of the forward tile (see TilePass in _plan.py). */
 typedef struct {
     int in_channels, out_channels;

@@ -502,7 +502,7 @@ static void FC_NAME(run_pass)(const fc_tile_pass *p, const FC_T *in, const FC_T 
     }
 }
 
-static void FC_NAME(forward_task)(void *arg, int thread)
+static void FC_NAME(forward_task_body)(void *arg, int thread)
 {
     fc_forward_job *job = arg;
     const fc_tile_pass *p = &job->pass;
@@ -550,7 +550,7 @@ static int FC_NAME(dw_blocks)(const fc_backward_job *job, const FC_T *x, const F
     return 1 + pair;
 }
 
-static void FC_NAME(backward_task)(void *arg, int thread)
+static void FC_NAME(backward_task_body)(void *arg, int thread)
 {
     fc_backward_job *job = arg;
     const fc_tile_pass *f = &job->forward, *d = &job->data;
@@ -606,7 +606,7 @@ static void FC_NAME(backward_task)(void *arg, int thread)
     }
 }
 
-static void FC_NAME(sum_groups_task)(void *arg, int thread)
+static void FC_NAME(sum_groups_task_body)(void *arg, int thread)
 {
     fc_backward_job *job = arg;
     const fc_tile_pass *f = &job->forward;
@@ -629,6 +629,19 @@ static void FC_NAME(sum_groups_task)(void *arg, int thread)
         }
     }
 }
+
+/* The tasks as the thread pool runs them: subnormals flushed while they run (see dconv.h). */
+#define FC_FLUSHING_TASK(TASK)                                                                       \
+    static void FC_NAME(TASK)(void *arg, int thread)                                                 \
+    {                                                                                                \
+        unsigned fp = fc_flush_subnormals();                                                         \
+        FC_NAME(TASK##_body)(arg, thread);                                                           \
+        fc_restore_fp(fp);                                                                           \
+    }
+FC_FLUSHING_TASK(forward_task)
+FC_FLUSHING_TASK(backward_task)
+FC_FLUSHING_TASK(sum_groups_task)
+#undef FC_FLUSHING_TASK
 
 static int FC_NAME(has_tile)(int channel_lanes, int k_tile, int vectors)
 {

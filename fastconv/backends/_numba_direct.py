@@ -448,33 +448,53 @@ def _transpose_gradient(dout, n, blocks, lanes, dT, db):
 
 
 @_inlined
-def _weight_gradient(packed, start, C, c0, in_h, in_w, dT, blocks, OH, OW, fh, fw, dW, rows, taps_in_rows, lanes):
+def _weight_gradient(packed, start, C, c0, in_h, in_w, dT, blocks, OH, OW, fh, fw, dW, rows, taps_in_rows,
+                     pair_blocks, lanes):
     """dW (blocks, C, fh, fw, lanes) += one image's products of dT and its padded planes (from ``start``).
 
     A tile holds one accumulator per input channel c0, c0 + 1, ... or, with
     ``taps_in_rows`` (a single input channel), per filter column kx: rows
     that would otherwise be one accumulator, waiting on its own additions.
+    With ``pair_blocks`` two blocks of output channels go through one pass
+    over the pixels, each x value loaded feeding both; every sum is the same.
     """
     V = len(lanes)
     in_plane = in_h * in_w
     x_step, w_step, columns = (1, V, 1) if taps_in_rows else (in_plane, fh * fw * V, fw)
-    for kb in range(blocks):
+    block_step = C * fh * fw * V
+    cells = OH * OW * V
+    kb = 0
+    while kb < blocks:
+        pair = pair_blocks and kb + 1 < blocks
         for ky in range(fh):
             for kx in range(columns):
                 w0 = (((kb * C + c0) * fh + ky) * fw + kx) * V
                 acc = tile_load(dW, w0, w_step, rows, _ONE, lanes)
-                for oy in range(OH):
-                    d0 = (kb * OH + oy) * OW * V
-                    p0 = start + c0 * in_plane + (oy + ky) * in_w + kx
-                    for ox in range(OW):
-                        d = tile_load(dT, d0 + ox * V, 0, _ONE, _ONE, lanes)
-                        acc = tile_outer_fma(acc, d, packed, p0 + ox, x_step)
+                if pair:
+                    acc2 = tile_load(dW, w0 + block_step, w_step, rows, _ONE, lanes)
+                    for oy in range(OH):
+                        d0 = (kb * OH + oy) * OW * V
+                        p0 = start + c0 * in_plane + (oy + ky) * in_w + kx
+                        for ox in range(OW):
+                            d = tile_load(dT, d0 + ox * V, 0, _ONE, _ONE, lanes)
+                            d2 = tile_load(dT, d0 + cells + ox * V, 0, _ONE, _ONE, lanes)
+                            acc = tile_outer_fma(acc, d, packed, p0 + ox, x_step)
+                            acc2 = tile_outer_fma(acc2, d2, packed, p0 + ox, x_step)
+                    tile_store(dW, w0 + block_step, w_step, acc2)
+                else:
+                    for oy in range(OH):
+                        d0 = (kb * OH + oy) * OW * V
+                        p0 = start + c0 * in_plane + (oy + ky) * in_w + kx
+                        for ox in range(OW):
+                            d = tile_load(dT, d0 + ox * V, 0, _ONE, _ONE, lanes)
+                            acc = tile_outer_fma(acc, d, packed, p0 + ox, x_step)
                 tile_store(dW, w0, w_step, acc)
+        kb += 2 if pair else 1
 
 
 @_kernel
 def weight_gradient_groups(packed, dout, dW, db, counter, group_bounds, image_step, C, fh, fw, in_h, in_w,
-                           c_sizes, c_repeats, taps_in_rows, lanes, dT):
+                           c_sizes, c_repeats, taps_in_rows, pair_blocks, lanes, dT):
     """One thread's share of backward-weights: image groups taken from ``counter`` until none is left.
 
     Group g (images group_bounds[g] to group_bounds[g + 1], in order) sums
@@ -482,7 +502,9 @@ def weight_gradient_groups(packed, dout, dW, db, counter, group_bounds, image_st
     holds forward's padded planes, ``image_step`` elements per image. The
     input channels are cut into tiles: c_repeats[i] tiles of len(c_sizes[i])
     channels for each i, in order; with ``taps_in_rows`` (one input channel)
-    a tile holds the fw filter columns instead (c_sizes: one size, fw).
+    a tile holds the fw filter columns instead (c_sizes: one size, fw);
+    ``pair_blocks``: two blocks of output channels at a time (see
+    ``_weight_gradient``).
     """
     _, K, OH, OW = dout.shape
     V = len(lanes)
@@ -500,19 +522,22 @@ def weight_gradient_groups(packed, dout, dW, db, counter, group_bounds, image_st
             for c_tile in literal_unroll(c_sizes):  # tiles of different sizes are different types
                 for _ in range(c_repeats[i]):
                     _weight_gradient(packed, n * image_step, C, c0, in_h, in_w, dT, blocks, OH, OW, fh, fw, dW_group,
-                                     c_tile, taps_in_rows, lanes)
+                                     c_tile, taps_in_rows, pair_blocks, lanes)
                     c0 += 1 if taps_in_rows else len(c_tile)
                 i += 1  # noqa: SIM113  (literal_unroll loops cannot enumerate)
         g = take_next(counter)
 
 
-def channel_tile_runs(channel_tiles, filter_w):
+def channel_tile_runs(channel_tiles, filter_w, most_rows):
     """fastconv._plan's channel tiles as runs of one size: (a token per size, the number of tiles of each,
-    whether a tile holds filter columns instead: for one input channel)."""
+    whether a tile holds filter columns instead: for one input channel). Tiles of more than
+    ``most_rows`` channels are cut into tiles of that many (each channel's sum stays the same)."""
     if channel_tiles == ((0, 1),):
         return (token(filter_w),), np.ones(1, dtype=np.int64), True
     sizes, repeats = [], []
-    for _, count in channel_tiles:
+    counts = [piece for _, count in channel_tiles
+              for piece in ([most_rows] * (count // most_rows) if count > most_rows else [count])]
+    for count in counts:
         if sizes and len(sizes[-1]) == count:
             repeats[-1] += 1
         else:

@@ -266,13 +266,16 @@ def conv_backward(dout, cache, W):
     db_groups = np.empty((plan.groups, plan.filters), dtype=np.float64)
     bounds = np.array([first for first, _ in _plan.group_bounds(plan.batch, plan.groups)] + [plan.batch],
                       dtype=np.int64)
-    c_sizes, c_repeats, taps_in_rows = _direct.channel_tile_runs(plan.channel_tiles, plan.filter_w)
+    # with 32 vector registers, two blocks of output channels share each tile's x loads (as in the C kernels)
+    pair_blocks = plan.registers >= 32 and plan.w_blocks > 1
+    c_sizes, c_repeats, taps_in_rows = _direct.channel_tile_runs(plan.channel_tiles, plan.filter_w,
+                                                                 8 if pair_blocks else 16)
     threads = plan.backward_threads(get_num_threads())
     transposed = _thread_scratch(cache.scratch, "weights", threads,
                                  [plan.w_blocks * plan.out_h * plan.out_w * plan.lanes], plan.dtype)
     _run_counted(_direct.weight_gradient_groups, (packed, dout, dW_groups, db_groups),
                  (bounds, fwd.image_stride, plan.channels, plan.filter_h, plan.filter_w, fwd.in_h, fwd.in_w,
-                  c_sizes, c_repeats, taps_in_rows, _direct.token(plan.lanes)), transposed)
+                  c_sizes, c_repeats, taps_in_rows, pair_blocks, _direct.token(plan.lanes)), transposed)
     dW_sum = dW_groups.sum(axis=0).reshape(plan.w_blocks, plan.channels, plan.filter_h, plan.filter_w, plan.lanes)
     dW = _direct.weight_gradient_to_nchw(dW_sum, plan.filters)
     # dx: the forward's grid pass over dout, padded by FH - 1 - pad, with the filters transposed and flipped
