@@ -92,6 +92,25 @@ def test_integer_data_gives_the_references_bits(variant, geometry, dtype, rng, n
         np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.skipif(config.DISABLE_JIT, reason="the pure-Python stand-ins compute with NumPy, which keeps subnormals")
+def test_subnormal_numbers_count_as_zero_in_the_kernels_only(dtype, numba_backend):
+    """The compiled kernels flush subnormals on their threads while they run; the caller's arithmetic
+    keeps them afterwards."""
+    tiny = np.finfo(dtype).tiny
+    x = np.full((2, 3, 5, 5), tiny / 4, dtype=dtype)
+    x[0, 0, 2, 2] = 1
+    w = np.ones((4, 3, 3, 3), dtype=dtype)
+    dout = np.full((2, 4, 5, 5), tiny / 4, dtype=dtype)
+    dout[1, 3, 0, 0] = 2
+    as_zero = [np.where(np.abs(a) < tiny, 0, a) for a in (x, dout)]
+    expected = run_reference(as_zero[0], w, np.zeros(4, dtype), as_zero[1], 1)
+    for got, want in zip(run_fast(x, w, np.zeros(4, dtype), dout, 1), expected):
+        np.testing.assert_array_equal(got, want)
+    assert expected[0].sum() == 4 * 9 and expected[1].sum() == 2 * 3 * 4  # the normal values went through
+    one, four = np.ones(1, dtype=dtype), np.full(1, 4, dtype=dtype)
+    assert (x[1, 0, 0] * one)[0] > 0 and (np.array([tiny], dtype=dtype) / four)[0] > 0
+
+
 def relative_error(got, expected):
     scale = np.linalg.norm(expected)
     return np.linalg.norm(got.astype(np.float64) - expected) / (scale if scale else 1.0)

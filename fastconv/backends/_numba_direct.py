@@ -26,6 +26,7 @@ tiles have the same shape share one compiled specialization.
 With ``NUMBA_DISABLE_JIT=1`` the intrinsics are replaced by NumPy stand-ins
 taking the same arguments (a tile is then a (rows, columns, lanes) array).
 """
+import platform
 import threading
 
 import numpy as np
@@ -255,6 +256,55 @@ def _tile_gather_fma_py(tile, vectors, array, base, offsets, first):
     return tile + array[base + offsets[first:first + len(tile)]][:, None, None] * vectors[0]
 
 
+# Subnormal numbers read and computed as zero (the MXCSR's DAZ and FTZ bits) on a kernel's thread while
+# it runs: late in training, gradients hold many subnormal floats, and each multiply-add on one takes a
+# slow microcode path (backward ran twice as long). The bits are restored when the kernel returns.
+_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+_FLUSH_BITS = 0x8040
+
+
+def _mxcsr_call(builder, name, slot):
+    i8p = ir.IntType(8).as_pointer()
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p]), name)
+    builder.call(fn, [builder.bitcast(slot, i8p)])
+
+
+@intrinsic
+def _flush_subnormals(typingctx):
+    """Set DAZ and FTZ on this thread; return the state before (0 where there is none to set)."""
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+        if not _X86:
+            return ir.Constant(i32, 0)
+        slot = cgutils.alloca_once(builder, i32)
+        _mxcsr_call(builder, "llvm.x86.sse.stmxcsr", slot)
+        saved = builder.load(slot)
+        builder.store(builder.or_(saved, ir.Constant(i32, _FLUSH_BITS)), slot)
+        _mxcsr_call(builder, "llvm.x86.sse.ldmxcsr", slot)
+        return saved
+    return types.uint32(), codegen
+
+
+@intrinsic
+def _restore_fp(typingctx, saved):
+    """Put back the state ``_flush_subnormals`` returned."""
+    def codegen(context, builder, sig, args):
+        if _X86:
+            slot = cgutils.alloca_once(builder, ir.IntType(32))
+            builder.store(args[0], slot)
+            _mxcsr_call(builder, "llvm.x86.sse.ldmxcsr", slot)
+        return context.get_dummy_value()
+    return types.void(types.uint32), codegen
+
+
+def _flush_subnormals_py():
+    return 0  # NumPy's arithmetic in the stand-ins keeps subnormals
+
+
+def _restore_fp_py(saved):
+    pass
+
+
 _take_lock = threading.Lock()
 
 
@@ -268,15 +318,18 @@ def _take_next_py(counter):
 if config.DISABLE_JIT:
     tile_splat, tile_load, tile_store, tile_outer_fma, tile_gather_fma, take_next = (
         _tile_splat_py, _tile_load_py, _tile_store_py, _tile_outer_fma_py, _tile_gather_fma_py, _take_next_py)
+    flush_subnormals, restore_fp = _flush_subnormals_py, _restore_fp_py
 else:
     tile_splat, tile_load, tile_store, tile_outer_fma, tile_gather_fma, take_next = (
         _tile_splat, _tile_load, _tile_store, _tile_outer_fma, _tile_gather_fma, _take_next)
+    flush_subnormals, restore_fp = _flush_subnormals, _restore_fp
 # tile_splat(array, i, rows, columns, lanes)[r][c] = array[i + r] in every lane
 # tile_load(array, i, row_step, rows, columns, lanes)[r][c] = array[i + r*row_step + c*lanes :][:lanes]
 # tile_store(array, i, row_step, tile): the inverse of tile_load
 # tile_outer_fma(tile, vectors, array, i, step)[r][c] = tile[r][c] + array[i + r*step] * vectors[0][c]
 # tile_gather_fma(tile, vectors, array, i, offsets, f)[r][c] = tile[r][c] + array[i + offsets[f + r]] * vectors[0][c]
 # take_next(counter): counter[0], incremented atomically (the next task of a pass)
+# flush_subnormals() / restore_fp(state): subnormals as zero on this thread, and back
 
 
 # --------------------------------------------------------------------------- kernels
@@ -350,6 +403,7 @@ def convolve_images(src, weights, bias, out, counter, image_step, image_size, bo
     K = out.shape[1]
     grid_padded = grid_tiles * len(vectors) * len(lanes)
     flat = src.reshape(-1)
+    fp = flush_subnormals()
     n = take_next(counter)
     while n < N:
         start = n * image_step
@@ -359,6 +413,7 @@ def convolve_images(src, weights, bias, out, counter, image_step, image_size, bo
                        lanes)
             _grid_to_nchw(grid, grid_padded, in_w, kb * len(k_tile), out, n)
         n = take_next(counter)
+    restore_fp(fp)
 
 
 @_inlined
@@ -408,6 +463,7 @@ def convolve_images_pixels(src, weights, bias, out, counter, image_step, image_s
     K = out.shape[1]
     K_tile = len(k_vectors) * len(lanes)
     flat = src.reshape(-1)
+    fp = flush_subnormals()
     n = take_next(counter)
     while n < N:
         start = n * image_step
@@ -417,6 +473,7 @@ def convolve_images_pixels(src, weights, bias, out, counter, image_step, image_s
                         c_chunk, k_vectors, pixels, lanes)
             _pixels_to_nchw(T, K_tile, kb * K_tile, out, n)
         n = take_next(counter)
+    restore_fp(fp)
 
 
 def pixel_offsets(tile_pass):
@@ -509,6 +566,7 @@ def weight_gradient_groups(packed, dout, dW, db, counter, group_bounds, image_st
     _, K, OH, OW = dout.shape
     V = len(lanes)
     blocks = (K + V - 1) // V
+    fp = flush_subnormals()
     g = take_next(counter)
     while g < len(group_bounds) - 1:
         dW_group = dW[g]
@@ -526,6 +584,7 @@ def weight_gradient_groups(packed, dout, dW, db, counter, group_bounds, image_st
                     c0 += 1 if taps_in_rows else len(c_tile)
                 i += 1  # noqa: SIM113  (literal_unroll loops cannot enumerate)
         g = take_next(counter)
+    restore_fp(fp)
 
 
 def channel_tile_runs(channel_tiles, filter_w, most_rows):
