@@ -100,8 +100,8 @@ def _header(report):
         f"- Threads: fastconv {m['fastconv_threads']}"
         + (f", PyTorch {m['torch_threads']}" if m.get("torch_threads") else "") + "; thread variables of "
         f"every measuring process: {env}",
-        f"- fastconv {versions['fastconv']}: numpy {versions['numpy']}, BLAS {pools}, compiled kernels on {info.get('pool')}, "
-        f"numba {versions['numba']}; python {m['python']}"
+        f"- fastconv {versions['fastconv']}: numpy {versions['numpy']}, BLAS {pools}, "
+        f"compiled kernels on {info.get('pool')}, numba {versions['numba']}; python {m['python']}"
         + (f"; torch {torch['torch']}" if torch else "; PyTorch not measured"),
         f"- Implementations measured: {', '.join(s['impls'])}"
         + (f" (unavailable backends: {', '.join(unavailable)})" if unavailable else ""),

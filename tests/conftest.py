@@ -79,3 +79,25 @@ def mnist_dir():
     if not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists():
         pytest.skip(f"MNIST files not found in {MNIST_DIR} (set FASTCONV_TEST_MNIST to a folder with the IDX .gz files)")
     return MNIST_DIR
+
+
+def assert_subnormals_count_as_zero(dtype, run):
+    """``run(x, W, b, dout, pad)`` -> (out, dx, dW, db) equals the reference's results with the subnormal
+    numbers of x and dout read as zero; afterwards this thread's NumPy still keeps subnormals."""
+    from fastconv.backends import reference
+
+    tiny = np.finfo(dtype).tiny
+    x = np.full((2, 3, 5, 5), tiny / 4, dtype=dtype)
+    x[0, 0, 2, 2] = 1
+    w = np.ones((4, 3, 3, 3), dtype=dtype)
+    b = np.zeros(4, dtype=dtype)
+    dout = np.full((2, 4, 5, 5), tiny / 4, dtype=dtype)
+    dout[1, 3, 0, 0] = 2
+    as_zero = [np.where(np.abs(a) < tiny, 0, a) for a in (x, dout)]
+    out, cache = reference.conv_forward(as_zero[0], w, b, 1, 1, None)
+    expected = (out,) + tuple(reference.conv_backward(as_zero[1], cache, w))
+    assert expected[0].sum() == 4 * 9 and expected[1].sum() == 2 * 3 * 4  # the normal values go through
+    for got, want in zip(run(x, w, b, dout, 1), expected):
+        np.testing.assert_array_equal(got, want)
+    one, four = np.ones(1, dtype=dtype), np.full(1, 4, dtype=dtype)
+    assert (x[1, 0, 0] * one)[0] > 0 and (np.array([tiny], dtype=dtype) / four)[0] > 0

@@ -19,6 +19,8 @@ import fastconv
 from fastconv import _plan, info, kernels
 from fastconv.backends import reference
 
+from conftest import assert_subnormals_count_as_zero
+
 cython = pytest.importorskip("fastconv.backends.cython", reason="the cython backend must build here")
 
 # (N, C, K, H, W, FH, FW, pad): the chapter-8 layers (smaller batch), then odd channel counts, one input
@@ -147,20 +149,7 @@ def test_direct_and_im2col_engines_agree(variant, dtype, rng):
 def test_subnormal_numbers_count_as_zero_in_the_kernels_only(variant, dtype):
     """The direct kernels flush subnormals (late in training they would slow backward down twice over),
     on their own threads only: the caller's arithmetic keeps them."""
-    tiny = np.finfo(dtype).tiny
-    x = np.full((2, 3, 5, 5), tiny / 4, dtype=dtype)
-    x[0, 0, 2, 2] = 1
-    w = np.ones((4, 3, 3, 3), dtype=dtype)
-    dout = np.full((2, 4, 5, 5), tiny / 4, dtype=dtype)
-    dout[1, 3, 0, 0] = 2
-    as_zero = [np.where(np.abs(a) < tiny, 0, a) for a in (x, dout)]
-    expected = reference_run(as_zero[0], w, np.zeros(4, dtype), 1, as_zero[1])
-    for got, want in zip(direct_run(x, w, np.zeros(4, dtype), 1, dout), expected):
-        np.testing.assert_array_equal(got, want.astype(dtype))
-    assert expected[0].sum() == 4 * 9 and expected[1].sum() == 2 * 3 * 4  # the normal values went through
-    subnormal = np.array([tiny / 4], dtype=dtype)
-    one, four = np.ones(1, dtype=dtype), np.full(1, 4, dtype=dtype)
-    assert (subnormal * one)[0] > 0 and (np.array([tiny], dtype=dtype) / four)[0] > 0
+    assert_subnormals_count_as_zero(dtype, lambda x, w, b, dout, pad: direct_run(x, w, b, pad, dout))
 
 
 @pytest.mark.parametrize("engine", cython.CONV_ENGINES)

@@ -15,6 +15,8 @@ import fastconv
 from fastconv import _plan, kernels
 from fastconv.backends import reference
 
+from conftest import assert_subnormals_count_as_zero
+
 nb = pytest.importorskip("fastconv.backends.numba", reason="numba backend unavailable (is numba installed?)")
 direct = nb._direct
 config, njit = nb.numba.config, nb.numba.njit
@@ -96,19 +98,7 @@ def test_integer_data_gives_the_references_bits(variant, geometry, dtype, rng, n
 def test_subnormal_numbers_count_as_zero_in_the_kernels_only(dtype, numba_backend):
     """The compiled kernels flush subnormals on their threads while they run; the caller's arithmetic
     keeps them afterwards."""
-    tiny = np.finfo(dtype).tiny
-    x = np.full((2, 3, 5, 5), tiny / 4, dtype=dtype)
-    x[0, 0, 2, 2] = 1
-    w = np.ones((4, 3, 3, 3), dtype=dtype)
-    dout = np.full((2, 4, 5, 5), tiny / 4, dtype=dtype)
-    dout[1, 3, 0, 0] = 2
-    as_zero = [np.where(np.abs(a) < tiny, 0, a) for a in (x, dout)]
-    expected = run_reference(as_zero[0], w, np.zeros(4, dtype), as_zero[1], 1)
-    for got, want in zip(run_fast(x, w, np.zeros(4, dtype), dout, 1), expected):
-        np.testing.assert_array_equal(got, want)
-    assert expected[0].sum() == 4 * 9 and expected[1].sum() == 2 * 3 * 4  # the normal values went through
-    one, four = np.ones(1, dtype=dtype), np.full(1, 4, dtype=dtype)
-    assert (x[1, 0, 0] * one)[0] > 0 and (np.array([tiny], dtype=dtype) / four)[0] > 0
+    assert_subnormals_count_as_zero(dtype, run_fast)
 
 
 def relative_error(got, expected):

@@ -180,22 +180,29 @@ def _tile_store(typingctx, array, index, row_step, tile):
     return sig, codegen
 
 
+def _add_outer_product(context, builder, tile_type, value, vectors, row_scalar):
+    """The tile ``value`` plus row_scalar(r) * vectors[0][c] in each row r and column c."""
+    rows, columns = _tile_shape(tile_type)
+    vector_type = context.get_value_type(tile_type.dtype.dtype)
+    for r in range(rows):
+        broadcast = _splat(builder, vector_type, row_scalar(r))
+        for c in range(columns):
+            product = _fma(builder, broadcast, builder.extract_value(vectors, [0, c]),
+                           builder.extract_value(value, [r, c]))
+            value = builder.insert_value(value, product, [r, c])
+    return value
+
+
 @intrinsic
 def _tile_outer_fma(typingctx, tile, vectors, array, index, step):
     sig = tile(tile, vectors, array, types.intp, types.intp)
 
     def codegen(context, builder, sig, args):
         value, vectors, array, index, step = args
-        rows, columns = _tile_shape(sig.args[0])
-        vector_type = context.get_value_type(sig.args[0].dtype.dtype)
-        for r in range(rows):
-            scalar = builder.load(_address(context, builder, sig.args[2], array, _at(builder, index, step, r)))
-            broadcast = _splat(builder, vector_type, scalar)
-            for c in range(columns):
-                product = _fma(builder, broadcast, builder.extract_value(vectors, [0, c]),
-                               builder.extract_value(value, [r, c]))
-                value = builder.insert_value(value, product, [r, c])
-        return value
+
+        def row_scalar(r):
+            return builder.load(_address(context, builder, sig.args[2], array, _at(builder, index, step, r)))
+        return _add_outer_product(context, builder, sig.args[0], value, vectors, row_scalar)
     return sig, codegen
 
 
@@ -205,20 +212,13 @@ def _tile_gather_fma(typingctx, tile, vectors, array, base, offsets, first):
 
     def codegen(context, builder, sig, args):
         value, vectors, array, base, offsets, first = args
-        rows, columns = _tile_shape(sig.args[0])
-        vector_type = context.get_value_type(sig.args[0].dtype.dtype)
-        for r in range(rows):
+
+        def row_scalar(r):
             # offsets are int64, as the index
             offset = builder.load(_address(context, builder, sig.args[4], offsets,
                                            builder.add(first, ir.Constant(first.type, r))))
-            index = builder.add(base, offset)
-            scalar = builder.load(_address(context, builder, sig.args[2], array, index))
-            broadcast = _splat(builder, vector_type, scalar)
-            for c in range(columns):
-                product = _fma(builder, broadcast, builder.extract_value(vectors, [0, c]),
-                               builder.extract_value(value, [r, c]))
-                value = builder.insert_value(value, product, [r, c])
-        return value
+            return builder.load(_address(context, builder, sig.args[2], array, builder.add(base, offset)))
+        return _add_outer_product(context, builder, sig.args[0], value, vectors, row_scalar)
     return sig, codegen
 
 
