@@ -122,6 +122,8 @@ def _header(report):
         + ". The processes take their samples in turns, the order rotated every round, on the same machine"
         + (f"; before each sample an implementation runs untimed for {s['settle_time']:g} s, so that the "
            "threads of the one measured before go quiet" if s.get("settle_time") else "")
+        + "; after each sample taken in a worker process, the next waits until that process has used no CPU "
+        "for 30 ms"
         + ". Medians over samples (each the mean of a number of calls; `samples` = samples x calls). "
         "`first call`: on fresh state in a fresh process (JIT compilation, allocation), not in the median; "
         "for inference it is one batch of a fresh network. `speed-up vs reference` = reference time / this "

@@ -6,6 +6,7 @@ import os
 import select
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from bench.timing import RemoteError
@@ -102,6 +103,35 @@ class Worker:
                 stream.close()
 
 
+def _cpu_ticks(pid):
+    """CPU time used by all threads of process ``pid`` so far, in clock ticks (None where /proc is absent)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[11]) + int(fields[12])  # utime, stime
+
+
+def wait_until_idle(pid, window=0.03, limit=2.0):
+    """Return once process ``pid`` has used no CPU for a ``window`` of seconds (at most ``limit`` seconds).
+
+    After answering, a worker's thread pools may keep spinning (OpenBLAS about 0.1 s, OpenMP by its
+    wait policy); the next implementation's sample would share the cores with them. A fixed order of
+    turns puts the same neighbour before an implementation every round, so this would bias it.
+    """
+    before = _cpu_ticks(pid)
+    if before is None:
+        return
+    end = time.perf_counter() + limit
+    while time.perf_counter() < end:
+        time.sleep(window)
+        now = _cpu_ticks(pid)
+        if now is None or now == before:
+            return
+        before = now
+
+
 class ProcessRunner:
     """A timing runner (see ``bench.timing``) whose operations run in a worker process.
 
@@ -131,7 +161,9 @@ class ProcessRunner:
         return answer["first_call_s"], answer["number"]
 
     def sample(self, number, settle_time):
-        return self.worker.request("sample", number=number, settle_time=settle_time)["seconds"]
+        seconds = self.worker.request("sample", number=number, settle_time=settle_time)["seconds"]
+        wait_until_idle(self.worker.process.pid)
+        return seconds
 
     def release(self):
         if self.worker is not None and self.worker.alive:

@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from bench import compare, peak, report  # noqa: E402
 from bench.benchmarks import _network as net  # noqa: E402
 from bench.benchmarks import _shapes  # noqa: E402
 from bench.cases import Case  # noqa: E402
-from bench.procs import ProcessRunner  # noqa: E402
+from bench.procs import ProcessRunner, wait_until_idle  # noqa: E402
 from bench.timing import LocalRunner, RemoteError, Settings, measure  # noqa: E402
 
 # --- the shapes the benchmarks run on ----------------------------------------
@@ -423,3 +424,26 @@ def test_peak_rate_takes_the_thread_count_used_and_the_best_run():
     assert peak.rate(best, "float32", 2) == 220.0
     assert peak.rate(best, "float32", 8) == 220.0  # more threads than measured: the largest count measured
     assert peak.rate({"error": "no compiler"}, "float32", 2) is None
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads a process's CPU time from /proc (Linux)")
+def test_a_sample_waits_until_the_worker_measured_before_has_gone_quiet(tmp_path):
+    done = tmp_path / "done"
+    spinner = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        end = time.perf_counter() + 0.6
+        while time.perf_counter() < end:
+            pass
+        open({str(done)!r}, "w").close()
+        time.sleep(60)
+        """)])
+    try:
+        time.sleep(0.2)  # started and spinning
+        wait_until_idle(spinner.pid)
+        assert done.exists()  # not before the spinning stopped
+        start = time.perf_counter()
+        wait_until_idle(spinner.pid)
+        assert time.perf_counter() - start < 1.0  # a quiet process is not waited for
+    finally:
+        spinner.kill()
+        spinner.wait()
