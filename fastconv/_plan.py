@@ -334,12 +334,14 @@ class ConvPlan:
     @property
     def backward_scratch(self):
         """Elements of thread scratch for backward: transposed dout, then padded dout and the dx grid
-        (or, for one input channel, the bordered transposed dout)."""
+        (or, for one input channel, the bordered transposed dout), then one image's dout with a fused
+        ReLU's mask applied."""
         bd = self.backward_data
         transposed = self.w_blocks * self.out_h * self.out_w * self.lanes
+        masked = self.filters * self.out_h * self.out_w
         if self.one_channel_data:
-            return transposed + self.w_blocks * self.dt_block
-        return transposed + bd.image_stride + bd.grid_elements
+            return transposed + self.w_blocks * self.dt_block + masked
+        return transposed + bd.image_stride + bd.grid_elements + masked
 
     @property
     def dw_group_elements(self):

@@ -7,8 +7,8 @@ functions, with the same arguments, already validated:
 
     im2col(x, filter_h, filter_w, stride, pad) -> col
     col2im(col, x_shape, filter_h, filter_w, stride, pad) -> x
-    conv_forward(x, W, b, stride, pad, workspace) -> (out, cache)
-    conv_backward(dout, cache, W) -> (dx, dW, db)
+    conv_forward(x, W, b, stride, pad, workspace, relu) -> (out, cache)
+    conv_backward(dout, cache, W, relu_out) -> (dx, dW, db)
     maxpool_forward(x, pool_h, pool_w, stride, pad, workspace) -> (out, cache)
     maxpool_backward(dout, cache) -> dx
     relu_forward(x) -> (out, mask)
@@ -49,6 +49,12 @@ Conventions (the book's):
   count can change the last bits. Backends agree within rounding.
 - ``mask`` is the boolean array ``x <= 0``; ``relu_backward`` zeroes ``dout``
   where ``mask`` is set, in place, and returns it.
+- ``conv_forward(..., relu=True)`` is a convolution followed by a ReLU in one
+  pass: ``out`` is the ReLU's output, and ``conv_backward`` then takes the
+  gradient of that output and zeroes it where ``out <= 0`` before using it
+  (the backend receives ``out`` as ``relu_out``; otherwise ``relu_out`` is
+  None). The cache keeps a reference to ``out``: it must not be changed
+  before backward.
 """
 import numpy as np
 
@@ -66,9 +72,10 @@ class ForwardCache:
     """
 
     __slots__ = ("state", "backend", "kind", "x_shape", "dtype", "out_hw", "W_shape", "window", "stride", "pad",
-                 "lease", "generation")
+                 "lease", "generation", "relu_out")
 
-    def __init__(self, state, kind, x_shape, dtype, out_hw, window, stride, pad, workspace, W_shape=None):
+    def __init__(self, state, kind, x_shape, dtype, out_hw, window, stride, pad, workspace, W_shape=None,
+                 relu_out=None):
         self.state = state
         self.backend = get_backend()
         self.kind = kind
@@ -81,6 +88,7 @@ class ForwardCache:
         self.pad = pad
         self.lease = workspace.lease if workspace is not None else [0]
         self.generation = self.lease[0]
+        self.relu_out = relu_out  # a fused ReLU's output, whose mask backward applies to dout
 
     def __getattr__(self, name):
         try:
@@ -144,8 +152,14 @@ def _images(name, x):
     return x
 
 
-def conv_forward(x, W, b, stride=1, pad=0, workspace=None):
-    """Convolution (cross-correlation) of NCHW ``x`` with filters ``W`` (FN, C, FH, FW) plus bias ``b``."""
+def conv_forward(x, W, b, stride=1, pad=0, workspace=None, relu=False):
+    """Convolution (cross-correlation) of NCHW ``x`` with filters ``W`` (FN, C, FH, FW) plus bias ``b``.
+
+    With ``relu``, the output goes through a ReLU in the same pass, and ``conv_backward``
+    takes the gradient of the ReLU's output.
+    """
+    if not isinstance(relu, (bool, np.bool_)):
+        raise TypeError(f"relu must be True or False, got {relu!r}")
     # NumPy promotion, as the book's np.dot(col, col_W) does
     x, W = _promoted(_images("x", x), _checks.float_array("W", W, ndim=4))
     b = _checks.float_array("b", b, dtype=x.dtype)
@@ -158,10 +172,13 @@ def conv_forward(x, W, b, stride=1, pad=0, workspace=None):
     workspace = _reusable(workspace, "conv")
     if x.size == 0 or W.size == 0:  # no products: the bias alone (or nothing)
         out, state = np.zeros((x.shape[0], W.shape[0], out_h, out_w), dtype=x.dtype) + b[:, None, None], None
+        if relu:
+            out[out <= 0] = 0
     else:
-        out, state = backend_module().conv_forward(x, W, b, stride, pad, getattr(workspace, "state", None))
+        out, state = backend_module().conv_forward(x, W, b, stride, pad, getattr(workspace, "state", None),
+                                                   bool(relu))
     return out, ForwardCache(state, "conv", x.shape, x.dtype, (out_h, out_w), (fh, fw), stride, pad, workspace,
-                             W_shape=W.shape)
+                             W_shape=W.shape, relu_out=out if relu else None)
 
 
 def conv_backward(dout, cache, W):
@@ -180,9 +197,11 @@ def conv_backward(dout, cache, W):
     if dout.shape != expected:
         raise ValueError(f"dout must have shape {expected} (the forward output's), got {dout.shape}")
     if cache.state is None:  # an empty forward: no products either
+        if cache.relu_out is not None:
+            dout = np.where(cache.relu_out <= 0, 0, dout).astype(cache.dtype, copy=False)
         return (np.zeros(cache.x_shape, dtype=cache.dtype), np.zeros(W.shape, dtype=cache.dtype),
                 dout.sum(axis=(0, 2, 3)))
-    return backend_module().conv_backward(dout, cache.state, W)
+    return backend_module().conv_backward(dout, cache.state, W, cache.relu_out)
 
 
 def maxpool_forward(x, pool_h, pool_w, stride=2, pad=0, workspace=None):

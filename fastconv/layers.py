@@ -49,6 +49,18 @@ class Relu:
     def __init__(self):
         self.mask = None
 
+    @property
+    def mask(self):
+        """``x <= 0`` of the last forward (after ``conv_relu_forward``, made from its output on first use)."""
+        if self._mask is None and self._fused_output is not None:
+            self._mask = self._fused_output <= 0
+        return self._mask
+
+    @mask.setter
+    def mask(self, value):
+        self._mask = value
+        self._fused_output = None
+
     def forward(self, x):
         out, self.mask = kernels.relu_forward(x)
         return out
@@ -208,15 +220,40 @@ class Convolution:
     col_W = property(lambda self: getattr(self._cache, "col_W", None))
 
     def forward(self, x):
-        out, self._cache = kernels.conv_forward(x, self.W, self.b, self.stride, self.pad, workspace=self._cache)
+        return self._forward(x, relu=False)
+
+    def _forward(self, x, relu):
+        out, self._cache = kernels.conv_forward(x, self.W, self.b, self.stride, self.pad, workspace=self._cache,
+                                                relu=relu)
         self.x = x
         return out
+
+    @property
+    def fused_relu(self):
+        """Whether the last forward was ``conv_relu_forward``: backward then takes the ReLU's gradient."""
+        return getattr(self._cache, "relu_out", None) is not None
 
     def backward(self, dout):
         dx, dW, db = kernels.conv_backward(dout, _forward_state(self, self._cache), self.W)
         self.dW = _as(dW, np.asarray(self.W).dtype)
         self.db = _as(db, np.asarray(self.b).dtype)
         return dx
+
+
+def conv_relu_forward(conv, relu, x):
+    """``relu.forward(conv.forward(x))``, with the ReLU done inside the convolution's kernel.
+
+    Saves the ReLU's own pass over memory, forward and backward. Afterwards
+    ``conv.backward(dout)`` takes ``dout``, the gradient of the ReLU's output, and
+    applies the ReLU's mask itself: call it *instead of* ``relu.backward``
+    followed by ``conv.backward`` (``conv.fused_relu`` says which forward ran).
+    ``relu.mask`` and ``relu.backward`` still work as after ``relu.forward``.
+    The returned array must not be changed before backward: its zeros are the mask.
+    """
+    out = conv._forward(x, relu=True)
+    relu.mask = None
+    relu._fused_output = out
+    return out
 
 
 class Pooling:

@@ -4,7 +4,7 @@ import pickle
 
 import numpy as np
 
-from fastconv.layers import Affine, Convolution, Dropout, Pooling, Relu, SoftmaxWithLoss
+from fastconv.layers import Affine, Convolution, Dropout, Pooling, Relu, SoftmaxWithLoss, conv_relu_forward
 
 __all__ = ["DeepConvNet"]
 
@@ -76,12 +76,20 @@ class DeepConvNet:
     _PARAM_LAYERS = (0, 2, 5, 7, 10, 12, 15, 18)
 
     def predict(self, x, train_flg=False):
+        """The layers in order; each convolution followed by a ReLU runs as one (``conv_relu_forward``)."""
         x = np.asarray(x).astype(self.dtype, copy=False)
-        for layer in self.layers:
+        layers, i = self.layers, 0
+        while i < len(layers):
+            layer = layers[i]
+            if isinstance(layer, Convolution) and i + 1 < len(layers) and isinstance(layers[i + 1], Relu):
+                x = conv_relu_forward(layer, layers[i + 1], x)
+                i += 2
+                continue
             if isinstance(layer, Dropout):
                 x = layer.forward(x, train_flg)
             else:
                 x = layer.forward(x)
+            i += 1
         return x
 
     def loss(self, x, t):
@@ -109,7 +117,10 @@ class DeepConvNet:
         the two separately lets a training loop time them apart.
         """
         dout = self.last_layer.backward(dout)
-        for layer in reversed(self.layers):
+        for i in reversed(range(len(self.layers))):
+            layer = self.layers[i]
+            if isinstance(layer, Relu) and i > 0 and getattr(self.layers[i - 1], "fused_relu", False):
+                continue  # the convolution before it applies its mask
             dout = layer.backward(dout)
         grads = {}
         for i, index in enumerate(self._PARAM_LAYERS):

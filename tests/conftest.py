@@ -101,3 +101,15 @@ def assert_subnormals_count_as_zero(dtype, run):
         np.testing.assert_array_equal(got, want)
     one, four = np.ones(1, dtype=dtype), np.full(1, 4, dtype=dtype)
     assert (x[1, 0, 0] * one)[0] > 0 and (np.array([tiny], dtype=dtype) / four)[0] > 0
+
+
+def conv_relu_reference(x, w, b, stride, pad, dout):
+    """(out, dx, dW, db) of a convolution followed by a ReLU, from the reference's convolution and the
+    book's ReLU written out here: out = conv with zeros where conv <= 0, and the convolution's backward
+    run on dout with zeros at the same places."""
+    from fastconv.backends import reference
+
+    conv, cache = reference.conv_forward(x, w, b, stride, pad, None)
+    off = conv <= 0
+    return (np.where(off, 0, conv).astype(conv.dtype),) + tuple(
+        reference.conv_backward(np.where(off, 0, dout).astype(dout.dtype), cache, w))

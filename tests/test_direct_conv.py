@@ -19,7 +19,7 @@ import fastconv
 from fastconv import _plan, info, kernels
 from fastconv.backends import reference
 
-from conftest import assert_subnormals_count_as_zero
+from conftest import assert_subnormals_count_as_zero, conv_relu_reference
 
 cython = pytest.importorskip("fastconv.backends.cython", reason="the cython backend must build here")
 
@@ -85,6 +85,20 @@ def test_integer_data_equals_reference_bit_for_bit(variant, geometry, dtype, rng
     for name, value, expected in zip(("out", "dx", "dW", "db"), got, reference_run(x, w, b, pad, dout)):
         assert value.dtype == dtype, name
         np.testing.assert_array_equal(value, expected.astype(dtype), err_msg=name)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=geometry_id)
+def test_fused_relu_on_integer_data_equals_reference_bit_for_bit(variant, geometry, dtype, rng, tile_kind):
+    """conv_forward(relu=True) and its backward; integer data makes many outputs exactly zero."""
+    x, w, b = integer_problem(rng, geometry, dtype)
+    N, C, K, H, W, FH, FW, pad = geometry
+    dout = rng.integers(-4, 5, (N, K, H + 2 * pad - FH + 1, W + 2 * pad - FW + 1)).astype(dtype)
+    out, cache = kernels.conv_forward(x, w, b, 1, pad, relu=True)
+    got = (out,) + tuple(kernels.conv_backward(dout, cache, w))
+    expected = conv_relu_reference(*(a.astype(np.float64) for a in (x, w, b)), 1, pad, dout.astype(np.float64))
+    for name, value, want in zip(("out", "dx", "dW", "db"), got, expected):
+        assert value.dtype == dtype, name
+        np.testing.assert_array_equal(value, want.astype(dtype), err_msg=name)
 
 
 def assert_relative(value, expected, tol, name):

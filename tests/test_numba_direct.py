@@ -15,7 +15,7 @@ import fastconv
 from fastconv import _plan, kernels
 from fastconv.backends import reference
 
-from conftest import assert_subnormals_count_as_zero
+from conftest import assert_subnormals_count_as_zero, conv_relu_reference
 
 nb = pytest.importorskip("fastconv.backends.numba", reason="numba backend unavailable (is numba installed?)")
 direct = nb._direct
@@ -92,6 +92,19 @@ def test_integer_data_gives_the_references_bits(variant, geometry, dtype, rng, n
     for got, expected in zip(run_fast(*case), run_reference(*case)):
         assert got.dtype == expected.dtype == dtype
         np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("variant,geometry", CASES, ids=CASE_IDS)
+def test_fused_relu_on_integer_data_gives_the_references_bits(variant, geometry, dtype, rng, numba_backend,
+                                                              monkeypatch, tile_kind):
+    monkeypatch.setattr(direct, "VARIANT", variant)
+    x, Wt, b, dout, pad = conv_case(geometry, dtype, rng, integers=True)
+    out, cache = kernels.conv_forward(x, Wt, b, 1, pad, relu=True)
+    assert cache.plan.direct
+    got = (out,) + kernels.conv_backward(dout, cache, Wt)
+    for value, expected in zip(got, conv_relu_reference(x, Wt, b, 1, pad, dout)):
+        assert value.dtype == dtype
+        np.testing.assert_array_equal(value, expected)
 
 
 @pytest.mark.skipif(config.DISABLE_JIT, reason="the pure-Python stand-ins compute with NumPy, which keeps subnormals")

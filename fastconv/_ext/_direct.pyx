@@ -24,6 +24,7 @@ cdef extern from "dconv.h":
         void *out
         void *scratch
         long scratch_stride
+        int relu
         long next
 
     ctypedef struct fc_backward_job:
@@ -37,6 +38,7 @@ cdef extern from "dconv.h":
         int n_channel_tiles
         const void *packed
         const void *dout
+        const void *relu_out
         const void *weights
         const void *zeros
         void *dx
@@ -127,8 +129,9 @@ def pack_weights(const floating[:, :, :, ::1] w, floating[::1] packed, int k_til
 
 def conv_forward(object tile_pass, Py_ssize_t batch, const floating[::1] x, floating[::1] packed,
                  const floating[::1] weights, const floating[::1] bias, floating[::1] out,
-                 floating[::1] scratch, Py_ssize_t scratch_stride, int variant, int num_threads):
-    """out = convolution of x plus bias; packed = x's padded planes (kept for backward)."""
+                 floating[::1] scratch, Py_ssize_t scratch_stride, int variant, int num_threads, bint relu=False):
+    """out = convolution of x plus bias (then max(out, 0) with relu); packed = x's padded planes (kept for
+    backward)."""
     cdef fc_forward_job job
     cdef const fc_dconv_functions_t *fns = _functions(variant, floating is double)
     job.pass_ = _tile_pass(tile_pass, fns)
@@ -148,6 +151,7 @@ def conv_forward(object tile_pass, Py_ssize_t batch, const floating[::1] x, floa
     job.batch = batch
     job.x, job.packed, job.weights, job.bias, job.out = &x[0], &packed[0], &weights[0], &bias[0], &out[0]
     job.scratch, job.scratch_stride, job.next = &scratch[0], scratch_stride, 0
+    job.relu = relu
     with nogil:
         run_tasks(num_threads, fns.forward, &job)
 
@@ -156,10 +160,13 @@ def conv_backward(object forward_pass, object data_pass, Py_ssize_t batch, int l
                   bint one_channel, int dt_rows, int dt_cols, const int[::1] channel_tiles, const floating[::1] packed, const floating[::1] dout,
                   const floating[::1] weights, const floating[::1] zeros, floating[::1] dx,
                   floating[::1] dw_groups, double[::1] db_groups, floating[::1] dw, floating[::1] db,
-                  floating[::1] scratch, Py_ssize_t scratch_stride, int variant, int num_threads):
+                  floating[::1] scratch, Py_ssize_t scratch_stride, int variant, int num_threads,
+                  const floating[::1] relu_out=None):
     """dx, dw and db from dout and forward's packed planes.
 
-    dw_groups and db_groups receive each group's sums; they are added in group order.
+    dw_groups and db_groups receive each group's sums; they are added in group order. With
+    ``relu_out`` (the output of a forward with relu), dout is the gradient of that output:
+    it is taken as zero where relu_out <= 0.
     """
     cdef fc_backward_job job
     cdef const fc_dconv_functions_t *fns = _functions(variant, floating is double)
@@ -191,15 +198,18 @@ def conv_backward(object forward_pass, object data_pass, Py_ssize_t batch, int l
     _need(packed.shape[0], batch * f.image_stride, "packed")
     _need(dout.shape[0], batch * K * pixels, "dout")
     cdef Py_ssize_t dt_block = (dt_rows * dt_cols + lanes) * lanes
+    cdef Py_ssize_t masked = K * pixels if relu_out is not None else 0  # scratch for the masked dout
+    if relu_out is not None:
+        _need(relu_out.shape[0], batch * K * pixels, "relu_out")
     if one_channel:
         if C != 1 or dt_rows != f.out_h + 2 * (f.filter_h - 1 - f.border_h) or dt_cols != f.out_w + 2 * (f.filter_w - 1 - f.border_w):
             raise ValueError("the one-channel path needs one input channel and dout's bordered size")
         _need(weights.shape[0], w_blocks * lanes * f.filter_h * f.filter_w, "weights")
-        _need(scratch_stride, w_blocks * (pixels * lanes + dt_block) + align, "scratch_stride")
+        _need(scratch_stride, w_blocks * (pixels * lanes + dt_block) + masked + align, "scratch_stride")
     else:
         _need(weights.shape[0], d.k_blocks * d.k_tile * d.in_channels * d.filter_h * d.filter_w, "weights")
         _need(zeros.shape[0], d.k_blocks * d.k_tile, "zeros")
-        _need(scratch_stride, w_blocks * pixels * lanes + d.k_tile * d.grid_stride + d.image_stride + align,
+        _need(scratch_stride, w_blocks * pixels * lanes + d.k_tile * d.grid_stride + d.image_stride + masked + align,
               "scratch_stride")
     _need(dx.shape[0], batch * C * f.src_h * f.src_w, "dx")
     _need(dw_groups.shape[0], groups * group_elements, "dw_groups")
@@ -211,6 +221,7 @@ def conv_backward(object forward_pass, object data_pass, Py_ssize_t batch, int l
     job.batch, job.lanes, job.w_blocks, job.groups = batch, lanes, w_blocks, groups
     job.channel_tiles, job.n_channel_tiles = &channel_tiles[0], channel_tiles.shape[0] // 2
     job.packed, job.dout, job.weights, job.zeros = &packed[0], &dout[0], &weights[0], &zeros[0]
+    job.relu_out = &relu_out[0] if relu_out is not None else NULL
     job.dx, job.dw_groups, job.dw_group_elements = &dx[0], &dw_groups[0], group_elements
     job.db_groups, job.dw = &db_groups[0], &dw[0]
     job.scratch, job.scratch_stride = &scratch[0], scratch_stride

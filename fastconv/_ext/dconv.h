@@ -53,6 +53,7 @@ typedef struct {
     void *out;              /* (N, K, out_h, out_w) */
     void *scratch;          /* per thread: scratch_stride elements, aligned inside */
     long scratch_stride;
+    int relu;               /* 1: out = max(convolution, 0), a ReLU fused into the output */
     long next;              /* task counter */
 } fc_forward_job;
 
@@ -68,6 +69,7 @@ typedef struct {
     int n_channel_tiles;
     const void *packed;     /* forward's padded planes */
     const void *dout;       /* (N, K, out_h, out_w) */
+    const void *relu_out;   /* NULL, or a fused forward's output: dout is then the ReLU's, masked by it */
     const void *weights;    /* backward-data packed weights; with one channel, the forward's for k_tile = lanes */
     const void *zeros;      /* data.k_blocks * data.k_tile zeros: the bias of the backward-data pass */
     void *dx;               /* (N, C, H, W) */

@@ -53,6 +53,37 @@ static inline void FC_NAME(copy_row)(FC_T *dst, const FC_T *src, int n)
 typedef FC_I FC_NAME(index) __attribute__((vector_size(FC_V * sizeof(FC_T))));
 #endif
 
+/* all bits set in the lanes where a comparison of VECs holds */
+typedef FC_I FC_NAME(lanemask) __attribute__((vector_size(FC_V * sizeof(FC_T))));
+
+/* v with zeros where y <= 0 (a NaN in y keeps v, as the book's mask x <= 0 does) */
+static inline VEC FC_NAME(zero_where_not_positive)(VEC v, VEC y)
+{
+    return (VEC)((FC_NAME(lanemask))v & ~(FC_NAME(lanemask))(y <= (VEC){0}));
+}
+
+/* ReLU of values[0:n], in place: the forward epilogue of a convolution followed by a ReLU. */
+static void FC_NAME(relu_in_place)(FC_T *values, long n)
+{
+    long i = 0;
+    for (; i + FC_V <= n; i += FC_V) {
+        VEC v = FC_NAME(load)(values + i);
+        FC_NAME(store)(values + i, FC_NAME(zero_where_not_positive)(v, v));
+    }
+    for (; i < n; i++)
+        values[i] = values[i] <= 0 ? 0 : values[i];
+}
+
+/* dst = dy with zeros where the forward's ReLU output y is <= 0: the ReLU's backward, on one image. */
+static void FC_NAME(relu_gradient)(const FC_T *dy, const FC_T *y, long n, FC_T *dst)
+{
+    long i = 0;
+    for (; i + FC_V <= n; i += FC_V)
+        FC_NAME(store)(dst + i, FC_NAME(zero_where_not_positive)(FC_NAME(load)(dy + i), FC_NAME(load)(y + i)));
+    for (; i < n; i++)
+        dst[i] = y[i] <= 0 ? 0 : dy[i];
+}
+
 #if defined(__GNUC__) && !defined(__clang__)
 /* r[i][j] <-> r[j][i], in registers: stage s swaps the b x b off-diagonal sub-blocks of every 2b x 2b
    block (b = FC_V / 2, FC_V / 4, ..., 1); the shuffle indices are constants */
@@ -513,7 +544,10 @@ static void FC_NAME(forward_task_body)(void *arg, int thread)
     while ((n = fc_next_task(&job->next)) < job->batch) {
         FC_T *packed = (FC_T *)job->packed + n * p->image_stride;
         FC_NAME(pad_planes)(p, (const FC_T *)job->x + n * x_image, packed);
-        FC_NAME(run_pass)(p, packed, job->weights, job->bias, grid, (FC_T *)job->out + n * out_image);
+        FC_T *out = (FC_T *)job->out + n * out_image;
+        FC_NAME(run_pass)(p, packed, job->weights, job->bias, grid, out);
+        if (job->relu)  /* while the image's output is still in cache */
+            FC_NAME(relu_in_place)(out, out_image);
     }
 }
 
@@ -560,6 +594,8 @@ static void FC_NAME(backward_task_body)(void *arg, int thread)
     FC_T *grid = dT + (long)job->w_blocks * pixels * FC_V;  /* multiple of FC_V: stays aligned */
     FC_T *padded = grid + d->k_tile * d->grid_stride;
     FC_T *dTp = grid;  /* the one-channel path's padded dout instead of grid and padded planes */
+    /* dout with the ReLU's mask applied, after the larger of the two layouts above */
+    FC_T *masked = job->one_channel ? dTp + (long)job->w_blocks * job->dt_block : padded + d->image_stride;
     const int border_h = FH - 1 - f->border_h, border_w = FW - 1 - f->border_w;
     if (job->one_channel)
         memset(dTp, 0, (size_t)job->w_blocks * job->dt_block * sizeof(FC_T));
@@ -574,6 +610,10 @@ static void FC_NAME(backward_task_body)(void *arg, int thread)
             db[k] = 0;
         for (long n = first; n < end; n++) {
             const FC_T *dy = (const FC_T *)job->dout + n * K * pixels;
+            if (job->relu_out) {  /* the ReLU's backward first, into scratch */
+                FC_NAME(relu_gradient)(dy, (const FC_T *)job->relu_out + n * K * pixels, (long)K * pixels, masked);
+                dy = masked;
+            }
             /* dout as (block, pixel, lane), and db */
             for (int kb = 0; kb < job->w_blocks; kb++) {
                 int count = K - kb * FC_V < FC_V ? K - kb * FC_V : FC_V;

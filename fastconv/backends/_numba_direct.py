@@ -385,9 +385,18 @@ def _grid_to_nchw(grid, grid_padded, in_w, k0, out, n):
                 flat[_ix(d + x)] = grid[_ix(s + x)]
 
 
+@_inlined
+def _relu_image(out, n):
+    """out[n] = max(out[n], 0), in place (a NaN stays): a fused ReLU, while the image is in cache."""
+    image = out[n].reshape(-1)
+    for i in range(image.size):
+        if image[i] <= 0:
+            image[i] = 0
+
+
 @_kernel
 def convolve_images(src, weights, bias, out, counter, image_step, image_size, border_h, border_w, fh, fw, in_h, in_w,
-                    grid_tiles, k_tile, vectors, lanes, planes, grid):
+                    grid_tiles, k_tile, vectors, lanes, relu, planes, grid):
     """One thread's share of a grid pass over a batch: images taken from ``counter`` until none is left.
 
     Image n of ``src`` (N, C, h, w) is copied into zero-padded planes at
@@ -395,9 +404,10 @@ def convolve_images(src, weights, bias, out, counter, image_step, image_size, bo
     convolved with packed ``weights`` (the layouts of fastconv._plan) and
     ``bias`` (padded to whole channel blocks), one block of len(k_tile)
     output channels at a time into the thread's ``grid``, whose kept
-    positions are copied to out[n] (NCHW). Forward keeps every image's
-    planes (``image_step`` = ``image_size``) for backward; backward-data
-    reuses one thread-private image (``image_step`` = 0).
+    positions are copied to out[n] (NCHW), then go through a ReLU with
+    ``relu``. Forward keeps every image's planes (``image_step`` =
+    ``image_size``) for backward; backward-data reuses one thread-private
+    image (``image_step`` = 0).
     """
     N, C, H, W = src.shape
     K = out.shape[1]
@@ -412,6 +422,8 @@ def convolve_images(src, weights, bias, out, counter, image_step, image_size, bo
             _grid_pass(planes, start, C, in_h, in_w, weights, bias, kb, fh, fw, grid_tiles, grid, k_tile, vectors,
                        lanes)
             _grid_to_nchw(grid, grid_padded, in_w, kb * len(k_tile), out, n)
+        if relu:
+            _relu_image(out, n)
         n = take_next(counter)
     restore_fp(fp)
 
@@ -456,7 +468,7 @@ def _pixels_to_nchw(T, K_tile, k0, out, n):
 
 @_kernel
 def convolve_images_pixels(src, weights, bias, out, counter, image_step, image_size, border_h, border_w, fh, fw,
-                           in_h, in_w, grid_tiles, offsets, c_chunk, k_vectors, pixels, lanes, planes, T):
+                           in_h, in_w, grid_tiles, offsets, c_chunk, k_vectors, pixels, lanes, relu, planes, T):
     """``convolve_images`` with the channels-in-lanes tile: a block's results go to the thread's ``T``
     (pixels, channels) and are transposed into out[n]."""
     N, C, H, W = src.shape
@@ -472,6 +484,8 @@ def convolve_images_pixels(src, weights, bias, out, counter, image_step, image_s
             _pixel_pass(planes, start, C, in_h * in_w, in_w, weights, bias, kb, fh, fw, grid_tiles, offsets, T,
                         c_chunk, k_vectors, pixels, lanes)
             _pixels_to_nchw(T, K_tile, kb * K_tile, out, n)
+        if relu:
+            _relu_image(out, n)
         n = take_next(counter)
     restore_fp(fp)
 

@@ -196,7 +196,7 @@ def col2im(col, x_shape, filter_h, filter_w, stride, pad):
     return x
 
 
-def conv_forward(x, W, b, stride, pad, workspace):
+def conv_forward(x, W, b, stride, pad, workspace, relu=False):
     FN, C, FH, FW = W.shape
     N, _, H, Wd = x.shape
     out_h = _plan.output_size(H, FH, stride, pad)
@@ -205,11 +205,14 @@ def conv_forward(x, W, b, stride, pad, workspace):
         return (np.zeros((N, FN, out_h, out_w), dtype=x.dtype),
                 ConvCache(x.shape, x.dtype, (FH, FW), stride, pad, (out_h, out_w), x=x.copy()))
     if _engine == "direct" and _plan.direct_supported(FH, FW, stride, pad):
-        return _direct_forward(x, W, b, stride, pad, workspace)
-    return _im2col_forward(x, W, b, stride, pad, workspace, out_h, out_w)
+        return _direct_forward(x, W, b, stride, pad, workspace, relu)
+    out, cache = _im2col_forward(x, W, b, stride, pad, workspace, out_h, out_w)
+    if relu:  # a pass of its own on this path
+        out, _ = relu_forward(out)
+    return out, cache
 
 
-def conv_backward(dout, cache, W):
+def conv_backward(dout, cache, W, relu_out=None):
     if tuple(W.shape[1:]) != (cache.x_shape[1],) + cache.filter_hw or W.shape[0] != dout.shape[1]:
         raise ValueError(f"W has shape {W.shape}, but the forward call used filters of another shape")
     N = cache.x_shape[0]
@@ -217,7 +220,9 @@ def conv_backward(dout, cache, W):
         dx = np.zeros(cache.x_shape, dtype=cache.dtype)
         return dx, np.zeros(W.shape, dtype=cache.dtype), np.zeros(W.shape[0], dtype=cache.dtype)
     if cache.plan is not None:
-        return _direct_backward(dout, cache, W)
+        return _direct_backward(dout, cache, W, relu_out)
+    if relu_out is not None:
+        dout = relu_backward(dout.copy(), relu_out <= 0)
     return _im2col_backward(dout, cache, W)
 
 
@@ -229,7 +234,7 @@ def _take_over(workspace, name, size, dtype):
     return buffer
 
 
-def _direct_forward(x, W, b, stride, pad, workspace):
+def _direct_forward(x, W, b, stride, pad, workspace, relu):
     plan = _plan.conv_plan(x.shape, W.shape, stride, pad, x.dtype, _variant)
     threads = plan.forward_threads(get_num_threads()) if _THREADED else 1
     # one scratch serves forward and backward
@@ -241,7 +246,8 @@ def _direct_forward(x, W, b, stride, pad, workspace):
     bias[:plan.filters] = b
     out = np.empty((plan.batch, plan.filters, plan.out_h, plan.out_w), dtype=x.dtype)
     _direct.conv_forward(plan.forward, plan.batch, x.reshape(-1), packed, _packed_weights(W, plan.forward.k_tile, False),
-                         bias, out.reshape(-1), scratch, scratch_stride, _direct.VARIANTS.index(plan.variant), threads)
+                         bias, out.reshape(-1), scratch, scratch_stride, _direct.VARIANTS.index(plan.variant), threads,
+                         relu)
     dw_groups = getattr(workspace, "dw_groups", None)
     cache = ConvCache(x.shape, x.dtype, (plan.filter_h, plan.filter_w), stride, pad, (plan.out_h, plan.out_w),
                       plan=plan, packed=packed,
@@ -262,7 +268,7 @@ def _scratch_stride(plan):
     return max(plan.forward_scratch, plan.backward_scratch) + _direct.SCRATCH_ALIGNMENT // plan.dtype.itemsize
 
 
-def _direct_backward(dout, cache, W):
+def _direct_backward(dout, cache, W, relu_out):
     plan = cache.plan
     if cache.packed is None:
         raise ValueError("this cache's buffers were taken over by a later forward call (it was passed as its "
@@ -283,7 +289,8 @@ def _direct_backward(dout, cache, W):
     _direct.conv_backward(plan.forward, plan.backward_data, plan.batch, plan.lanes, plan.groups,
                           plan.one_channel_data, plan.dt_rows, plan.dt_cols, channel_tiles,
                           cache.packed, dout.reshape(-1), weights, zeros, dx.reshape(-1), cache.dw_groups, db_groups, dW.reshape(-1), db,
-                          cache.scratch, cache.scratch_stride, _direct.VARIANTS.index(plan.variant), threads)
+                          cache.scratch, cache.scratch_stride, _direct.VARIANTS.index(plan.variant), threads,
+                          None if relu_out is None else relu_out.reshape(-1))
     return dx, dW, db
 
 

@@ -224,22 +224,25 @@ def _run_counted(kernel, leading, trailing, thread_buffers):
     _workers.run([lambda buffers=buffers: kernel(*leading, counter, *trailing, *buffers) for buffers in thread_buffers])
 
 
-def _pass_kernel(plan, tile_pass):
+def _pass_kernel(plan, tile_pass, relu):
     """The kernel of a tile pass (grid or channels-in-lanes tile) and its arguments after the borders."""
     geometry = (plan.filter_h, plan.filter_w, tile_pass.in_h, tile_pass.in_w, tile_pass.grid_tiles)
     if tile_pass.channel_lanes:
         return _direct.convolve_images_pixels, geometry + (
             _direct.pixel_offsets(tile_pass), tile_pass.c_chunk, _direct.token(tile_pass.k_tile // plan.lanes),
-            _direct.token(tile_pass.vectors), _direct.token(plan.lanes))
+            _direct.token(tile_pass.vectors), _direct.token(plan.lanes), relu)
     return _direct.convolve_images, geometry + (
-        _direct.token(tile_pass.k_tile), _direct.token(tile_pass.vectors), _direct.token(plan.lanes))
+        _direct.token(tile_pass.k_tile), _direct.token(tile_pass.vectors), _direct.token(plan.lanes), relu)
 
 
-def conv_forward(x, W, b, stride, pad, workspace):
+def conv_forward(x, W, b, stride, pad, workspace, relu=False):
     plan = _direct.plan(x.shape, W.shape, stride, pad, x.dtype)
     packed, scratch = workspace.take_over(plan) if isinstance(workspace, ConvCache) else (None, {})
     if not plan.direct:
-        return _unfolded_forward(x, W, b, plan, scratch)
+        out, cache = _unfolded_forward(x, W, b, plan, scratch)
+        if relu:  # a pass of its own on this path
+            out, _ = relu_forward(out)
+        return out, cache
     fwd = plan.forward
     if packed is None:
         packed = np.empty(plan.packed_input, dtype=x.dtype)
@@ -249,13 +252,17 @@ def conv_forward(x, W, b, stride, pad, workspace):
     out = np.empty((plan.batch, plan.filters, plan.out_h, plan.out_w), dtype=x.dtype)
     threads = min(plan.forward_threads(get_num_threads()), _thread_count(plan.batch, fwd.grid_elements))
     grids = _thread_scratch(scratch, "forward", threads, [plan.forward_scratch], x.dtype)
-    kernel, arguments = _pass_kernel(plan, fwd)
+    kernel, arguments = _pass_kernel(plan, fwd, relu)
     _run_counted(kernel, (x, weights, bias, out), (fwd.image_stride, fwd.image_stride, pad, pad) + arguments,
                  [[packed, grid] for grid, in grids])
     return out, ConvCache(plan, W, packed, None, scratch)
 
 
-def conv_backward(dout, cache, W):
+def conv_backward(dout, cache, W, relu_out=None):
+    if relu_out is not None:  # the ReLU's backward, into a new array (dout is the caller's)
+        masked = np.empty_like(dout)
+        _split(_k.relu_gradient, dout.size, 1, dout.reshape(-1), relu_out.reshape(-1), masked.reshape(-1))
+        dout = masked
     plan = cache.plan
     if not plan.direct:
         return _unfolded_backward(dout, cache, W)
@@ -283,7 +290,7 @@ def conv_backward(dout, cache, W):
     weights_t = _plan.pack_backward_data_weights(plan, W).reshape(-1)
     threads = min(plan.forward_threads(get_num_threads()), _thread_count(plan.batch, bd.grid_elements))
     buffers = _thread_scratch(cache.scratch, "data", threads, [bd.image_stride, bd.grid_elements], plan.dtype)
-    kernel, arguments = _pass_kernel(plan, bd)
+    kernel, arguments = _pass_kernel(plan, bd, False)
     _run_counted(kernel, (dout, weights_t, np.zeros(bd.k_padded, dtype=plan.dtype), dx),
                  (0, bd.image_stride, plan.filter_h - 1 - plan.pad, plan.filter_w - 1 - plan.pad) + arguments, buffers)
     return dx, dW, db_groups.sum(axis=0).astype(plan.dtype)

@@ -47,7 +47,7 @@ def col2im(col, x_shape, filter_h, filter_w, stride, pad):
     return img[:, :, pad:H + pad, pad:W + pad]
 
 
-def conv_forward(x, W, b, stride, pad, workspace):
+def conv_forward(x, W, b, stride, pad, workspace, relu=False):
     FN, C, FH, FW = W.shape
     N, _, H, Wd = x.shape
     out_h = _out_size(H, FH, stride, pad)
@@ -56,12 +56,16 @@ def conv_forward(x, W, b, stride, pad, workspace):
     col_W = W.reshape(FN, -1).T
     out = np.dot(col, col_W) + b
     out = out.reshape(N, out_h, out_w, -1).transpose(0, 3, 1, 2)
+    if relu:  # the book's ReLU layer on the output
+        out, _ = relu_forward(out)
     cache = SimpleNamespace(x=x, col=col, col_W=col_W, stride=stride, pad=pad,
                             x_shape=x.shape, dtype=x.dtype, out_hw=(out_h, out_w))
     return out, cache
 
 
-def conv_backward(dout, cache, W):
+def conv_backward(dout, cache, W, relu_out=None):
+    if relu_out is not None:  # the book's ReLU layer's backward first
+        dout = relu_backward(dout.copy(), relu_out <= 0)
     FN, C, FH, FW = W.shape
     col_W = W.reshape(FN, -1).T
     dout = dout.transpose(0, 2, 3, 1).reshape(-1, FN)
