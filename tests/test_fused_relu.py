@@ -68,7 +68,7 @@ def test_nan_passes_through_as_in_the_books_relu(backend, dtype, rng):
 def test_backward_leaves_the_callers_dout_alone(backend, rng):
     x, w, b, stride, pad, dout = problem(rng, GEOMETRIES[0], np.float64)
     keep = dout.copy()
-    out, cache = kernels.conv_forward(x, w, b, stride, pad, relu=True)
+    _, cache = kernels.conv_forward(x, w, b, stride, pad, relu=True)
     kernels.conv_backward(dout, cache, w)
     np.testing.assert_array_equal(dout, keep)
 
