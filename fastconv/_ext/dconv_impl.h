@@ -232,6 +232,25 @@ static double FC_NAME(row_sum)(const FC_T *values, int count)
     return sum;
 }
 
+/* The loops over input channels and taps of a forward tile, for an fh x fw filter (FH, FW: the same, or
+   the constant 3 for 3 x 3 filters, whose taps the compiler then unrolls). */
+#define FC_FORWARD_TAPS(KT, PV, FH, FW)                                                              \
+    for (int c = 0; c < channels; c++) {                                                             \
+        const FC_T *ic = in + c * plane + p0;                                                        \
+        _Pragma("GCC unroll 3") for (int kh = 0; kh < FH; kh++) {                                    \
+            _Pragma("GCC unroll 3") for (int kw = 0; kw < FW; kw++) {                                \
+                const FC_T *ip = ic + kh * in_w + kw;                                                \
+                const FC_T *wp = w + ((long)(c * FH + kh) * FW + kw) * KT;                           \
+                VEC xv[PV];                                                                          \
+                _Pragma("GCC unroll 8") for (int j = 0; j < PV; j++) xv[j] = FC_NAME(load)(ip + j * FC_V); \
+                _Pragma("GCC unroll 16") for (int i = 0; i < KT; i++) {                              \
+                    FC_T s = wp[i];                                                                  \
+                    _Pragma("GCC unroll 8") for (int j = 0; j < PV; j++) acc[i][j] += xv[j] * s;     \
+                }                                                                                    \
+            }                                                                                        \
+        }                                                                                            \
+    }
+
 /* Forward register tile: KT output channels x PV vectors of grid positions from p0 on.
    in: padded planes (channel c at in + c * plane); w: this block's packed weights. */
 #define FC_FORWARD_TILE(KT, PV)                                                                      \
@@ -242,24 +261,31 @@ static double FC_NAME(row_sum)(const FC_T *values, int count)
         VEC acc[KT][PV];                                                                             \
         _Pragma("GCC unroll 16") for (int i = 0; i < KT; i++)                                        \
             _Pragma("GCC unroll 8") for (int j = 0; j < PV; j++) acc[i][j] = (VEC){0} + bias[i];     \
-        for (int c = 0; c < channels; c++) {                                                         \
-            const FC_T *ic = in + c * plane + p0;                                                    \
-            for (int kh = 0; kh < fh; kh++) {                                                        \
-                for (int kw = 0; kw < fw; kw++) {                                                    \
-                    const FC_T *ip = ic + kh * in_w + kw;                                            \
-                    const FC_T *wp = w + ((long)(c * fh + kh) * fw + kw) * KT;                       \
-                    VEC xv[PV];                                                                      \
-                    _Pragma("GCC unroll 8") for (int j = 0; j < PV; j++) xv[j] = FC_NAME(load)(ip + j * FC_V); \
-                    _Pragma("GCC unroll 16") for (int i = 0; i < KT; i++) {                          \
-                        FC_T s = wp[i];                                                              \
-                        _Pragma("GCC unroll 8") for (int j = 0; j < PV; j++) acc[i][j] += xv[j] * s; \
-                    }                                                                                \
-                }                                                                                    \
-            }                                                                                        \
+        if (fh == 3 && fw == 3) {                                                                    \
+            FC_FORWARD_TAPS(KT, PV, 3, 3)                                                            \
+        } else {                                                                                     \
+            FC_FORWARD_TAPS(KT, PV, fh, fw)                                                          \
         }                                                                                            \
         _Pragma("GCC unroll 16") for (int i = 0; i < KT; i++)                                        \
             _Pragma("GCC unroll 8") for (int j = 0; j < PV; j++)                                     \
                 FC_NAME(store)(grid + i * grid_stride + p0 + j * FC_V, acc[i][j]);                   \
+    }
+
+/* The loops over input channels [c0, c1) and taps of a channels-in-lanes tile (see FC_FORWARD_TAPS). */
+#define FC_PIXEL_TAPS(KV, P, FH, FW)                                                                 \
+    for (int c = c0; c < c1; c++) {                                                                  \
+        _Pragma("GCC unroll 3") for (int kh = 0; kh < FH; kh++) {                                    \
+            _Pragma("GCC unroll 3") for (int kw = 0; kw < FW; kw++) {                                \
+                const long offset = c * plane + kh * in_w + kw;                                      \
+                const FC_T *wp = w + ((long)(c * FH + kh) * FW + kw) * (KV * FC_V);                  \
+                VEC wv[KV];                                                                          \
+                _Pragma("GCC unroll 8") for (int v = 0; v < KV; v++) wv[v] = FC_NAME(load)(wp + v * FC_V); \
+                _Pragma("GCC unroll 16") for (int p = 0; p < P; p++) {                               \
+                    FC_T s = at[p][offset];                                                          \
+                    _Pragma("GCC unroll 8") for (int v = 0; v < KV; v++) acc[p][v] += wv[v] * s;     \
+                }                                                                                    \
+            }                                                                                        \
+        }                                                                                            \
     }
 
 /* Forward tile with the output channels in the lanes: KV vectors of output channels x P output pixels
@@ -281,19 +307,10 @@ static double FC_NAME(row_sum)(const FC_T *values, int count)
         _Pragma("GCC unroll 16") for (int p = 0; p < P; p++)                                         \
             _Pragma("GCC unroll 8") for (int v = 0; v < KV; v++)                                     \
                 acc[p][v] = FC_NAME(load)(c0 ? T + (long)(q0 + p) * (KV * FC_V) + v * FC_V : bias + v * FC_V); \
-        for (int c = c0; c < c1; c++) {                                                              \
-            for (int kh = 0; kh < fh; kh++) {                                                        \
-                for (int kw = 0; kw < fw; kw++) {                                                    \
-                    const long offset = c * plane + kh * in_w + kw;                                  \
-                    const FC_T *wp = w + ((long)(c * fh + kh) * fw + kw) * (KV * FC_V);              \
-                    VEC wv[KV];                                                                      \
-                    _Pragma("GCC unroll 8") for (int v = 0; v < KV; v++) wv[v] = FC_NAME(load)(wp + v * FC_V); \
-                    _Pragma("GCC unroll 16") for (int p = 0; p < P; p++) {                           \
-                        FC_T s = at[p][offset];                                                      \
-                        _Pragma("GCC unroll 8") for (int v = 0; v < KV; v++) acc[p][v] += wv[v] * s; \
-                    }                                                                                \
-                }                                                                                    \
-            }                                                                                        \
+        if (fh == 3 && fw == 3) {                                                                    \
+            FC_PIXEL_TAPS(KV, P, 3, 3)                                                               \
+        } else {                                                                                     \
+            FC_PIXEL_TAPS(KV, P, fh, fw)                                                             \
         }                                                                                            \
         _Pragma("GCC unroll 16") for (int p = 0; p < P; p++)                                         \
             _Pragma("GCC unroll 8") for (int v = 0; v < KV; v++)                                     \
@@ -659,13 +676,13 @@ static void FC_NAME(sum_groups_task_body)(void *arg, int thread)
     while ((row = fc_next_task(&job->next)) < (long)job->w_blocks * C) {
         int kb = row / C, c = row % C;
         for (long tap = 0; tap < taps; tap++) {
+            /* the lanes' sums in group order, a vector at a time */
             const FC_T *src = groups + (row * taps + tap) * FC_V;
-            for (int lane = 0; lane < FC_V && kb * FC_V + lane < K; lane++) {
-                FC_T sum = src[lane];
-                for (int g = 1; g < job->groups; g++)
-                    sum += src[g * job->dw_group_elements + lane];
-                dw[(((long)kb * FC_V + lane) * C + c) * taps + tap] = sum;
-            }
+            VEC sum = FC_NAME(load)(src);
+            for (int g = 1; g < job->groups; g++)
+                sum += FC_NAME(load)(src + g * job->dw_group_elements);
+            for (int lane = 0; lane < FC_V && kb * FC_V + lane < K; lane++)
+                dw[(((long)kb * FC_V + lane) * C + c) * taps + tap] = sum[lane];
         }
     }
 }
