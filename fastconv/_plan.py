@@ -328,8 +328,9 @@ class ConvPlan:
 
     @property
     def forward_scratch(self):
-        """Elements of thread scratch for forward: one image's output grid."""
-        return self.forward.grid_elements
+        """Elements of thread scratch for forward: one image's output grid, then (when no backward
+        follows) its padded planes."""
+        return self.forward.grid_elements + self.forward.image_stride
 
     @property
     def backward_scratch(self):

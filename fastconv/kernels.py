@@ -7,7 +7,7 @@ functions, with the same arguments, already validated:
 
     im2col(x, filter_h, filter_w, stride, pad) -> col
     col2im(col, x_shape, filter_h, filter_w, stride, pad) -> x
-    conv_forward(x, W, b, stride, pad, workspace, relu) -> (out, cache)
+    conv_forward(x, W, b, stride, pad, workspace, relu, for_backward) -> (out, cache)
     conv_backward(dout, cache, W, relu_out) -> (dx, dW, db)
     maxpool_forward(x, pool_h, pool_w, stride, pad, workspace) -> (out, cache)
     maxpool_backward(dout, cache) -> dx
@@ -55,6 +55,9 @@ Conventions (the book's):
   (the backend receives ``out`` as ``relu_out``; otherwise ``relu_out`` is
   None). The cache keeps a reference to ``out``: it must not be changed
   before backward.
+- ``conv_forward(..., for_backward=False)`` says that no backward will
+  follow (inference): a backend may then keep nothing for it, and
+  ``conv_backward`` with that cache is a ``ValueError``.
 """
 import numpy as np
 
@@ -72,7 +75,7 @@ class ForwardCache:
     """
 
     __slots__ = ("state", "backend", "kind", "x_shape", "dtype", "out_hw", "W_shape", "window", "stride", "pad",
-                 "lease", "generation", "relu_out")
+                 "lease", "generation", "relu_out", "for_backward")
 
     def __init__(self, state, kind, x_shape, dtype, out_hw, window, stride, pad, workspace, W_shape=None,
                  relu_out=None):
@@ -89,6 +92,7 @@ class ForwardCache:
         self.lease = workspace.lease if workspace is not None else [0]
         self.generation = self.lease[0]
         self.relu_out = relu_out  # a fused ReLU's output, whose mask backward applies to dout
+        self.for_backward = True
 
     def __getattr__(self, name):
         try:
@@ -152,14 +156,16 @@ def _images(name, x):
     return x
 
 
-def conv_forward(x, W, b, stride=1, pad=0, workspace=None, relu=False):
+def conv_forward(x, W, b, stride=1, pad=0, workspace=None, relu=False, for_backward=True):
     """Convolution (cross-correlation) of NCHW ``x`` with filters ``W`` (FN, C, FH, FW) plus bias ``b``.
 
     With ``relu``, the output goes through a ReLU in the same pass, and ``conv_backward``
-    takes the gradient of the ReLU's output.
+    takes the gradient of the ReLU's output. With ``for_backward=False`` (inference) the
+    backend may keep nothing for backward, which the cache then refuses.
     """
-    if not isinstance(relu, (bool, np.bool_)):
-        raise TypeError(f"relu must be True or False, got {relu!r}")
+    for name, flag in (("relu", relu), ("for_backward", for_backward)):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
     # NumPy promotion, as the book's np.dot(col, col_W) does
     x, W = _promoted(_images("x", x), _checks.float_array("W", W, ndim=4))
     b = _checks.float_array("b", b, dtype=x.dtype)
@@ -176,14 +182,19 @@ def conv_forward(x, W, b, stride=1, pad=0, workspace=None, relu=False):
             out[out <= 0] = 0
     else:
         out, state = backend_module().conv_forward(x, W, b, stride, pad, getattr(workspace, "state", None),
-                                                   bool(relu))
-    return out, ForwardCache(state, "conv", x.shape, x.dtype, (out_h, out_w), (fh, fw), stride, pad, workspace,
-                             W_shape=W.shape, relu_out=out if relu else None)
+                                                   bool(relu), bool(for_backward))
+    cache = ForwardCache(state, "conv", x.shape, x.dtype, (out_h, out_w), (fh, fw), stride, pad, workspace,
+                         W_shape=W.shape, relu_out=out if relu else None)
+    cache.for_backward = bool(for_backward)
+    return out, cache
 
 
 def conv_backward(dout, cache, W):
     """Gradients (dx, dW, db) of a convolution, from the cache ``conv_forward`` returned."""
     cache = _checked_cache(cache, "conv")
+    if not cache.for_backward:
+        raise ValueError("cache is of a forward run with for_backward=False (inference), which keeps nothing "
+                         "for backward: run forward again for training")
     W = _checks.float_array("W", W, ndim=4)
     if W.shape != cache.W_shape:
         raise ValueError(f"W must have the shape it had in forward, {cache.W_shape}, got {W.shape}: "

@@ -222,9 +222,9 @@ class Convolution:
     def forward(self, x):
         return self._forward(x, relu=False)
 
-    def _forward(self, x, relu):
+    def _forward(self, x, relu, for_backward=True):
         out, self._cache = kernels.conv_forward(x, self.W, self.b, self.stride, self.pad, workspace=self._cache,
-                                                relu=relu)
+                                                relu=relu, for_backward=for_backward)
         self.x = x
         return out
 
@@ -240,7 +240,7 @@ class Convolution:
         return dx
 
 
-def conv_relu_forward(conv, relu, x):
+def conv_relu_forward(conv, relu, x, for_backward=True):
     """``relu.forward(conv.forward(x))``, with the ReLU done inside the convolution's kernel.
 
     Saves the ReLU's own pass over memory, forward and backward. Afterwards
@@ -249,8 +249,10 @@ def conv_relu_forward(conv, relu, x):
     followed by ``conv.backward`` (``conv.fused_relu`` says which forward ran).
     ``relu.mask`` and ``relu.backward`` still work as after ``relu.forward``.
     The returned array must not be changed before backward: its zeros are the mask.
+    ``for_backward=False`` (inference) lets the kernels keep nothing for backward,
+    which ``conv.backward`` then refuses.
     """
-    out = conv._forward(x, relu=True)
+    out = conv._forward(x, relu=True, for_backward=for_backward)
     relu.mask = None
     relu._fused_output = out
     return out

@@ -76,13 +76,17 @@ class DeepConvNet:
     _PARAM_LAYERS = (0, 2, 5, 7, 10, 12, 15, 18)
 
     def predict(self, x, train_flg=False):
-        """The layers in order; each convolution followed by a ReLU runs as one (``conv_relu_forward``)."""
+        """The layers in order; each convolution followed by a ReLU runs as one (``conv_relu_forward``).
+
+        With ``train_flg=False`` (inference: no dropout) the convolutions keep nothing for
+        backward, which then needs a forward with ``train_flg=True`` (``loss`` runs one).
+        """
         x = np.asarray(x).astype(self.dtype, copy=False)
         layers, i = self.layers, 0
         while i < len(layers):
             layer = layers[i]
             if isinstance(layer, Convolution) and i + 1 < len(layers) and isinstance(layers[i + 1], Relu):
-                x = conv_relu_forward(layer, layers[i + 1], x)
+                x = conv_relu_forward(layer, layers[i + 1], x, for_backward=bool(train_flg))
                 i += 2
                 continue
             if isinstance(layer, Dropout):

@@ -133,3 +133,48 @@ def test_the_network_gives_what_its_layers_give_one_by_one(backend, dtype):
     for i, index in enumerate(net._PARAM_LAYERS):
         np.testing.assert_array_equal(net.layers[index].dW, grads[f"W{i + 1}"])
         np.testing.assert_array_equal(net.layers[index].db, grads[f"b{i + 1}"])
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=IDS)
+def test_a_forward_without_backward_gives_the_same_output_and_refuses_backward(backend, geometry, dtype, rng):
+    x, w, b, stride, pad, dout = problem(rng, geometry, dtype)
+    for relu in (False, True):
+        kept, cache = kernels.conv_forward(x, w, b, stride, pad, relu=relu)
+        inference, inference_cache = kernels.conv_forward(x, w, b, stride, pad, relu=relu, for_backward=False)
+        np.testing.assert_array_equal(inference, kept)
+        with pytest.raises(ValueError, match="for_backward=False"):
+            kernels.conv_backward(dout, inference_cache, w)
+        # its buffers go on to the next forward, which trains as usual
+        again, again_cache = kernels.conv_forward(x, w, b, stride, pad, workspace=inference_cache, relu=relu)
+        np.testing.assert_array_equal(again, kept)
+        for got, expected in zip(kernels.conv_backward(dout, again_cache, w), kernels.conv_backward(dout, cache, w)):
+            np.testing.assert_array_equal(got, expected)
+
+
+def test_for_backward_must_be_a_bool(backend):
+    with pytest.raises(TypeError, match="for_backward must be True or False"):
+        kernels.conv_forward(np.ones((1, 1, 3, 3)), np.ones((1, 1, 3, 3)), np.zeros(1), for_backward=None)
+
+
+def test_inference_between_training_steps_changes_nothing(backend):
+    """predict(train_flg=False) keeps nothing for backward; the next loss and backward are as without it."""
+    np.random.seed(6)
+    net = DeepConvNet()
+    x = np.random.rand(3, 1, 28, 28)
+    t = np.array([2, 7, 1])
+    np.random.seed(7)
+    net.loss(x, t)
+    expected = net.backward()
+    expected = {key: value.copy() for key, value in expected.items()}
+    y = net.predict(x[:2], train_flg=False)
+    np.random.seed(8)
+    reference_net = DeepConvNet()
+    reference_net.set_params(net.params)
+    y_layers = x[:2]
+    for layer in reference_net.layers:  # the layers one by one, each keeping its state
+        y_layers = layer.forward(y_layers, False) if type(layer).__name__ == "Dropout" else layer.forward(y_layers)
+    np.testing.assert_array_equal(y, y_layers)
+    np.random.seed(7)
+    net.loss(x, t)
+    for key, value in net.backward().items():
+        np.testing.assert_array_equal(value, expected[key])

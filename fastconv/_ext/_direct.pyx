@@ -131,7 +131,7 @@ def conv_forward(object tile_pass, Py_ssize_t batch, const floating[::1] x, floa
                  const floating[::1] weights, const floating[::1] bias, floating[::1] out,
                  floating[::1] scratch, Py_ssize_t scratch_stride, int variant, int num_threads, bint relu=False):
     """out = convolution of x plus bias (then max(out, 0) with relu); packed = x's padded planes (kept for
-    backward)."""
+    backward), or None when no backward follows (each image's planes then go to thread scratch)."""
     cdef fc_forward_job job
     cdef const fc_dconv_functions_t *fns = _functions(variant, floating is double)
     job.pass_ = _tile_pass(tile_pass, fns)
@@ -140,16 +140,19 @@ def conv_forward(object tile_pass, Py_ssize_t batch, const floating[::1] x, floa
     _need(x.shape[0], batch * p.in_channels * p.src_h * p.src_w, "x")
     if x.shape[0] != batch * p.in_channels * p.src_h * p.src_w:
         raise ValueError("x does not match the plan")
-    _need(packed.shape[0], batch * p.image_stride, "packed")
+    if packed is not None:
+        _need(packed.shape[0], batch * p.image_stride, "packed")
     _need(weights.shape[0], p.k_blocks * p.k_tile * p.in_channels * p.filter_h * p.filter_w, "weights")
     _need(bias.shape[0], p.k_blocks * p.k_tile, "bias")
     _need(out.shape[0], batch * p.out_channels * p.out_h * p.out_w, "out")
-    _need(scratch_stride, p.k_tile * p.grid_stride + align, "scratch_stride")
+    _need(scratch_stride, p.k_tile * p.grid_stride + (p.image_stride if packed is None else 0) + align,
+          "scratch_stride")
     _need(scratch.shape[0], num_threads * scratch_stride, "scratch")
     if batch == 0:
         return
     job.batch = batch
-    job.x, job.packed, job.weights, job.bias, job.out = &x[0], &packed[0], &weights[0], &bias[0], &out[0]
+    job.x, job.weights, job.bias, job.out = &x[0], &weights[0], &bias[0], &out[0]
+    job.packed = &packed[0] if packed is not None else NULL
     job.scratch, job.scratch_stride, job.next = &scratch[0], scratch_stride, 0
     job.relu = relu
     with nogil:

@@ -47,7 +47,8 @@ typedef struct {
     fc_tile_pass pass;
     long batch;
     const void *x;          /* (N, C, H, W) */
-    void *packed;           /* (N, image_stride): padded planes, kept for backward */
+    void *packed;           /* (N, image_stride): padded planes, kept for backward; NULL: none kept, each
+                               image's planes go to the thread's scratch after its grid */
     const void *weights;    /* (k_blocks, C, FH, FW, k_tile) */
     const void *bias;       /* (k_blocks * k_tile,) */
     void *out;              /* (N, K, out_h, out_w) */

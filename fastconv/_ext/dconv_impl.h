@@ -559,7 +559,8 @@ static void FC_NAME(forward_task_body)(void *arg, int thread)
     const long out_image = (long)p->out_channels * p->out_h * p->out_w;
     long n;
     while ((n = fc_next_task(&job->next)) < job->batch) {
-        FC_T *packed = (FC_T *)job->packed + n * p->image_stride;
+        /* the image's padded planes: kept for backward, or (no backward) in the thread's scratch */
+        FC_T *packed = job->packed ? (FC_T *)job->packed + n * p->image_stride : grid + p->k_tile * p->grid_stride;
         FC_NAME(pad_planes)(p, (const FC_T *)job->x + n * x_image, packed);
         FC_T *out = (FC_T *)job->out + n * out_image;
         FC_NAME(run_pass)(p, packed, job->weights, job->bias, grid, out);

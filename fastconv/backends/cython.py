@@ -196,7 +196,7 @@ def col2im(col, x_shape, filter_h, filter_w, stride, pad):
     return x
 
 
-def conv_forward(x, W, b, stride, pad, workspace, relu=False):
+def conv_forward(x, W, b, stride, pad, workspace, relu=False, for_backward=True):
     FN, C, FH, FW = W.shape
     N, _, H, Wd = x.shape
     out_h = _plan.output_size(H, FH, stride, pad)
@@ -205,7 +205,7 @@ def conv_forward(x, W, b, stride, pad, workspace, relu=False):
         return (np.zeros((N, FN, out_h, out_w), dtype=x.dtype),
                 ConvCache(x.shape, x.dtype, (FH, FW), stride, pad, (out_h, out_w), x=x.copy()))
     if _engine == "direct" and _plan.direct_supported(FH, FW, stride, pad):
-        return _direct_forward(x, W, b, stride, pad, workspace, relu)
+        return _direct_forward(x, W, b, stride, pad, workspace, relu, for_backward)
     out, cache = _im2col_forward(x, W, b, stride, pad, workspace, out_h, out_w)
     if relu:  # a pass of its own on this path
         out, _ = relu_forward(out)
@@ -234,18 +234,21 @@ def _take_over(workspace, name, size, dtype):
     return buffer
 
 
-def _direct_forward(x, W, b, stride, pad, workspace, relu):
+def _direct_forward(x, W, b, stride, pad, workspace, relu, for_backward):
     plan = _plan.conv_plan(x.shape, W.shape, stride, pad, x.dtype, _variant)
     threads = plan.forward_threads(get_num_threads()) if _THREADED else 1
     # one scratch serves forward and backward
     most_threads = max(threads, plan.backward_threads(get_num_threads()) if _THREADED else 1)
     scratch_stride = _scratch_stride(plan)
     scratch = _take_over(workspace, "scratch", most_threads * scratch_stride, x.dtype)
-    packed = _take_over(workspace, "packed", plan.packed_input, x.dtype)
+    if for_backward:
+        packed = _take_over(workspace, "packed", plan.packed_input, x.dtype)
+    else:  # each image's planes in thread scratch; the batch's buffer is handed on for a later forward
+        packed = getattr(workspace, "packed", None)
     bias = np.zeros(plan.forward.k_padded, dtype=x.dtype)
     bias[:plan.filters] = b
     out = np.empty((plan.batch, plan.filters, plan.out_h, plan.out_w), dtype=x.dtype)
-    _direct.conv_forward(plan.forward, plan.batch, x.reshape(-1), packed, _packed_weights(W, plan.forward.k_tile, False),
+    _direct.conv_forward(plan.forward, plan.batch, x.reshape(-1), packed if for_backward else None, _packed_weights(W, plan.forward.k_tile, False),
                          bias, out.reshape(-1), scratch, scratch_stride, _direct.VARIANTS.index(plan.variant), threads,
                          relu)
     dw_groups = getattr(workspace, "dw_groups", None)

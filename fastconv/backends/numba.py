@@ -235,7 +235,7 @@ def _pass_kernel(plan, tile_pass, relu):
         _direct.token(tile_pass.k_tile), _direct.token(tile_pass.vectors), _direct.token(plan.lanes), relu)
 
 
-def conv_forward(x, W, b, stride, pad, workspace, relu=False):
+def conv_forward(x, W, b, stride, pad, workspace, relu=False, for_backward=True):
     plan = _direct.plan(x.shape, W.shape, stride, pad, x.dtype)
     packed, scratch = workspace.take_over(plan) if isinstance(workspace, ConvCache) else (None, {})
     if not plan.direct:
@@ -244,17 +244,21 @@ def conv_forward(x, W, b, stride, pad, workspace, relu=False):
             out, _ = relu_forward(out)
         return out, cache
     fwd = plan.forward
-    if packed is None:
+    if packed is None and for_backward:
         packed = np.empty(plan.packed_input, dtype=x.dtype)
     bias = np.zeros(fwd.k_padded, dtype=x.dtype)
     bias[:plan.filters] = b
     weights = _plan.pack_forward_weights(plan, W).reshape(-1)
     out = np.empty((plan.batch, plan.filters, plan.out_h, plan.out_w), dtype=x.dtype)
     threads = min(plan.forward_threads(get_num_threads()), _thread_count(plan.batch, fwd.grid_elements))
-    grids = _thread_scratch(scratch, "forward", threads, [plan.forward_scratch], x.dtype)
     kernel, arguments = _pass_kernel(plan, fwd, relu)
-    _run_counted(kernel, (x, weights, bias, out), (fwd.image_stride, fwd.image_stride, pad, pad) + arguments,
-                 [[packed, grid] for grid, in grids])
+    if for_backward:  # the batch's padded planes, kept for backward
+        grids = _thread_scratch(scratch, "forward", threads, [plan.forward_scratch], x.dtype)
+        _run_counted(kernel, (x, weights, bias, out), (fwd.image_stride, fwd.image_stride, pad, pad) + arguments,
+                     [[packed, grid] for grid, in grids])
+    else:  # each image's planes in thread scratch, as backward-data does; packed is handed on unused
+        buffers = _thread_scratch(scratch, "inference", threads, [fwd.image_stride, plan.forward_scratch], x.dtype)
+        _run_counted(kernel, (x, weights, bias, out), (0, fwd.image_stride, pad, pad) + arguments, buffers)
     return out, ConvCache(plan, W, packed, None, scratch)
 
 

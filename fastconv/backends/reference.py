@@ -47,7 +47,7 @@ def col2im(col, x_shape, filter_h, filter_w, stride, pad):
     return img[:, :, pad:H + pad, pad:W + pad]
 
 
-def conv_forward(x, W, b, stride, pad, workspace, relu=False):
+def conv_forward(x, W, b, stride, pad, workspace, relu=False, for_backward=True):
     FN, C, FH, FW = W.shape
     N, _, H, Wd = x.shape
     out_h = _out_size(H, FH, stride, pad)
