@@ -26,6 +26,7 @@ tiles have the same shape share one compiled specialization.
 With ``NUMBA_DISABLE_JIT=1`` the intrinsics are replaced by NumPy stand-ins
 taking the same arguments (a tile is then a (rows, columns, lanes) array).
 """
+import functools
 import platform
 import threading
 
@@ -49,6 +50,7 @@ except ImportError as exc:  # the numba backend is reported unavailable with thi
 VARIANT = None
 
 
+@functools.lru_cache(maxsize=1)  # asking LLVM costs about 25 µs, and every convolution needs the answer
 def host_variant():
     """"avx512" with AVX-512F, "avx2" with AVX2 and FMA, else "generic" (16-byte vectors)."""
     try:
@@ -338,17 +340,25 @@ else:
 def _copy_planes(src, first, planes, src_h, src_w, dst, start, size, in_h, in_w, border_h, border_w):
     """Planes [first, first + planes) of ``src`` (flat, src_h x src_w planes) into in_h x in_w planes of
     ``dst`` from ``start``, at offset (border_h, border_w) (negative borders crop the source), with zeros
-    everywhere else in dst[start:start + size]."""
-    for i in range(size):
-        dst[_ix(start + i)] = 0
-    y_lo, y_hi = max(0, -border_h), min(src_h, in_h - border_h)
-    x_lo, x_hi = max(0, -border_w), min(src_w, in_w - border_w)
+    everywhere else in dst[start:start + size] (each element written once)."""
+    x_lo, x_hi = max(0, border_w), min(in_w, src_w + border_w)  # the columns of a plane row that are copied
     for p in range(planes):
-        for y in range(y_lo, y_hi):
-            s = ((first + p) * src_h + y) * src_w
-            d = start + (p * in_h + y + border_h) * in_w + border_w
+        for row in range(in_h):
+            d = start + (p * in_h + row) * in_w
+            y = row - border_h
+            if y < 0 or y >= src_h:
+                for x in range(in_w):
+                    dst[_ix(d + x)] = 0
+                continue
+            s = ((first + p) * src_h + y) * src_w - border_w
+            for x in range(x_lo):
+                dst[_ix(d + x)] = 0
             for x in range(x_lo, x_hi):
                 dst[_ix(d + x)] = src[_ix(s + x)]
+            for x in range(x_hi, in_w):
+                dst[_ix(d + x)] = 0
+    for i in range(planes * in_h * in_w, size):  # the tail the last grid tiles may read
+        dst[_ix(start + i)] = 0
 
 
 @_inlined
