@@ -405,8 +405,8 @@ def _relu_image(out, n):
 
 
 @_kernel
-def convolve_images(src, weights, bias, out, counter, image_step, image_size, border_h, border_w, fh, fw, in_h, in_w,
-                    grid_tiles, k_tile, vectors, lanes, relu, planes, grid):
+def convolve_images(src, weights, bias, out, counter, image_step, image_size, border_h, border_w, filter_h, filter_w,
+                    in_h, in_w, grid_tiles, k_tile, vectors, lanes, relu, planes, grid):
     """One thread's share of a grid pass over a batch: images taken from ``counter`` until none is left.
 
     Image n of ``src`` (N, C, h, w) is copied into zero-padded planes at
@@ -421,6 +421,7 @@ def convolve_images(src, weights, bias, out, counter, image_step, image_size, bo
     """
     N, C, H, W = src.shape
     K = out.shape[1]
+    fh, fw = len(filter_h), len(filter_w)  # compile-time: the taps' loops are unrolled
     grid_padded = grid_tiles * len(vectors) * len(lanes)
     flat = src.reshape(-1)
     fp = flush_subnormals()
@@ -477,12 +478,14 @@ def _pixels_to_nchw(T, K_tile, k0, out, n):
 
 
 @_kernel
-def convolve_images_pixels(src, weights, bias, out, counter, image_step, image_size, border_h, border_w, fh, fw,
-                           in_h, in_w, grid_tiles, offsets, c_chunk, k_vectors, pixels, lanes, relu, planes, T):
+def convolve_images_pixels(src, weights, bias, out, counter, image_step, image_size, border_h, border_w, filter_h,
+                           filter_w, in_h, in_w, grid_tiles, offsets, c_chunk, k_vectors, pixels, lanes, relu, planes,
+                           T):
     """``convolve_images`` with the channels-in-lanes tile: a block's results go to the thread's ``T``
     (pixels, channels) and are transposed into out[n]."""
     N, C, H, W = src.shape
     K = out.shape[1]
+    fh, fw = len(filter_h), len(filter_w)
     K_tile = len(k_vectors) * len(lanes)
     flat = src.reshape(-1)
     fp = flush_subnormals()

@@ -226,7 +226,8 @@ def _run_counted(kernel, leading, trailing, thread_buffers):
 
 def _pass_kernel(plan, tile_pass, relu):
     """The kernel of a tile pass (grid or channels-in-lanes tile) and its arguments after the borders."""
-    geometry = (plan.filter_h, plan.filter_w, tile_pass.in_h, tile_pass.in_w, tile_pass.grid_tiles)
+    geometry = (_direct.token(plan.filter_h), _direct.token(plan.filter_w), tile_pass.in_h, tile_pass.in_w,
+                tile_pass.grid_tiles)
     if tile_pass.channel_lanes:
         return _direct.convolve_images_pixels, geometry + (
             _direct.pixel_offsets(tile_pass), tile_pass.c_chunk, _direct.token(tile_pass.k_tile // plan.lanes),
