@@ -447,3 +447,21 @@ def test_a_sample_waits_until_the_worker_measured_before_has_gone_quiet(tmp_path
     finally:
         spinner.kill()
         spinner.wait()
+
+
+def test_the_layer_by_layer_step_computes_what_the_model_does(capsys):
+    """bench.layers times the book's loop over the layers against DeepConvNet: the same gradients."""
+    from bench import layers as bench_layers
+    from fastconv.models import DeepConvNet
+
+    np.random.seed(1)
+    x = np.random.rand(4, 1, 28, 28)
+    t = np.array([3, 1, 4, 1])
+    net = DeepConvNet()
+    np.random.seed(2)
+    by_layers = {key: value.copy() for key, value in bench_layers.layer_by_layer_gradient(net, x, t).items()}
+    np.random.seed(2)
+    for key, value in net.gradient(x, t).items():
+        np.testing.assert_array_equal(value, by_layers[key])
+    assert bench_layers.main(["--steps", "1"]) == 0
+    assert "layer by layer / DeepConvNet" in capsys.readouterr().out
