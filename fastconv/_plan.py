@@ -329,8 +329,8 @@ class ConvPlan:
     @property
     def forward_scratch(self):
         """Elements of thread scratch for forward: one image's output grid, then (when no backward
-        follows) its padded planes."""
-        return self.forward.grid_elements + self.forward.image_stride
+        follows) its padded planes and (when only its pooled output is wanted) its output."""
+        return self.forward.grid_elements + self.forward.image_stride + self.filters * self.out_h * self.out_w
 
     @property
     def backward_scratch(self):

@@ -9,6 +9,8 @@ functions, with the same arguments, already validated:
     col2im(col, x_shape, filter_h, filter_w, stride, pad) -> x
     conv_forward(x, W, b, stride, pad, workspace, relu, for_backward) -> (out, cache)
     conv_backward(dout, cache, W, relu_out) -> (dx, dW, db)
+    conv_relu_pool_forward(x, W, b, stride, pad, pool_h, pool_w, pool_stride, pool_pad,
+                           workspace) -> (pooled, cache)
     maxpool_forward(x, pool_h, pool_w, stride, pad, workspace) -> (out, cache)
     maxpool_backward(dout, cache) -> dx
     relu_forward(x) -> (out, mask)
@@ -58,6 +60,10 @@ Conventions (the book's):
 - ``conv_forward(..., for_backward=False)`` says that no backward will
   follow (inference): a backend may then keep nothing for it, and
   ``conv_backward`` with that cache is a ``ValueError``.
+- ``conv_relu_pool_forward`` is inference through a convolution, its ReLU
+  and a max pooling: the pooling's output, as ``maxpool_forward`` of
+  ``conv_forward(..., relu=True, for_backward=False)``'s output gives it, and
+  that forward's cache. A backend may skip writing the convolution's output.
 """
 import numpy as np
 
@@ -166,6 +172,44 @@ def conv_forward(x, W, b, stride=1, pad=0, workspace=None, relu=False, for_backw
     for name, flag in (("relu", relu), ("for_backward", for_backward)):
         if not isinstance(flag, (bool, np.bool_)):
             raise TypeError(f"{name} must be True or False, got {flag!r}")
+    x, W, b, fh, fw, stride, pad, out_h, out_w = _conv_arguments(x, W, b, stride, pad)
+    workspace = _reusable(workspace, "conv")
+    if x.size == 0 or W.size == 0:  # no products: the bias alone (or nothing)
+        out, state = np.zeros((x.shape[0], W.shape[0], out_h, out_w), dtype=x.dtype) + b[:, None, None], None
+        if relu:
+            out[out <= 0] = 0
+    else:
+        out, state = backend_module().conv_forward(x, W, b, stride, pad, getattr(workspace, "state", None),
+                                                   bool(relu), bool(for_backward))
+    return out, _conv_cache(state, x, W, (fh, fw), stride, pad, (out_h, out_w), workspace,
+                            out if relu else None, for_backward)
+
+
+def conv_relu_pool_forward(x, W, b, stride=1, pad=0, pool_h=2, pool_w=2, pool_stride=2, pool_pad=0,
+                           workspace=None):
+    """Inference through a convolution, its ReLU and a max pooling, in one pass where the backend can:
+    ``(pooled, cache)``, ``pooled`` as ``maxpool_forward`` of ``conv_forward(..., relu=True,
+    for_backward=False)``'s output gives it, ``cache`` that forward's (it refuses backward)."""
+    x, W, b, fh, fw, stride, pad, out_h, out_w = _conv_arguments(x, W, b, stride, pad)
+    pool = _pool_geometry((x.shape[0], W.shape[0], out_h, out_w), pool_h, pool_w, pool_stride, pool_pad)
+    if x.size == 0 or W.size == 0:
+        out, cache = conv_forward(x, W, b, stride, pad, workspace, relu=True, for_backward=False)
+        return maxpool_forward(out, *pool[:4])[0], cache
+    workspace = _reusable(workspace, "conv")
+    pooled, state = backend_module().conv_relu_pool_forward(x, W, b, stride, pad, *pool[:4],
+                                                            getattr(workspace, "state", None))
+    return pooled, _conv_cache(state, x, W, (fh, fw), stride, pad, (out_h, out_w), workspace, None, False)
+
+
+def _conv_cache(state, x, W, window, stride, pad, out_hw, workspace, relu_out, for_backward):
+    cache = ForwardCache(state, "conv", x.shape, x.dtype, out_hw, window, stride, pad, workspace,
+                         W_shape=W.shape, relu_out=relu_out)
+    cache.for_backward = bool(for_backward)
+    return cache
+
+
+def _conv_arguments(x, W, b, stride, pad):
+    """Checked (x, W, b, filter_h, filter_w, stride, pad, out_h, out_w) of a convolution."""
     # NumPy promotion, as the book's np.dot(col, col_W) does
     x, W = _promoted(_images("x", x), _checks.float_array("W", W, ndim=4))
     b = _checks.float_array("b", b, dtype=x.dtype)
@@ -175,18 +219,7 @@ def conv_forward(x, W, b, stride=1, pad=0, workspace=None, relu=False, for_backw
         raise ValueError(f"b must have {W.shape[0]} elements (one per filter), got shape {b.shape}")
     b = b.reshape(W.shape[0])
     fh, fw, stride, pad, out_h, out_w = _checks.window_geometry(x.shape, W.shape[2], W.shape[3], stride, pad)
-    workspace = _reusable(workspace, "conv")
-    if x.size == 0 or W.size == 0:  # no products: the bias alone (or nothing)
-        out, state = np.zeros((x.shape[0], W.shape[0], out_h, out_w), dtype=x.dtype) + b[:, None, None], None
-        if relu:
-            out[out <= 0] = 0
-    else:
-        out, state = backend_module().conv_forward(x, W, b, stride, pad, getattr(workspace, "state", None),
-                                                   bool(relu), bool(for_backward))
-    cache = ForwardCache(state, "conv", x.shape, x.dtype, (out_h, out_w), (fh, fw), stride, pad, workspace,
-                         W_shape=W.shape, relu_out=out if relu else None)
-    cache.for_backward = bool(for_backward)
-    return out, cache
+    return x, W, b, fh, fw, stride, pad, out_h, out_w
 
 
 def conv_backward(dout, cache, W):
@@ -221,16 +254,23 @@ def maxpool_forward(x, pool_h, pool_w, stride=2, pad=0, workspace=None):
     if len(shape) == 4:  # before any copy: a huge broadcast view must not be materialized
         _checks.pool_plane(shape)
     x = _images("x", x)
-    ph, pw, stride, pad, out_h, out_w = _checks.window_geometry(x.shape, pool_h, pool_w, stride, pad)
-    if 2 * pad > min(ph, pw):
-        # otherwise a window could hold padding only and have no maximum
-        raise ValueError(f"pad must be at most half the pool size, got pad={pad} for a {ph}x{pw} pool")
+    ph, pw, stride, pad, out_h, out_w = _pool_geometry(x.shape, pool_h, pool_w, stride, pad)
     workspace = _reusable(workspace, "maxpool")
     if x.size == 0:
         out, state = np.zeros(x.shape[:2] + (out_h, out_w), dtype=x.dtype), None
     else:
         out, state = backend_module().maxpool_forward(x, ph, pw, stride, pad, getattr(workspace, "state", None))
     return out, ForwardCache(state, "maxpool", x.shape, x.dtype, (out_h, out_w), (ph, pw), stride, pad, workspace)
+
+
+def _pool_geometry(shape, pool_h, pool_w, stride, pad):
+    """Checked (pool_h, pool_w, stride, pad, out_h, out_w) of pooling images of ``shape``."""
+    _checks.pool_plane(shape)
+    ph, pw, stride, pad, out_h, out_w = _checks.window_geometry(shape, pool_h, pool_w, stride, pad)
+    if 2 * pad > min(ph, pw):
+        # otherwise a window could hold padding only and have no maximum
+        raise ValueError(f"pad must be at most half the pool size, got pad={pad} for a {ph}x{pw} pool")
+    return ph, pw, stride, pad, out_h, out_w
 
 
 def maxpool_backward(dout, cache):

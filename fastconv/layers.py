@@ -258,6 +258,20 @@ def conv_relu_forward(conv, relu, x, for_backward=True):
     return out
 
 
+def conv_relu_pool_inference(conv, relu, pool, x):
+    """``pool.forward(relu.forward(conv.forward(x)))`` for inference, in one pass where the backend can:
+    the convolution's output is pooled while in cache and never written. Nothing is kept for backward
+    (as after ``conv_relu_forward(..., for_backward=False)``; the three layers' backward then say to
+    call forward first, or refuse)."""
+    pooled, conv._cache = kernels.conv_relu_pool_forward(
+        x, conv.W, conv.b, conv.stride, conv.pad, pool.pool_h, pool.pool_w, pool.stride, pool.pad,
+        workspace=conv._cache)
+    conv.x = x
+    relu.mask = None
+    pool.x, pool._cache = None, None
+    return pooled
+
+
 class Pooling:
     """Max pooling. With ``pad > 0`` the border is padded with -inf and counted in the output size."""
 

@@ -4,7 +4,16 @@ import pickle
 
 import numpy as np
 
-from fastconv.layers import Affine, Convolution, Dropout, Pooling, Relu, SoftmaxWithLoss, conv_relu_forward
+from fastconv.layers import (
+    Affine,
+    Convolution,
+    Dropout,
+    Pooling,
+    Relu,
+    SoftmaxWithLoss,
+    conv_relu_forward,
+    conv_relu_pool_inference,
+)
 
 __all__ = ["DeepConvNet"]
 
@@ -79,12 +88,18 @@ class DeepConvNet:
         """The layers in order; each convolution followed by a ReLU runs as one (``conv_relu_forward``).
 
         With ``train_flg=False`` (inference: no dropout) the convolutions keep nothing for
-        backward, which then needs a forward with ``train_flg=True`` (``loss`` runs one).
+        backward, which then needs a forward with ``train_flg=True`` (``loss`` runs one), and a
+        convolution, its ReLU and the pooling after them run as one (``conv_relu_pool_inference``).
         """
         x = np.asarray(x).astype(self.dtype, copy=False)
         layers, i = self.layers, 0
         while i < len(layers):
             layer = layers[i]
+            if (not train_flg and isinstance(layer, Convolution) and i + 2 < len(layers)
+                    and isinstance(layers[i + 1], Relu) and isinstance(layers[i + 2], Pooling)):
+                x = conv_relu_pool_inference(layer, layers[i + 1], layers[i + 2], x)
+                i += 3
+                continue
             if isinstance(layer, Convolution) and i + 1 < len(layers) and isinstance(layers[i + 1], Relu):
                 x = conv_relu_forward(layer, layers[i + 1], x, for_backward=bool(train_flg))
                 i += 2

@@ -101,6 +101,22 @@ def test_fused_relu_on_integer_data_equals_reference_bit_for_bit(variant, geomet
         np.testing.assert_array_equal(value, want.astype(dtype), err_msg=name)
 
 
+@pytest.mark.parametrize("geometry", [g for g in GEOMETRIES if g[3] + 2 * g[7] - g[5] >= 1
+                                      and g[4] + 2 * g[7] - g[6] >= 1], ids=geometry_id)
+def test_inference_pooled_in_the_kernel_on_integer_data_equals_reference_bit_for_bit(variant, geometry, dtype, rng,
+                                                                                    tile_kind):
+    """conv_relu_pool_forward: the output is pooled 2 x 2 in the kernel and never written."""
+    x, w, b = integer_problem(rng, geometry, dtype)
+    pad = geometry[7]
+    conv, _ = reference.conv_forward(*(a.astype(np.float64) for a in (x, w, b)), 1, pad, None)
+    conv = np.where(conv <= 0, 0, conv)
+    h, w_ = conv.shape[2] // 2 * 2, conv.shape[3] // 2 * 2
+    expected = conv[:, :, :h, :w_].reshape(conv.shape[0], conv.shape[1], h // 2, 2, w_ // 2, 2).max(axis=(3, 5))
+    pooled, _ = kernels.conv_relu_pool_forward(x, w, b, 1, pad)
+    assert pooled.dtype == dtype
+    np.testing.assert_array_equal(pooled, expected.astype(dtype))
+
+
 def assert_relative(value, expected, tol, name):
     scale = max(float(np.max(np.abs(expected))), 1e-300)
     err = float(np.max(np.abs(value.astype(np.float64) - expected)))

@@ -178,3 +178,33 @@ def test_inference_between_training_steps_changes_nothing(backend):
     net.loss(x, t)
     for key, value in net.backward().items():
         np.testing.assert_array_equal(value, expected[key])
+
+
+# (conv geometry, pool window (h, w, stride, pad)): the book's pooling on even and odd outputs, and paths
+# the fused kernels leave to the separate pooling (other windows, a strided convolution)
+POOLED = [(GEOMETRIES[0], (2, 2, 2, 0)), (GEOMETRIES[1], (2, 2, 2, 0)), (GEOMETRIES[2], (2, 2, 2, 0)),
+          ((2, 6, 8, 7, 7, 3, 3, 1, 1), (2, 2, 2, 0)), (GEOMETRIES[1], (3, 3, 2, 1)), (GEOMETRIES[3], (2, 2, 2, 0))]
+
+
+@pytest.mark.parametrize("geometry,window", POOLED, ids=[f"{IDS[GEOMETRIES.index(g)] if g in GEOMETRIES else 'odd'}"
+                                                        f"-pool{w[0]}x{w[1]}s{w[2]}p{w[3]}" for g, w in POOLED])
+def test_inference_through_convolution_relu_and_pooling_equals_the_three_kernels(backend, geometry, window, dtype,
+                                                                                 rng):
+    x, w, b, stride, pad, dout = problem(rng, geometry, dtype)
+    x[0, 0, 1, 1] = np.nan
+    out, _ = kernels.conv_forward(x, w, b, stride, pad, relu=True, for_backward=False)
+    expected, _ = kernels.maxpool_forward(out, *window)
+    pooled, cache = kernels.conv_relu_pool_forward(x, w, b, stride, pad, *window)
+    assert pooled.dtype == dtype
+    np.testing.assert_array_equal(pooled, expected)
+    with pytest.raises(ValueError, match="for_backward=False"):
+        kernels.conv_backward(dout, cache, w)
+    # the next forward takes its buffers and trains as usual
+    again, again_cache = kernels.conv_forward(x, w, b, stride, pad, workspace=cache, relu=True)
+    np.testing.assert_array_equal(again, out)
+    kernels.conv_backward(dout, again_cache, w)
+
+
+def test_inference_through_pooling_checks_the_pooling(backend):
+    with pytest.raises(ValueError, match="pad must be at most half the pool size"):
+        kernels.conv_relu_pool_forward(np.ones((1, 1, 6, 6)), np.ones((2, 1, 3, 3)), np.zeros(2), 1, 1, 2, 2, 2, 2)

@@ -25,6 +25,7 @@ cdef extern from "dconv.h":
         void *scratch
         long scratch_stride
         int relu
+        void *pooled
         long next
 
     ctypedef struct fc_backward_job:
@@ -129,9 +130,12 @@ def pack_weights(const floating[:, :, :, ::1] w, floating[::1] packed, int k_til
 
 def conv_forward(object tile_pass, Py_ssize_t batch, const floating[::1] x, floating[::1] packed,
                  const floating[::1] weights, const floating[::1] bias, floating[::1] out,
-                 floating[::1] scratch, Py_ssize_t scratch_stride, int variant, int num_threads, bint relu=False):
+                 floating[::1] scratch, Py_ssize_t scratch_stride, int variant, int num_threads, bint relu=False,
+                 floating[::1] pooled=None):
     """out = convolution of x plus bias (then max(out, 0) with relu); packed = x's padded planes (kept for
-    backward), or None when no backward follows (each image's planes then go to thread scratch)."""
+    backward), or None when no backward follows (each image's planes then go to thread scratch).
+    With ``pooled`` (and packed and out None): only out's 2 x 2 max pooling with stride 2 is written
+    there, each image's out staying in thread scratch."""
     cdef fc_forward_job job
     cdef const fc_dconv_functions_t *fns = _functions(variant, floating is double)
     job.pass_ = _tile_pass(tile_pass, fns)
@@ -144,14 +148,24 @@ def conv_forward(object tile_pass, Py_ssize_t batch, const floating[::1] x, floa
         _need(packed.shape[0], batch * p.image_stride, "packed")
     _need(weights.shape[0], p.k_blocks * p.k_tile * p.in_channels * p.filter_h * p.filter_w, "weights")
     _need(bias.shape[0], p.k_blocks * p.k_tile, "bias")
-    _need(out.shape[0], batch * p.out_channels * p.out_h * p.out_w, "out")
-    _need(scratch_stride, p.k_tile * p.grid_stride + (p.image_stride if packed is None else 0) + align,
-          "scratch_stride")
+    cdef Py_ssize_t out_image = p.out_channels * p.out_h * p.out_w
+    if pooled is None:
+        _need(out.shape[0], batch * out_image, "out")
+    else:
+        if packed is not None or out is not None:
+            raise ValueError("with pooled, packed and out must be None")
+        if p.out_h < 2 or p.out_w < 2:
+            raise ValueError("2 x 2 pooling needs an output of at least 2 x 2")
+        _need(pooled.shape[0], batch * p.out_channels * (p.out_h // 2) * (p.out_w // 2), "pooled")
+    _need(scratch_stride, p.k_tile * p.grid_stride + (p.image_stride if packed is None else 0)
+          + (out_image if pooled is not None else 0) + align, "scratch_stride")
     _need(scratch.shape[0], num_threads * scratch_stride, "scratch")
     if batch == 0:
         return
     job.batch = batch
-    job.x, job.weights, job.bias, job.out = &x[0], &weights[0], &bias[0], &out[0]
+    job.x, job.weights, job.bias = &x[0], &weights[0], &bias[0]
+    job.out = &out[0] if out is not None else NULL
+    job.pooled = &pooled[0] if pooled is not None else NULL
     job.packed = &packed[0] if packed is not None else NULL
     job.scratch, job.scratch_stride, job.next = &scratch[0], scratch_stride, 0
     job.relu = relu

@@ -55,6 +55,8 @@ typedef struct {
     void *scratch;          /* per thread: scratch_stride elements, aligned inside */
     long scratch_stride;
     int relu;               /* 1: out = max(convolution, 0), a ReLU fused into the output */
+    void *pooled;           /* NULL, or (N, K, out_h / 2, out_w / 2): out max-pooled over 2 x 2 windows with
+                               stride 2; out is then NULL (each image's output stays in thread scratch) */
     long next;              /* task counter */
 } fc_forward_job;
 

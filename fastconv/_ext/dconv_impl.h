@@ -11,6 +11,8 @@
  * fastconv/_plan.py. The vectors are GCC/Clang vector extensions: the variant
  * file's target pragma makes them AVX-512, AVX2 or baseline SIMD.
  */
+#include "pool2x2.h"
+
 #define VEC FC_NAME(vec)
 typedef FC_T VEC __attribute__((vector_size(FC_V * sizeof(FC_T))));
 
@@ -562,10 +564,19 @@ static void FC_NAME(forward_task_body)(void *arg, int thread)
         /* the image's padded planes: kept for backward, or (no backward) in the thread's scratch */
         FC_T *packed = job->packed ? (FC_T *)job->packed + n * p->image_stride : grid + p->k_tile * p->grid_stride;
         FC_NAME(pad_planes)(p, (const FC_T *)job->x + n * x_image, packed);
-        FC_T *out = (FC_T *)job->out + n * out_image;
+        /* the image's output: in out, or (pooled) in scratch after the planes */
+        FC_T *out = job->pooled ? grid + p->k_tile * p->grid_stride + p->image_stride
+                                : (FC_T *)job->out + n * out_image;
         FC_NAME(run_pass)(p, packed, job->weights, job->bias, grid, out);
         if (job->relu)  /* while the image's output is still in cache */
             FC_NAME(relu_in_place)(out, out_image);
+        if (job->pooled) {
+            const long plane = (long)p->out_h * p->out_w, pooled = (long)(p->out_h / 2) * (p->out_w / 2);
+            for (int k = 0; k < p->out_channels; k++)
+                _Generic((FC_T)0, float: fc_pool2x2_plane_float, double: fc_pool2x2_plane_double)(
+                    out + k * plane, p->out_h, p->out_w, (FC_T *)job->pooled + (n * p->out_channels + k) * pooled,
+                    0, p->out_h / 2, p->out_w / 2);
+        }
     }
 }
 

@@ -2,7 +2,8 @@
  * vector of outputs at a time: the rows' even and odd columns are split with shuffles and the four
  * cells compared in (ky, kx) order, strictly, so the first maximum wins ties. A vector holding a NaN,
  * and the last outputs of a row, go through the exact scalar loop (the first NaN wins, as in
- * numpy.argmax). source receives each maximum's flat index y * W + x in the plane.
+ * numpy.argmax). source receives each maximum's flat index y * W + x in the plane; with source NULL
+ * only the maxima are computed.
  * Baseline vectors (16 bytes); without GCC's shuffles, everything takes the scalar loop.
  */
 #ifndef FASTCONV_POOL2X2_H
@@ -41,7 +42,8 @@ FC_POOL2X2_SCALAR(double)
         for (int oh = 0; oh < out_h; oh++) {                                                        \
             const T *r0 = x + (long)2 * oh * W, *r1 = r0 + W;                                       \
             T *o = out + (long)oh * out_w;                                                          \
-            int *s = source + (long)oh * out_w;                                                     \
+            int *s = source ? source + (long)oh * out_w : 0;                                        \
+            int unused;                                                                             \
             int ow = 0;                                                                             \
             for (; ow + V <= out_w; ow += V) {                                                      \
                 fc_pool_vec_##T p0, p1, q0, q1;                                                     \
@@ -57,7 +59,16 @@ FC_POOL2X2_SCALAR(double)
                     any |= nan[j];                                                                  \
                 if (any) {                                                                          \
                     for (int j = 0; j < V; j++)                                                     \
-                        fc_pool2x2_cell_##T(x, W, oh, ow + j, o + ow + j, s + ow + j);              \
+                        fc_pool2x2_cell_##T(x, W, oh, ow + j, o + ow + j, s ? s + ow + j : &unused); \
+                    continue;                                                                       \
+                }                                                                                   \
+                if (!s) { /* the maxima alone: no NaN here, and ties keep the first as below */      \
+                    fc_pool_ivec_##T mab = b > a, mcd = d > c;                                      \
+                    fc_pool_ivec_##T ab = ((fc_pool_ivec_##T)b & mab) | ((fc_pool_ivec_##T)a & ~mab); \
+                    fc_pool_ivec_##T cd = ((fc_pool_ivec_##T)d & mcd) | ((fc_pool_ivec_##T)c & ~mcd); \
+                    fc_pool_ivec_##T m = (fc_pool_vec_##T)cd > (fc_pool_vec_##T)ab;                 \
+                    fc_pool_vec_##T top = (fc_pool_vec_##T)((cd & m) | (ab & ~m));                  \
+                    __builtin_memcpy(o + ow, &top, 16);                                             \
                     continue;                                                                       \
                 }                                                                                   \
                 fc_pool_vec_##T best = a;                                                           \
@@ -77,7 +88,7 @@ FC_POOL2X2_SCALAR(double)
                     s[ow + j] = (int)cell[j];                                                       \
             }                                                                                       \
             for (; ow < out_w; ow++)                                                                \
-                fc_pool2x2_cell_##T(x, W, oh, ow, o + ow, s + ow);                                  \
+                fc_pool2x2_cell_##T(x, W, oh, ow, o + ow, s ? s + ow : &unused);                    \
         }                                                                                           \
     }
 FC_POOL2X2_VECTOR(float, int, 4, ((fc_pool_ivec_float){0, 2, 4, 6}), ((fc_pool_ivec_float){1, 3, 5, 7}),

@@ -226,6 +226,15 @@ def conv_backward(dout, cache, W, relu_out=None):
     return _im2col_backward(dout, cache, W)
 
 
+def conv_relu_pool_forward(x, W, b, stride, pad, pool_h, pool_w, pool_stride, pool_pad, workspace):
+    FN, C, FH, FW = W.shape
+    if (_engine == "direct" and _plan.direct_supported(FH, FW, stride, pad)
+            and (pool_h, pool_w, pool_stride, pool_pad) == (2, 2, 2, 0)):
+        return _direct_forward(x, W, b, stride, pad, workspace, True, False, pooled=True)
+    out, cache = conv_forward(x, W, b, stride, pad, workspace, True, False)  # pooled in a pass of its own
+    return maxpool_forward(out, pool_h, pool_w, pool_stride, pool_pad, None)[0], cache
+
+
 def _take_over(workspace, name, size, dtype):
     """A buffer from the previous cache (which can no longer run backward then), or a new one."""
     buffer = _buffer(workspace, name, size, dtype)
@@ -234,7 +243,8 @@ def _take_over(workspace, name, size, dtype):
     return buffer
 
 
-def _direct_forward(x, W, b, stride, pad, workspace, relu, for_backward):
+def _direct_forward(x, W, b, stride, pad, workspace, relu, for_backward, pooled=False):
+    """(out, cache); with ``pooled``, (out's 2 x 2 max pooling, cache), out itself never written."""
     plan = _plan.conv_plan(x.shape, W.shape, stride, pad, x.dtype, _variant)
     threads = plan.forward_threads(get_num_threads()) if _THREADED else 1
     # one scratch serves forward and backward
@@ -247,10 +257,11 @@ def _direct_forward(x, W, b, stride, pad, workspace, relu, for_backward):
         packed = getattr(workspace, "packed", None)
     bias = np.zeros(plan.forward.k_padded, dtype=x.dtype)
     bias[:plan.filters] = b
-    out = np.empty((plan.batch, plan.filters, plan.out_h, plan.out_w), dtype=x.dtype)
+    out = np.empty((plan.batch, plan.filters) + ((plan.out_h // 2, plan.out_w // 2) if pooled else
+                                                 (plan.out_h, plan.out_w)), dtype=x.dtype)
     _direct.conv_forward(plan.forward, plan.batch, x.reshape(-1), packed if for_backward else None, _packed_weights(W, plan.forward.k_tile, False),
-                         bias, out.reshape(-1), scratch, scratch_stride, _direct.VARIANTS.index(plan.variant), threads,
-                         relu)
+                         bias, None if pooled else out.reshape(-1), scratch, scratch_stride,
+                         _direct.VARIANTS.index(plan.variant), threads, relu, out.reshape(-1) if pooled else None)
     dw_groups = getattr(workspace, "dw_groups", None)
     cache = ConvCache(x.shape, x.dtype, (plan.filter_h, plan.filter_w), stride, pad, (plan.out_h, plan.out_w),
                       plan=plan, packed=packed,

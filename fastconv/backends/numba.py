@@ -350,6 +350,11 @@ class PoolCache:
         return k.transpose(0, 2, 3, 1).reshape(-1)
 
 
+def conv_relu_pool_forward(x, W, b, stride, pad, pool_h, pool_w, pool_stride, pool_pad, workspace):
+    out, cache = conv_forward(x, W, b, stride, pad, workspace, True, False)  # pooled in a pass of its own
+    return maxpool_forward(out, pool_h, pool_w, pool_stride, pool_pad, None)[0], cache
+
+
 def maxpool_forward(x, pool_h, pool_w, stride, pad, workspace):
     N, C, H, W = x.shape
     out_h, out_w = _out_size(H, pool_h, stride, pad), _out_size(W, pool_w, stride, pad)

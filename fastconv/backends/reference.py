@@ -77,6 +77,11 @@ def conv_backward(dout, cache, W, relu_out=None):
     return dx, dW, db
 
 
+def conv_relu_pool_forward(x, W, b, stride, pad, pool_h, pool_w, pool_stride, pool_pad, workspace):
+    out, cache = conv_forward(x, W, b, stride, pad, workspace, True, False)
+    return maxpool_forward(out, pool_h, pool_w, pool_stride, pool_pad, None)[0], cache
+
+
 def maxpool_forward(x, pool_h, pool_w, stride, pad, workspace):
     N, C, H, W = x.shape
     out_h = _out_size(H, pool_h, stride, pad)
