@@ -84,7 +84,7 @@ class ForwardCache:
                  "lease", "generation", "relu_out", "for_backward")
 
     def __init__(self, state, kind, x_shape, dtype, out_hw, window, stride, pad, workspace, W_shape=None,
-                 relu_out=None):
+                 relu_out=None, for_backward=True):
         self.state = state
         self.backend = get_backend()
         self.kind = kind
@@ -98,7 +98,7 @@ class ForwardCache:
         self.lease = workspace.lease if workspace is not None else [0]
         self.generation = self.lease[0]
         self.relu_out = relu_out  # a fused ReLU's output, whose mask backward applies to dout
-        self.for_backward = True
+        self.for_backward = bool(for_backward)  # False: an inference forward, which backward refuses
 
     def __getattr__(self, name):
         try:
@@ -202,10 +202,8 @@ def conv_relu_pool_forward(x, W, b, stride=1, pad=0, pool_h=2, pool_w=2, pool_st
 
 
 def _conv_cache(state, x, W, window, stride, pad, out_hw, workspace, relu_out, for_backward):
-    cache = ForwardCache(state, "conv", x.shape, x.dtype, out_hw, window, stride, pad, workspace,
-                         W_shape=W.shape, relu_out=relu_out)
-    cache.for_backward = bool(for_backward)
-    return cache
+    return ForwardCache(state, "conv", x.shape, x.dtype, out_hw, window, stride, pad, workspace,
+                        W_shape=W.shape, relu_out=relu_out, for_backward=for_backward)
 
 
 def _conv_arguments(x, W, b, stride, pad):

@@ -62,15 +62,6 @@ FC_POOL2X2_SCALAR(double)
                         fc_pool2x2_cell_##T(x, W, oh, ow + j, o + ow + j, s ? s + ow + j : &unused); \
                     continue;                                                                       \
                 }                                                                                   \
-                if (!s) { /* the maxima alone: no NaN here, and ties keep the first as below */      \
-                    fc_pool_ivec_##T mab = b > a, mcd = d > c;                                      \
-                    fc_pool_ivec_##T ab = ((fc_pool_ivec_##T)b & mab) | ((fc_pool_ivec_##T)a & ~mab); \
-                    fc_pool_ivec_##T cd = ((fc_pool_ivec_##T)d & mcd) | ((fc_pool_ivec_##T)c & ~mcd); \
-                    fc_pool_ivec_##T m = (fc_pool_vec_##T)cd > (fc_pool_vec_##T)ab;                 \
-                    fc_pool_vec_##T top = (fc_pool_vec_##T)((cd & m) | (ab & ~m));                  \
-                    __builtin_memcpy(o + ow, &top, 16);                                             \
-                    continue;                                                                       \
-                }                                                                                   \
                 fc_pool_vec_##T best = a;                                                           \
                 fc_pool_ivec_##T offset = (fc_pool_ivec_##T){0};                                    \
                 fc_pool_ivec_##T m = b > best;                                                      \
@@ -83,6 +74,8 @@ FC_POOL2X2_SCALAR(double)
                 best = (fc_pool_vec_##T)(((fc_pool_ivec_##T)d & m) | ((fc_pool_ivec_##T)best & ~m)); \
                 offset = (m & (I)(W + 1)) | (offset & ~m);                                          \
                 __builtin_memcpy(o + ow, &best, 16);                                                \
+                if (!s) /* the maxima alone */                                                      \
+                    continue;                                                                       \
                 fc_pool_ivec_##T cell = offset + (I)(2 * oh * W + 2 * ow) + 2 * lanes;              \
                 for (int j = 0; j < V; j++)                                                         \
                     s[ow + j] = (int)cell[j];                                                       \
