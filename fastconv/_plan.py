@@ -295,12 +295,12 @@ class ConvPlan:
         """Whether dx comes from dout vectors rather than the backward-data tile: for one input channel.
 
         With a single input channel (a network's first layer) the backward-data tile would
-        have one output channel and do one multiply-add per load. Instead the transposed
-        dout of an image is copied with a zero border (``dt_rows x dt_cols`` vectors of
-        ``lanes`` output channels, ``dt_block`` elements per block of lanes channels,
-        the last ``lanes`` vectors spare), and each dx value is the sum over taps of dout
-        vectors times weight vectors (the forward weights packed with ``k_tile = lanes``),
-        whose lanes are then added.
+        have one output channel and do one multiply-add per load. Instead the dout of an
+        image is transposed into blocks with a zero border (``dt_rows x dt_cols`` vectors
+        of ``lanes`` output channels, ``dt_block`` elements per block of lanes channels,
+        the last ``lanes`` vectors spare); dW and db are taken from their interior, and
+        each dx value is the sum over taps of dout vectors times weight vectors (the
+        forward weights packed with ``k_tile = lanes``), whose lanes are then added.
         """
         return self.direct and self.channels == 1
 
@@ -334,14 +334,14 @@ class ConvPlan:
 
     @property
     def backward_scratch(self):
-        """Elements of thread scratch for backward: transposed dout, then padded dout and the dx grid
-        (or, for one input channel, the bordered transposed dout), then one image's dout with a fused
-        ReLU's mask applied."""
+        """Elements of thread scratch for backward: transposed dout, then padded dout and the dx grid,
+        then one image's dout with a fused ReLU's mask applied; for one input channel, only the
+        bordered transposed dout (masked as it is transposed)."""
+        if self.one_channel_data:
+            return self.w_blocks * self.dt_block
         bd = self.backward_data
         transposed = self.w_blocks * self.out_h * self.out_w * self.lanes
         masked = self.filters * self.out_h * self.out_w
-        if self.one_channel_data:
-            return transposed + self.w_blocks * self.dt_block + masked
         return transposed + bd.image_stride + bd.grid_elements + masked
 
     @property

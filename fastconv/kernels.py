@@ -8,7 +8,7 @@ functions, with the same arguments, already validated:
     im2col(x, filter_h, filter_w, stride, pad) -> col
     col2im(col, x_shape, filter_h, filter_w, stride, pad) -> x
     conv_forward(x, W, b, stride, pad, workspace, relu, for_backward) -> (out, cache)
-    conv_backward(dout, cache, W, relu_out) -> (dx, dW, db)
+    conv_backward(dout, cache, W, relu_out, input_gradient) -> (dx, dW, db)
     conv_relu_pool_forward(x, W, b, stride, pad, pool_h, pool_w, pool_stride, pool_pad,
                            workspace) -> (pooled, cache)
     maxpool_forward(x, pool_h, pool_w, stride, pad, workspace) -> (out, cache)
@@ -57,6 +57,8 @@ Conventions (the book's):
   (the backend receives ``out`` as ``relu_out``; otherwise ``relu_out`` is
   None). The cache keeps a reference to ``out``: it must not be changed
   before backward.
+- ``conv_backward(..., input_gradient=False)`` returns None for dx: a network's
+  first layer, whose dx nobody reads. A backend may then skip computing it.
 - ``conv_forward(..., for_backward=False)`` says that no backward will
   follow (inference): a backend may then keep nothing for it, and
   ``conv_backward`` with that cache is a ``ValueError``.
@@ -220,8 +222,9 @@ def _conv_arguments(x, W, b, stride, pad):
     return x, W, b, fh, fw, stride, pad, out_h, out_w
 
 
-def conv_backward(dout, cache, W):
-    """Gradients (dx, dW, db) of a convolution, from the cache ``conv_forward`` returned."""
+def conv_backward(dout, cache, W, input_gradient=True):
+    """Gradients (dx, dW, db) of a convolution, from the cache ``conv_forward`` returned; dx is None
+    with ``input_gradient=False``."""
     cache = _checked_cache(cache, "conv")
     if not cache.for_backward:
         raise ValueError("cache is of a forward run with for_backward=False (inference), which keeps nothing "
@@ -241,9 +244,10 @@ def conv_backward(dout, cache, W):
     if cache.state is None:  # an empty forward: no products either
         if cache.relu_out is not None:
             dout = np.where(cache.relu_out <= 0, 0, dout).astype(cache.dtype, copy=False)
-        return (np.zeros(cache.x_shape, dtype=cache.dtype), np.zeros(W.shape, dtype=cache.dtype),
-                dout.sum(axis=(0, 2, 3)))
-    return backend_module().conv_backward(dout, cache.state, W, cache.relu_out)
+        dx = np.zeros(cache.x_shape, dtype=cache.dtype) if input_gradient else None
+        return dx, np.zeros(W.shape, dtype=cache.dtype), dout.sum(axis=(0, 2, 3))
+    dx, dW, db = backend_module().conv_backward(dout, cache.state, W, cache.relu_out, bool(input_gradient))
+    return (dx if input_gradient else None), dW, db
 
 
 def maxpool_forward(x, pool_h, pool_w, stride=2, pad=0, workspace=None):

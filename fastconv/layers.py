@@ -233,8 +233,10 @@ class Convolution:
         """Whether the last forward was ``conv_relu_forward``: backward then takes the ReLU's gradient."""
         return getattr(self._cache, "relu_out", None) is not None
 
-    def backward(self, dout):
-        dx, dW, db = kernels.conv_backward(dout, _forward_state(self, self._cache), self.W)
+    def backward(self, dout, input_gradient=True):
+        """dx; sets ``dW`` and ``db``. ``input_gradient=False`` skips dx and returns None: for a
+        network's first layer, whose dx nobody reads."""
+        dx, dW, db = kernels.conv_backward(dout, _forward_state(self, self._cache), self.W, input_gradient)
         self.dW = _as(dW, np.asarray(self.W).dtype)
         self.db = _as(db, np.asarray(self.b).dtype)
         return dx

@@ -140,6 +140,9 @@ class DeepConvNet:
             layer = self.layers[i]
             if isinstance(layer, Relu) and i > 0 and getattr(self.layers[i - 1], "fused_relu", False):
                 continue  # the convolution before it applies its mask
+            if i == 0 and isinstance(layer, Convolution):
+                layer.backward(dout, input_gradient=False)  # the images' gradient: nobody reads it
+                break
             dout = layer.backward(dout)
         grads = {}
         for i, index in enumerate(self._PARAM_LAYERS):

@@ -24,7 +24,8 @@ from conftest import assert_subnormals_count_as_zero, conv_relu_reference
 cython = pytest.importorskip("fastconv.backends.cython", reason="the cython backend must build here")
 
 # (N, C, K, H, W, FH, FW, pad): the chapter-8 layers (smaller batch), then odd channel counts, one input
-# channel, non-square images and filters, 1x1 and 5x5 filters, no pad and the largest pad
+# channel (3 x 3 and other filters), non-square images and filters, 1x1 and 5x5 filters, no pad and the
+# largest pad
 GEOMETRIES = [
     (3, 1, 16, 28, 28, 3, 3, 1),
     (2, 16, 16, 28, 28, 3, 3, 1),
@@ -38,6 +39,8 @@ GEOMETRIES = [
     (5, 17, 33, 4, 4, 2, 2, 0),
     (1, 2, 1, 1, 1, 1, 1, 0),
     (2, 1, 1, 3, 40, 3, 3, 0),
+    (2, 1, 20, 7, 9, 5, 3, 2),
+    (2, 1, 3, 4, 5, 1, 1, 0),
     (19, 3, 4, 5, 5, 3, 3, 1),
 ]
 

@@ -179,7 +179,7 @@ def conv_backward(object forward_pass, object data_pass, Py_ssize_t batch, int l
                   floating[::1] dw_groups, double[::1] db_groups, floating[::1] dw, floating[::1] db,
                   floating[::1] scratch, Py_ssize_t scratch_stride, int variant, int num_threads,
                   const floating[::1] relu_out=None):
-    """dx, dw and db from dout and forward's packed planes.
+    """dx, dw and db from dout and forward's packed planes; dx may be None (not computed).
 
     dw_groups and db_groups receive each group's sums; they are added in group order. With
     ``relu_out`` (the output of a forward with relu), dout is the gradient of that output:
@@ -222,13 +222,14 @@ def conv_backward(object forward_pass, object data_pass, Py_ssize_t batch, int l
         if C != 1 or dt_rows != f.out_h + 2 * (f.filter_h - 1 - f.border_h) or dt_cols != f.out_w + 2 * (f.filter_w - 1 - f.border_w):
             raise ValueError("the one-channel path needs one input channel and dout's bordered size")
         _need(weights.shape[0], w_blocks * lanes * f.filter_h * f.filter_w, "weights")
-        _need(scratch_stride, w_blocks * (pixels * lanes + dt_block) + masked + align, "scratch_stride")
+        _need(scratch_stride, w_blocks * dt_block + align, "scratch_stride")
     else:
         _need(weights.shape[0], d.k_blocks * d.k_tile * d.in_channels * d.filter_h * d.filter_w, "weights")
         _need(zeros.shape[0], d.k_blocks * d.k_tile, "zeros")
         _need(scratch_stride, w_blocks * pixels * lanes + d.k_tile * d.grid_stride + d.image_stride + masked + align,
               "scratch_stride")
-    _need(dx.shape[0], batch * C * f.src_h * f.src_w, "dx")
+    if dx is not None:
+        _need(dx.shape[0], batch * C * f.src_h * f.src_w, "dx")
     _need(dw_groups.shape[0], groups * group_elements, "dw_groups")
     _need(db_groups.shape[0], groups * K, "db_groups")
     _need(dw.shape[0], K * C * f.filter_h * f.filter_w, "dw")
@@ -239,7 +240,8 @@ def conv_backward(object forward_pass, object data_pass, Py_ssize_t batch, int l
     job.channel_tiles, job.n_channel_tiles = &channel_tiles[0], channel_tiles.shape[0] // 2
     job.packed, job.dout, job.weights, job.zeros = &packed[0], &dout[0], &weights[0], &zeros[0]
     job.relu_out = &relu_out[0] if relu_out is not None else NULL
-    job.dx, job.dw_groups, job.dw_group_elements = &dx[0], &dw_groups[0], group_elements
+    job.dx = &dx[0] if dx is not None else NULL
+    job.dw_groups, job.dw_group_elements = &dw_groups[0], group_elements
     job.db_groups, job.dw = &db_groups[0], &dw[0]
     job.scratch, job.scratch_stride = &scratch[0], scratch_stride
     with nogil:

@@ -15,6 +15,8 @@
 
 #define VEC FC_NAME(vec)
 typedef FC_T VEC __attribute__((vector_size(FC_V * sizeof(FC_T))));
+/* a VEC's lanes in double */
+typedef double FC_NAME(dvec) __attribute__((vector_size(FC_V * sizeof(double))));
 
 static inline VEC FC_NAME(load)(const FC_T *p)
 {
@@ -147,6 +149,46 @@ static void FC_NAME(transpose_block)(const FC_T *dy, int count, int pixels, FC_T
     for (int i = 0; i < count; i++)
         for (int q = q0; q < pixels; q++)
             dT[(long)q * FC_V + i] = dy[(long)i * pixels + q];
+}
+
+/* The rows of one block of count <= FC_V output channels of dy (count, out_h * out_w) as (row, column,
+   lane) vectors in rows dt_cols vectors apart (dst: the first pixel's), with zeros where y (a fused ReLU's
+   output, or NULL) is <= 0: transposed as in transpose_block. Lanes of missing channels are left as they
+   are (zero). */
+static void FC_NAME(transpose_bordered)(const FC_T *dy, const FC_T *y, int count, int out_h, int out_w,
+                                        FC_T *dst, int dt_cols)
+{
+    const int pixels = out_h * out_w;
+    int q0 = 0;
+#if defined(__GNUC__) && !defined(__clang__)
+    if (count == FC_V) {
+        int oh = 0, ow = 0;  /* the position of pixel q0 + j */
+        for (; q0 + FC_V <= pixels; q0 += FC_V) {
+            VEC r[FC_V];
+            if (y) {
+                _Pragma("GCC unroll 16") for (int i = 0; i < FC_V; i++)
+                    r[i] = FC_NAME(zero_where_not_positive)(FC_NAME(load)(dy + (long)i * pixels + q0),
+                                                            FC_NAME(load)(y + (long)i * pixels + q0));
+            } else {
+                _Pragma("GCC unroll 16") for (int i = 0; i < FC_V; i++)
+                    r[i] = FC_NAME(load)(dy + (long)i * pixels + q0);
+            }
+            FC_NAME(transpose_registers)(r);
+            _Pragma("GCC unroll 16") for (int j = 0; j < FC_V; j++) {
+                FC_NAME(store)(dst + ((long)oh * dt_cols + ow) * FC_V, r[j]);
+                if (++ow == out_w) {
+                    ow = 0;
+                    oh++;
+                }
+            }
+        }
+    }
+#endif
+    for (int q = q0; q < pixels; q++) {
+        FC_T *d = dst + ((long)(q / out_w) * dt_cols + q % out_w) * FC_V;
+        for (int i = 0; i < count; i++)
+            d[i] = y && y[(long)i * pixels + q] <= 0 ? 0 : dy[(long)i * pixels + q];
+    }
 }
 
 /* The opposite of transpose_block: rows[j * row_stride + q] = T[q * t_stride + j] for j < count (channels)
@@ -388,24 +430,51 @@ static double FC_NAME(row_sum)(const FC_T *values, int count)
         }                                                                                            \
     }
 
-/* Backward-weights of one input channel with a 3 x 3 filter: the nine taps in one pass over the pixels
-   (one dout vector load for nine multiply-adds). acc_mem: the nine taps' sums, FC_V apart. */
-static void FC_NAME(dw_one_channel_3x3)(const FC_T *x, int in_w, const FC_T *dT, int out_h, int out_w,
-                                         FC_T *acc_mem)
+/* Backward-weights and db of one input channel, for one image and one block of count output channels.
+   x: the image's padded plane (in_w columns); dT: its dout as (row, column, lane) vectors, rows dt_cols
+   vectors apart. acc_mem: the fh * fw taps' sums, FC_V apart; db[0:count] += dT's sums, added in double
+   a row at a time. A 3 x 3 filter has its nine taps in one pass over the pixels (one dout vector load for
+   nine multiply-adds); other sizes take a pass per tap. */
+static void FC_NAME(dw_one_channel)(const FC_T *x, int in_w, const FC_T *dT, int dt_cols, int out_h, int out_w,
+                                    int fh, int fw, FC_T *acc_mem, double *db, int count)
 {
-    VEC acc[9];
-    _Pragma("GCC unroll 9") for (int t = 0; t < 9; t++) acc[t] = FC_NAME(load)(acc_mem + t * FC_V);
-    for (int oh = 0; oh < out_h; oh++) {
-        const FC_T *xr = x + (long)oh * in_w;
-        const FC_T *dr = dT + (long)oh * out_w * FC_V;
-        for (int ow = 0; ow < out_w; ow++) {
-            VEC d = FC_NAME(load)(dr + (long)ow * FC_V);
-            _Pragma("GCC unroll 3") for (int kh = 0; kh < 3; kh++)
-                _Pragma("GCC unroll 3") for (int kw = 0; kw < 3; kw++)
-                    acc[kh * 3 + kw] += d * xr[kh * in_w + ow + kw];
+    FC_NAME(dvec) total = (FC_NAME(dvec)){0};
+    if (fh == 3 && fw == 3) {
+        VEC acc[9];
+        _Pragma("GCC unroll 9") for (int t = 0; t < 9; t++) acc[t] = FC_NAME(load)(acc_mem + t * FC_V);
+        for (int oh = 0; oh < out_h; oh++) {
+            const FC_T *xr = x + (long)oh * in_w;
+            const FC_T *dr = dT + (long)oh * dt_cols * FC_V;
+            VEC row = (VEC){0};
+            for (int ow = 0; ow < out_w; ow++) {
+                VEC d = FC_NAME(load)(dr + (long)ow * FC_V);
+                row += d;
+                _Pragma("GCC unroll 3") for (int kh = 0; kh < 3; kh++)
+                    _Pragma("GCC unroll 3") for (int kw = 0; kw < 3; kw++)
+                        acc[kh * 3 + kw] += d * xr[kh * in_w + ow + kw];
+            }
+            total += __builtin_convertvector(row, FC_NAME(dvec));
+        }
+        _Pragma("GCC unroll 9") for (int t = 0; t < 9; t++) FC_NAME(store)(acc_mem + t * FC_V, acc[t]);
+    } else {
+        for (int kh = 0; kh < fh; kh++) {
+            for (int kw = 0; kw < fw; kw++) {
+                VEC acc = FC_NAME(load)(acc_mem + (kh * fw + kw) * FC_V);
+                for (int oh = 0; oh < out_h; oh++)
+                    for (int ow = 0; ow < out_w; ow++)
+                        acc += FC_NAME(load)(dT + ((long)oh * dt_cols + ow) * FC_V) * x[(long)(oh + kh) * in_w + ow + kw];
+                FC_NAME(store)(acc_mem + (kh * fw + kw) * FC_V, acc);
+            }
+        }
+        for (int oh = 0; oh < out_h; oh++) {
+            VEC row = (VEC){0};
+            for (int ow = 0; ow < out_w; ow++)
+                row += FC_NAME(load)(dT + ((long)oh * dt_cols + ow) * FC_V);
+            total += __builtin_convertvector(row, FC_NAME(dvec));
         }
     }
-    _Pragma("GCC unroll 9") for (int t = 0; t < 9; t++) FC_NAME(store)(acc_mem + t * FC_V, acc[t]);
+    for (int lane = 0; lane < count; lane++)
+        db[lane] += total[lane];
 }
 
 typedef void (*FC_NAME(tile_fn))(const FC_T *, long, int, int, int, int, const FC_T *, const FC_T *,
@@ -613,19 +682,40 @@ static int FC_NAME(dw_blocks)(const fc_backward_job *job, const FC_T *x, const F
     return 1 + pair;
 }
 
+/* One image's backward with a single input channel: its dout, masked by a fused ReLU's output y (or
+   NULL), transposed into the zero-bordered blocks of dTp; dW and db from them; dx (unless NULL) from them
+   too. */
+static void FC_NAME(backward_one_channel)(const fc_backward_job *job, const FC_T *x, const FC_T *dy, const FC_T *y,
+                                          FC_T *dTp, FC_T *dw, double *db, FC_T *dx)
+{
+    const fc_tile_pass *f = &job->forward;
+    const int K = f->out_channels, FH = f->filter_h, FW = f->filter_w;
+    const int out_h = f->out_h, out_w = f->out_w, pixels = out_h * out_w;
+    const long interior = ((long)(FH - 1 - f->border_h) * job->dt_cols + FW - 1 - f->border_w) * FC_V;
+    for (int kb = 0; kb < job->w_blocks; kb++) {
+        int count = K - kb * FC_V < FC_V ? K - kb * FC_V : FC_V;
+        FC_T *block = dTp + kb * job->dt_block + interior;
+        long first = (long)kb * FC_V * pixels;
+        FC_NAME(transpose_bordered)(dy + first, y ? y + first : NULL, count, out_h, out_w, block, job->dt_cols);
+        FC_NAME(dw_one_channel)(x, f->in_w, block, job->dt_cols, out_h, out_w, FH, FW,
+                                dw + (long)kb * FH * FW * FC_V, db + kb * FC_V, count);
+    }
+    if (dx)
+        FC_NAME(dx_one_channel)(dTp, job->dt_block, job->dt_cols, job->w_blocks, job->weights, FH, FW, f->src_h,
+                                f->src_w, dx);
+}
+
 static void FC_NAME(backward_task_body)(void *arg, int thread)
 {
     fc_backward_job *job = arg;
     const fc_tile_pass *f = &job->forward, *d = &job->data;
-    const int K = f->out_channels, C = f->in_channels, FH = f->filter_h, FW = f->filter_w;
-    const int out_h = f->out_h, out_w = f->out_w, pixels = out_h * out_w;
+    const int K = f->out_channels, C = f->in_channels;
+    const int pixels = f->out_h * f->out_w;
     FC_T *dT = FC_NAME(aligned)(job->scratch, job->scratch_stride, thread);
     FC_T *grid = dT + (long)job->w_blocks * pixels * FC_V;  /* multiple of FC_V: stays aligned */
     FC_T *padded = grid + d->k_tile * d->grid_stride;
-    FC_T *dTp = grid;  /* the one-channel path's padded dout instead of grid and padded planes */
-    /* dout with the ReLU's mask applied, after the larger of the two layouts above */
-    FC_T *masked = job->one_channel ? dTp + (long)job->w_blocks * job->dt_block : padded + d->image_stride;
-    const int border_h = FH - 1 - f->border_h, border_w = FW - 1 - f->border_w;
+    FC_T *masked = padded + d->image_stride;  /* dout with the ReLU's mask applied */
+    FC_T *dTp = dT;  /* the one-channel path's bordered dout instead of all the above */
     if (job->one_channel)
         memset(dTp, 0, (size_t)job->w_blocks * job->dt_block * sizeof(FC_T));
     long g;
@@ -634,13 +724,21 @@ static void FC_NAME(backward_task_body)(void *arg, int thread)
         FC_T *dw = (FC_T *)job->dw_groups + g * job->dw_group_elements;
         double *db = job->db_groups + g * K;
         memset(dw, 0, (size_t)job->dw_group_elements * sizeof(FC_T));
-        memset(dT, 0, (size_t)job->w_blocks * pixels * FC_V * sizeof(FC_T));
+        if (!job->one_channel)
+            memset(dT, 0, (size_t)job->w_blocks * pixels * FC_V * sizeof(FC_T));
         for (int k = 0; k < K; k++)
             db[k] = 0;
         for (long n = first; n < end; n++) {
             const FC_T *dy = (const FC_T *)job->dout + n * K * pixels;
-            if (job->relu_out) {  /* the ReLU's backward first, into scratch */
-                FC_NAME(relu_gradient)(dy, (const FC_T *)job->relu_out + n * K * pixels, (long)K * pixels, masked);
+            const FC_T *y = job->relu_out ? (const FC_T *)job->relu_out + n * K * pixels : NULL;
+            const FC_T *x = (const FC_T *)job->packed + n * f->image_stride;
+            FC_T *dx = job->dx ? (FC_T *)job->dx + n * (long)C * f->src_h * f->src_w : NULL;
+            if (job->one_channel) {
+                FC_NAME(backward_one_channel)(job, x, dy, y, dTp, dw, db, dx);
+                continue;
+            }
+            if (y) {  /* the ReLU's backward first, into scratch */
+                FC_NAME(relu_gradient)(dy, y, (long)K * pixels, masked);
                 dy = masked;
             }
             /* dout as (block, pixel, lane), and db */
@@ -650,24 +748,9 @@ static void FC_NAME(backward_task_body)(void *arg, int thread)
             }
             for (int k = 0; k < K; k++)
                 db[k] += FC_NAME(row_sum)(dy + (long)k * pixels, pixels);
-            const FC_T *x = (const FC_T *)job->packed + n * f->image_stride;
-            if (C == 1 && FH == 3 && FW == 3) {
-                for (int kb = 0; kb < job->w_blocks; kb++)
-                    FC_NAME(dw_one_channel_3x3)(x, f->in_w, dT + (long)kb * pixels * FC_V, out_h, out_w,
-                                                dw + (long)kb * 9 * FC_V);
-            } else {
-                for (int kb = 0; kb < job->w_blocks; kb += FC_NAME(dw_blocks)(job, x, dT, dw, kb))
-                    ;
-            }
-            FC_T *dx = (FC_T *)job->dx + n * (long)C * f->src_h * f->src_w;
-            if (job->one_channel) {
-                for (int kb = 0; kb < job->w_blocks; kb++)
-                    for (int oh = 0; oh < out_h; oh++)
-                        FC_NAME(copy_row)(dTp + kb * job->dt_block + ((long)(oh + border_h) * job->dt_cols + border_w) * FC_V,
-                                          dT + ((long)kb * pixels + (long)oh * out_w) * FC_V, out_w * FC_V);
-                FC_NAME(dx_one_channel)(dTp, job->dt_block, job->dt_cols, job->w_blocks, job->weights, FH, FW,
-                                        f->src_h, f->src_w, dx);
-            } else {
+            for (int kb = 0; kb < job->w_blocks; kb += FC_NAME(dw_blocks)(job, x, dT, dw, kb))
+                ;
+            if (dx) {
                 FC_NAME(pad_planes)(d, dy, padded);
                 FC_NAME(run_pass)(d, padded, job->weights, job->zeros, grid, dx);
             }

@@ -212,7 +212,7 @@ def conv_forward(x, W, b, stride, pad, workspace, relu=False, for_backward=True)
     return out, cache
 
 
-def conv_backward(dout, cache, W, relu_out=None):
+def conv_backward(dout, cache, W, relu_out=None, input_gradient=True):
     if tuple(W.shape[1:]) != (cache.x_shape[1],) + cache.filter_hw or W.shape[0] != dout.shape[1]:
         raise ValueError(f"W has shape {W.shape}, but the forward call used filters of another shape")
     N = cache.x_shape[0]
@@ -220,10 +220,10 @@ def conv_backward(dout, cache, W, relu_out=None):
         dx = np.zeros(cache.x_shape, dtype=cache.dtype)
         return dx, np.zeros(W.shape, dtype=cache.dtype), np.zeros(W.shape[0], dtype=cache.dtype)
     if cache.plan is not None:
-        return _direct_backward(dout, cache, W, relu_out)
+        return _direct_backward(dout, cache, W, relu_out, input_gradient)
     if relu_out is not None:
         dout = relu_backward(dout.copy(), relu_out <= 0)
-    return _im2col_backward(dout, cache, W)
+    return _im2col_backward(dout, cache, W)  # dx always: it comes out of the same pass as dW
 
 
 def conv_relu_pool_forward(x, W, b, stride, pad, pool_h, pool_w, pool_stride, pool_pad, workspace):
@@ -282,7 +282,7 @@ def _scratch_stride(plan):
     return max(plan.forward_scratch, plan.backward_scratch) + _direct.SCRATCH_ALIGNMENT // plan.dtype.itemsize
 
 
-def _direct_backward(dout, cache, W, relu_out):
+def _direct_backward(dout, cache, W, relu_out, input_gradient):
     plan = cache.plan
     if cache.packed is None:
         raise ValueError("this cache's buffers were taken over by a later forward call (it was passed as its "
@@ -291,7 +291,7 @@ def _direct_backward(dout, cache, W, relu_out):
     cache.scratch = _buffer(cache, "scratch", threads * cache.scratch_stride, plan.dtype)
     cache.dw_groups = _buffer(cache, "dw_groups", plan.groups * plan.dw_group_elements, plan.dtype)
     db_groups = np.empty(plan.groups * plan.filters, dtype=np.float64)
-    dx = np.empty(cache.x_shape, dtype=plan.dtype)
+    dx = np.empty(cache.x_shape, dtype=plan.dtype) if input_gradient else None
     dW = np.empty(W.shape, dtype=plan.dtype)
     db = np.empty(plan.filters, dtype=plan.dtype)
     channel_tiles = np.array(plan.channel_tiles, dtype=np.intc).reshape(-1)
@@ -302,7 +302,7 @@ def _direct_backward(dout, cache, W, relu_out):
         weights = _packed_weights(W, plan.backward_data.k_tile, True)
     _direct.conv_backward(plan.forward, plan.backward_data, plan.batch, plan.lanes, plan.groups,
                           plan.one_channel_data, plan.dt_rows, plan.dt_cols, channel_tiles,
-                          cache.packed, dout.reshape(-1), weights, zeros, dx.reshape(-1), cache.dw_groups, db_groups, dW.reshape(-1), db,
+                          cache.packed, dout.reshape(-1), weights, zeros, None if dx is None else dx.reshape(-1), cache.dw_groups, db_groups, dW.reshape(-1), db,
                           cache.scratch, cache.scratch_stride, _direct.VARIANTS.index(plan.variant), threads,
                           None if relu_out is None else relu_out.reshape(-1))
     return dx, dW, db

@@ -263,14 +263,14 @@ def conv_forward(x, W, b, stride, pad, workspace, relu=False, for_backward=True)
     return out, ConvCache(plan, W, packed, None, scratch)
 
 
-def conv_backward(dout, cache, W, relu_out=None):
+def conv_backward(dout, cache, W, relu_out=None, input_gradient=True):
     if relu_out is not None:  # the ReLU's backward, into a new array (dout is the caller's)
         masked = np.empty_like(dout)
         _split(_k.relu_gradient, dout.size, 1, dout.reshape(-1), relu_out.reshape(-1), masked.reshape(-1))
         dout = masked
     plan = cache.plan
     if not plan.direct:
-        return _unfolded_backward(dout, cache, W)
+        return _unfolded_backward(dout, cache, W, input_gradient)
     packed = cache._buffers()
     fwd, bd = plan.forward, plan.backward_data
     # dW and db: a sum per group of images, then the groups' sums in order (the same for any thread count)
@@ -290,6 +290,9 @@ def conv_backward(dout, cache, W, relu_out=None):
                   c_sizes, c_repeats, taps_in_rows, pair_blocks, _direct.token(plan.lanes)), transposed)
     dW_sum = dW_groups.sum(axis=0).reshape(plan.w_blocks, plan.channels, plan.filter_h, plan.filter_w, plan.lanes)
     dW = _direct.weight_gradient_to_nchw(dW_sum, plan.filters)
+    db = db_groups.sum(axis=0).astype(plan.dtype)
+    if not input_gradient:
+        return None, dW, db
     # dx: the forward's grid pass over dout, padded by FH - 1 - pad, with the filters transposed and flipped
     dx = np.empty(cache.x_shape, dtype=plan.dtype)
     weights_t = _plan.pack_backward_data_weights(plan, W).reshape(-1)
@@ -298,7 +301,7 @@ def conv_backward(dout, cache, W, relu_out=None):
     kernel, arguments = _pass_kernel(plan, bd, False)
     _run_counted(kernel, (dout, weights_t, np.zeros(bd.k_padded, dtype=plan.dtype), dx),
                  (0, bd.image_stride, plan.filter_h - 1 - plan.pad, plan.filter_w - 1 - plan.pad) + arguments, buffers)
-    return dx, dW, db_groups.sum(axis=0).astype(plan.dtype)
+    return dx, dW, db
 
 
 def _unfolded_forward(x, W, b, plan, scratch):
@@ -311,14 +314,17 @@ def _unfolded_forward(x, W, b, plan, scratch):
     return out, ConvCache(plan, W, None, col, scratch)
 
 
-def _unfolded_backward(dout, cache, W):
+def _unfolded_backward(dout, cache, W, input_gradient):
     plan = cache.plan
     rows = dout.transpose(0, 2, 3, 1).reshape(-1, plan.filters)
+    db = rows.sum(axis=0, dtype=np.float64).astype(plan.dtype)
     with _single_threaded_blas:
         dW = (rows.T @ cache.col).reshape(W.shape)
+        if not input_gradient:
+            return None, dW, db
         dcol = rows @ W.reshape(plan.filters, -1)
     dx = col2im(dcol, cache.x_shape, plan.filter_h, plan.filter_w, plan.stride, plan.pad)
-    return dx, dW, rows.sum(axis=0, dtype=np.float64).astype(plan.dtype)
+    return dx, dW, db
 
 
 # --------------------------------------------------------------------------- max pooling

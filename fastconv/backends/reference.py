@@ -63,7 +63,7 @@ def conv_forward(x, W, b, stride, pad, workspace, relu=False, for_backward=True)
     return out, cache
 
 
-def conv_backward(dout, cache, W, relu_out=None):
+def conv_backward(dout, cache, W, relu_out=None, input_gradient=True):
     if relu_out is not None:  # the book's ReLU layer's backward first
         dout = relu_backward(dout.copy(), relu_out <= 0)
     FN, C, FH, FW = W.shape
@@ -72,6 +72,8 @@ def conv_backward(dout, cache, W, relu_out=None):
     db = np.sum(dout, axis=0)
     dW = np.dot(cache.col.T, dout)
     dW = dW.transpose(1, 0).reshape(FN, C, FH, FW)
+    if not input_gradient:
+        return None, dW, db
     dcol = np.dot(dout, col_W.T)
     dx = col2im(dcol, cache.x_shape, FH, FW, cache.stride, cache.pad)
     return dx, dW, db
