@@ -35,7 +35,7 @@ from numba import config, literal_unroll, types
 from numba import uint64 as _ix
 
 from fastconv import _plan
-from fastconv.backends._numba_kernels import _inlined, _kernel, row_sum
+from fastconv.backends._numba_kernels import _inlined, _kernel, _unless_masked, row_sum
 
 try:
     import llvmlite.binding as _llvm
@@ -337,10 +337,11 @@ else:
 # --------------------------------------------------------------------------- kernels
 
 @_inlined
-def _copy_planes(src, first, planes, src_h, src_w, dst, start, size, in_h, in_w, border_h, border_w):
+def _copy_planes(src, mask, first, planes, src_h, src_w, dst, start, size, in_h, in_w, border_h, border_w):
     """Planes [first, first + planes) of ``src`` (flat, src_h x src_w planes) into in_h x in_w planes of
     ``dst`` from ``start``, at offset (border_h, border_w) (negative borders crop the source), with zeros
-    everywhere else in dst[start:start + size] (each element written once)."""
+    everywhere else in dst[start:start + size] (each element written once). ``mask``: empty, or a fused
+    ReLU's output of src's shape (flat), whose values <= 0 zero the copied ones."""
     x_lo, x_hi = max(0, border_w), min(in_w, src_w + border_w)  # the columns of a plane row that are copied
     for p in range(planes):
         for row in range(in_h):
@@ -353,8 +354,12 @@ def _copy_planes(src, first, planes, src_h, src_w, dst, start, size, in_h, in_w,
             s = ((first + p) * src_h + y) * src_w - border_w
             for x in range(x_lo):
                 dst[_ix(d + x)] = 0
-            for x in range(x_lo, x_hi):
-                dst[_ix(d + x)] = src[_ix(s + x)]
+            if mask.size:
+                for x in range(x_lo, x_hi):
+                    dst[_ix(d + x)] = _unless_masked(src[_ix(s + x)], mask[_ix(s + x)])
+            else:
+                for x in range(x_lo, x_hi):
+                    dst[_ix(d + x)] = src[_ix(s + x)]
             for x in range(x_hi, in_w):
                 dst[_ix(d + x)] = 0
     for i in range(planes * in_h * in_w, size):  # the tail the last grid tiles may read
@@ -405,11 +410,12 @@ def _relu_image(out, n):
 
 
 @_kernel
-def convolve_images(src, weights, bias, out, counter, image_step, image_size, border_h, border_w, filter_h, filter_w,
+def convolve_images(src, mask, weights, bias, out, counter, image_step, image_size, border_h, border_w, filter_h, filter_w,
                     in_h, in_w, grid_tiles, k_tile, vectors, lanes, relu, planes, grid):
     """One thread's share of a grid pass over a batch: images taken from ``counter`` until none is left.
 
-    Image n of ``src`` (N, C, h, w) is copied into zero-padded planes at
+    Image n of ``src`` (N, C, h, w) (masked by ``mask``, see ``_copy_planes``) is copied into zero-padded
+    planes at
     ``planes[n * image_step:]`` (``image_size`` elements with the tail) and
     convolved with packed ``weights`` (the layouts of fastconv._plan) and
     ``bias`` (padded to whole channel blocks), one block of len(k_tile)
@@ -428,7 +434,7 @@ def convolve_images(src, weights, bias, out, counter, image_step, image_size, bo
     n = take_next(counter)
     while n < N:
         start = n * image_step
-        _copy_planes(flat, n * C, C, H, W, planes, start, image_size, in_h, in_w, border_h, border_w)
+        _copy_planes(flat, mask, n * C, C, H, W, planes, start, image_size, in_h, in_w, border_h, border_w)
         for kb in range((K + len(k_tile) - 1) // len(k_tile)):
             _grid_pass(planes, start, C, in_h, in_w, weights, bias, kb, fh, fw, grid_tiles, grid, k_tile, vectors,
                        lanes)
@@ -478,7 +484,7 @@ def _pixels_to_nchw(T, K_tile, k0, out, n):
 
 
 @_kernel
-def convolve_images_pixels(src, weights, bias, out, counter, image_step, image_size, border_h, border_w, filter_h,
+def convolve_images_pixels(src, mask, weights, bias, out, counter, image_step, image_size, border_h, border_w, filter_h,
                            filter_w, in_h, in_w, grid_tiles, offsets, c_chunk, k_vectors, pixels, lanes, relu, planes,
                            T):
     """``convolve_images`` with the channels-in-lanes tile: a block's results go to the thread's ``T``
@@ -492,7 +498,7 @@ def convolve_images_pixels(src, weights, bias, out, counter, image_step, image_s
     n = take_next(counter)
     while n < N:
         start = n * image_step
-        _copy_planes(flat, n * C, C, H, W, planes, start, image_size, in_h, in_w, border_h, border_w)
+        _copy_planes(flat, mask, n * C, C, H, W, planes, start, image_size, in_h, in_w, border_h, border_w)
         for kb in range((K + K_tile - 1) // K_tile):
             _pixel_pass(planes, start, C, in_h * in_w, in_w, weights, bias, kb, fh, fw, grid_tiles, offsets, T,
                         c_chunk, k_vectors, pixels, lanes)
@@ -529,6 +535,13 @@ def _transpose_gradient(dout, n, blocks, lanes, dT, db):
                 dT[_ix(d + k)] = flat[_ix((n * K + k) * cells + p)]
     for k in range(K):
         db[k] += row_sum(flat, (n * K + k) * cells, cells)
+
+
+@_inlined
+def _mask_image(flat, mask, start, count, dst):
+    """dst[:count] = flat[start:start + count], with zeros where mask[start:start + count] <= 0."""
+    for i in range(count):
+        dst[i] = _unless_masked(flat[_ix(start + i)], mask[_ix(start + i)])
 
 
 @_inlined
@@ -577,8 +590,8 @@ def _weight_gradient(packed, start, C, c0, in_h, in_w, dT, blocks, OH, OW, fh, f
 
 
 @_kernel
-def weight_gradient_groups(packed, dout, dW, db, counter, group_bounds, image_step, C, fh, fw, in_h, in_w,
-                           c_sizes, c_repeats, taps_in_rows, pair_blocks, lanes, dT):
+def weight_gradient_groups(packed, dout, mask, dW, db, counter, group_bounds, image_step, C, fh, fw, in_h, in_w,
+                           c_sizes, c_repeats, taps_in_rows, pair_blocks, lanes, dT, masked):
     """One thread's share of backward-weights: image groups taken from ``counter`` until none is left.
 
     Group g (images group_bounds[g] to group_bounds[g + 1], in order) sums
@@ -588,7 +601,9 @@ def weight_gradient_groups(packed, dout, dW, db, counter, group_bounds, image_st
     channels for each i, in order; with ``taps_in_rows`` (one input channel)
     a tile holds the fw filter columns instead (c_sizes: one size, fw);
     ``pair_blocks``: two blocks of output channels at a time (see
-    ``_weight_gradient``).
+    ``_weight_gradient``). ``mask``: empty, or a fused ReLU's output (flat):
+    each image's dout is then first copied into the thread's ``masked``
+    (1, K, OH, OW) with zeros where it is <= 0.
     """
     _, K, OH, OW = dout.shape
     V = len(lanes)
@@ -601,7 +616,12 @@ def weight_gradient_groups(packed, dout, dW, db, counter, group_bounds, image_st
         dW_group[:] = 0
         db_group[:] = 0
         for n in range(group_bounds[g], group_bounds[g + 1]):
-            _transpose_gradient(dout, n, blocks, lanes, dT, db_group)
+            if mask.size:
+                image = K * OH * OW
+                _mask_image(dout.reshape(-1), mask, n * image, image, masked.reshape(-1))
+                _transpose_gradient(masked, 0, blocks, lanes, dT, db_group)
+            else:
+                _transpose_gradient(dout, n, blocks, lanes, dT, db_group)
             c0 = 0
             i = 0
             for c_tile in literal_unroll(c_sizes):  # tiles of different sizes are different types

@@ -224,6 +224,10 @@ def _run_counted(kernel, leading, trailing, thread_buffers):
     _workers.run([lambda buffers=buffers: kernel(*leading, counter, *trailing, *buffers) for buffers in thread_buffers])
 
 
+# the kernels' empty mask: dout (or x) used as it is
+_NO_MASK = {np.dtype(np.float32): np.empty(0, dtype=np.float32), np.dtype(np.float64): np.empty(0, dtype=np.float64)}
+
+
 def _pass_kernel(plan, tile_pass, relu):
     """The kernel of a tile pass (grid or channels-in-lanes tile) and its arguments after the borders."""
     geometry = (_direct.token(plan.filter_h), _direct.token(plan.filter_w), tile_pass.in_h, tile_pass.in_w,
@@ -255,22 +259,24 @@ def conv_forward(x, W, b, stride, pad, workspace, relu=False, for_backward=True)
     kernel, arguments = _pass_kernel(plan, fwd, relu)
     if for_backward:  # the batch's padded planes, kept for backward
         grids = _thread_scratch(scratch, "forward", threads, [plan.forward_scratch], x.dtype)
-        _run_counted(kernel, (x, weights, bias, out), (fwd.image_stride, fwd.image_stride, pad, pad) + arguments,
+        _run_counted(kernel, (x, _NO_MASK[x.dtype], weights, bias, out), (fwd.image_stride, fwd.image_stride, pad, pad) + arguments,
                      [[packed, grid] for grid, in grids])
     else:  # each image's planes in thread scratch, as backward-data does; packed is handed on unused
         buffers = _thread_scratch(scratch, "inference", threads, [fwd.image_stride, plan.forward_scratch], x.dtype)
-        _run_counted(kernel, (x, weights, bias, out), (0, fwd.image_stride, pad, pad) + arguments, buffers)
+        _run_counted(kernel, (x, _NO_MASK[x.dtype], weights, bias, out), (0, fwd.image_stride, pad, pad) + arguments, buffers)
     return out, ConvCache(plan, W, packed, None, scratch)
 
 
 def conv_backward(dout, cache, W, relu_out=None, input_gradient=True):
-    if relu_out is not None:  # the ReLU's backward, into a new array (dout is the caller's)
-        masked = np.empty_like(dout)
-        _split(_k.relu_gradient, dout.size, 1, dout.reshape(-1), relu_out.reshape(-1), masked.reshape(-1))
-        dout = masked
     plan = cache.plan
     if not plan.direct:
+        if relu_out is not None:  # the ReLU's backward, into a new array (dout is the caller's)
+            masked = np.empty_like(dout)
+            _split(_k.relu_gradient, dout.size, 1, dout.reshape(-1), relu_out.reshape(-1), masked.reshape(-1))
+            dout = masked
         return _unfolded_backward(dout, cache, W, input_gradient)
+    # a fused ReLU's mask: applied where the kernels read dout
+    mask = _NO_MASK[plan.dtype] if relu_out is None else relu_out.reshape(-1)
     packed = cache._buffers()
     fwd, bd = plan.forward, plan.backward_data
     # dW and db: a sum per group of images, then the groups' sums in order (the same for any thread count)
@@ -283,11 +289,15 @@ def conv_backward(dout, cache, W, relu_out=None, input_gradient=True):
     c_sizes, c_repeats, taps_in_rows = _direct.channel_tile_runs(plan.channel_tiles, plan.filter_w,
                                                                  8 if pair_blocks else 16)
     threads = plan.backward_threads(get_num_threads())
-    transposed = _thread_scratch(cache.scratch, "weights", threads,
-                                 [plan.w_blocks * plan.out_h * plan.out_w * plan.lanes], plan.dtype)
-    _run_counted(_direct.weight_gradient_groups, (packed, dout, dW_groups, db_groups),
+    image = plan.filters * plan.out_h * plan.out_w
+    buffers = _thread_scratch(cache.scratch, "weights", threads,
+                              [plan.w_blocks * plan.out_h * plan.out_w * plan.lanes, image if mask.size else 0],
+                              plan.dtype)
+    buffers = [[transposed, masked.reshape(-1, plan.filters, plan.out_h, plan.out_w)]
+               for transposed, masked in buffers]
+    _run_counted(_direct.weight_gradient_groups, (packed, dout, mask, dW_groups, db_groups),
                  (bounds, fwd.image_stride, plan.channels, plan.filter_h, plan.filter_w, fwd.in_h, fwd.in_w,
-                  c_sizes, c_repeats, taps_in_rows, pair_blocks, _direct.token(plan.lanes)), transposed)
+                  c_sizes, c_repeats, taps_in_rows, pair_blocks, _direct.token(plan.lanes)), buffers)
     dW_sum = dW_groups.sum(axis=0).reshape(plan.w_blocks, plan.channels, plan.filter_h, plan.filter_w, plan.lanes)
     dW = _direct.weight_gradient_to_nchw(dW_sum, plan.filters)
     db = db_groups.sum(axis=0).astype(plan.dtype)
@@ -299,7 +309,7 @@ def conv_backward(dout, cache, W, relu_out=None, input_gradient=True):
     threads = min(plan.forward_threads(get_num_threads()), _thread_count(plan.batch, bd.grid_elements))
     buffers = _thread_scratch(cache.scratch, "data", threads, [bd.image_stride, bd.grid_elements], plan.dtype)
     kernel, arguments = _pass_kernel(plan, bd, False)
-    _run_counted(kernel, (dout, weights_t, np.zeros(bd.k_padded, dtype=plan.dtype), dx),
+    _run_counted(kernel, (dout, mask, weights_t, np.zeros(bd.k_padded, dtype=plan.dtype), dx),
                  (0, bd.image_stride, plan.filter_h - 1 - plan.pad, plan.filter_w - 1 - plan.pad) + arguments, buffers)
     return dx, dW, db
 
