@@ -225,6 +225,32 @@ def _tile_gather_fma(typingctx, tile, vectors, array, base, offsets, first):
 
 
 @intrinsic
+def _tile_transpose(typingctx, tile):
+    """A square tile of one column (lanes rows of one vector) transposed: log2(lanes) stages of two-vector
+    shuffles, each swapping the off-diagonal b x b blocks of every 2b x 2b block (as in the C kernels)."""
+    rows, columns = _tile_shape(tile)
+    if columns != 1 or rows != tile.dtype.dtype.lanes:
+        return None
+    sig = tile(tile)
+
+    def codegen(context, builder, sig, args):
+        r = [builder.extract_value(args[0], [i, 0]) for i in range(rows)]
+        b = rows // 2
+        while b:
+            lo = ir.Constant(ir.VectorType(ir.IntType(32), rows), [rows + j - b if j & b else j for j in range(rows)])
+            hi = ir.Constant(ir.VectorType(ir.IntType(32), rows), [rows + j if j & b else j + b for j in range(rows)])
+            for i in range(rows):
+                if not i & b:
+                    r[i], r[i + b] = builder.shuffle_vector(r[i], r[i + b], lo), builder.shuffle_vector(r[i], r[i + b], hi)
+            b //= 2
+        value = ir.Constant(context.get_value_type(sig.return_type), ir.Undefined)
+        for i in range(rows):
+            value = builder.insert_value(value, r[i], [i, 0])
+        return value
+    return sig, codegen
+
+
+@intrinsic
 def _take_next(typingctx, counter):
     sig = types.intp(counter)
 
@@ -256,6 +282,10 @@ def _tile_outer_fma_py(tile, vectors, array, index, step):
 
 def _tile_gather_fma_py(tile, vectors, array, base, offsets, first):
     return tile + array[base + offsets[first:first + len(tile)]][:, None, None] * vectors[0]
+
+
+def _tile_transpose_py(tile):
+    return np.ascontiguousarray(tile[:, 0, :].T)[:, None, :]
 
 
 # Subnormal numbers read and computed as zero (the MXCSR's DAZ and FTZ bits) on a kernel's thread while
@@ -318,18 +348,20 @@ def _take_next_py(counter):
 
 
 if config.DISABLE_JIT:
-    tile_splat, tile_load, tile_store, tile_outer_fma, tile_gather_fma, take_next = (
-        _tile_splat_py, _tile_load_py, _tile_store_py, _tile_outer_fma_py, _tile_gather_fma_py, _take_next_py)
+    tile_splat, tile_load, tile_store, tile_outer_fma, tile_gather_fma, tile_transpose, take_next = (
+        _tile_splat_py, _tile_load_py, _tile_store_py, _tile_outer_fma_py, _tile_gather_fma_py, _tile_transpose_py,
+        _take_next_py)
     flush_subnormals, restore_fp = _flush_subnormals_py, _restore_fp_py
 else:
-    tile_splat, tile_load, tile_store, tile_outer_fma, tile_gather_fma, take_next = (
-        _tile_splat, _tile_load, _tile_store, _tile_outer_fma, _tile_gather_fma, _take_next)
+    tile_splat, tile_load, tile_store, tile_outer_fma, tile_gather_fma, tile_transpose, take_next = (
+        _tile_splat, _tile_load, _tile_store, _tile_outer_fma, _tile_gather_fma, _tile_transpose, _take_next)
     flush_subnormals, restore_fp = _flush_subnormals, _restore_fp
 # tile_splat(array, i, rows, columns, lanes)[r][c] = array[i + r] in every lane
 # tile_load(array, i, row_step, rows, columns, lanes)[r][c] = array[i + r*row_step + c*lanes :][:lanes]
 # tile_store(array, i, row_step, tile): the inverse of tile_load
 # tile_outer_fma(tile, vectors, array, i, step)[r][c] = tile[r][c] + array[i + r*step] * vectors[0][c]
 # tile_gather_fma(tile, vectors, array, i, offsets, f)[r][c] = tile[r][c] + array[i + offsets[f + r]] * vectors[0][c]
+# tile_transpose(tile)[r][0][l] = tile[l][0][r], for a tile of lanes rows of one vector
 # take_next(counter): counter[0], incremented atomically (the next task of a pass)
 # flush_subnormals() / restore_fp(state): subnormals as zero on this thread, and back
 
@@ -529,7 +561,13 @@ def _transpose_gradient(dout, n, blocks, lanes, dT, db):
             dT[_ix(i)] = 0
     for kb in range(blocks):
         k_end = min(K, (kb + 1) * V)
-        for p in range(cells):  # consecutive stores: each pixel's vector is written whole
+        p0 = 0
+        if k_end - kb * V == V:  # squares of V channels x V pixels transposed in registers
+            while p0 + V <= cells:
+                square = tile_load(flat, (n * K + kb * V) * cells + p0, cells, lanes, _ONE, lanes)
+                tile_store(dT, (kb * cells + p0) * V, V, tile_transpose(square))
+                p0 += V
+        for p in range(p0, cells):  # consecutive stores: each pixel's vector is written whole
             d = (kb * cells + p) * V - kb * V
             for k in range(kb * V, k_end):
                 dT[_ix(d + k)] = flat[_ix((n * K + k) * cells + p)]
