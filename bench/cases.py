@@ -47,6 +47,7 @@ class Case:
     min_repeat: Optional[int] = None  # fewer samples than the settings' minimum suffice when slow
     repeat: Optional[int] = None  # more samples than the settings' (the network's headline figures)
     max_time: Optional[float] = None  # seconds of samples after which min_repeat suffice, instead of the settings'
+    settle_time: Optional[float] = None  # untimed seconds before each sample, instead of the settings'
 
     @property
     def id(self):
@@ -64,12 +65,13 @@ def from_dict(data):
 
 
 def build_cases(shapes, dtypes, n_images=_shapes.INFERENCE_IMAGES, only=None, kernels="all",
-                network_repeat=None, inference_dtypes=("float32",)):
+                network_repeat=None, inference_dtypes=("float32",), network_settle_time=None):
     """The benchmarks: the network first (train step per dtype, inference in ``inference_dtypes``),
     then the kernels at every layer (``kernels``: "all", "conv" for the forward and backward
     convolutions only, or "none").
 
     ``shapes``: the network's ``NetworkShapes``; ``only``: fnmatch patterns on ``kernel/layer`` ids.
+    ``network_settle_time``: the untimed seconds before each sample of the network's benchmarks.
     """
     batch = _shapes.BATCH
     if n_images < batch or n_images % batch:
@@ -81,7 +83,8 @@ def build_cases(shapes, dtypes, n_images=_shapes.INFERENCE_IMAGES, only=None, ke
     for dtype in dtypes:
         # the headline figures: network_repeat samples of every implementation, unless one takes seconds
         cases.append(Case(TRAIN_STEP, NETWORK, f"gradient + Adam, {batch_label}", dtype,
-                          flops=3 * shapes.forward_flops, repeat=network_repeat, max_time=5.0))
+                          flops=3 * shapes.forward_flops, repeat=network_repeat, max_time=5.0,
+                          settle_time=network_settle_time))
         if dtype in inference_dtypes:
             cases.append(Case(
                 INFERENCE, NETWORK,
@@ -91,7 +94,7 @@ def build_cases(shapes, dtypes, n_images=_shapes.INFERENCE_IMAGES, only=None, ke
                 unit=f"{full} images", fixed_number=1,
                 # a sample is 100 forward passes already: the fast ones take five, the reference (many
                 # seconds each) three
-                min_repeat=3, max_time=8.0,
+                min_repeat=3, max_time=8.0, settle_time=network_settle_time,
             ))
     for dtype in dtypes:
         for kernel, kind in KERNEL_LAYERS.items():

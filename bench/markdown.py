@@ -120,8 +120,10 @@ def _header(report):
            if _tree_baseline(s) else "")
         + (", one for PyTorch, which never imports fastconv" if TORCH in s["impls"] else "")
         + ". The processes take their samples in turns, the order rotated every round, on the same machine"
-        + (f"; before each sample an implementation runs untimed for {s['settle_time']:g} s, so that the "
-           "threads of the one measured before go quiet" if s.get("settle_time") else "")
+        + (f"; before each sample an implementation runs untimed for {s['settle_time']:g} s"
+           + (f" ({s['network_settle_time']:g} s for the train step and inference)"
+              if s.get("network_settle_time") not in (None, s["settle_time"]) else "")
+           + ", so that the threads of the one measured before go quiet" if s.get("settle_time") else "")
         + "; after each sample taken in a worker process, the next waits until that process has used no CPU "
         "for 30 ms"
         + ". Medians over samples (each the mean of a number of calls; `samples` = samples x calls). "

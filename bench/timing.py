@@ -50,6 +50,8 @@ class Settings:
             settings = dataclasses.replace(settings, repeat=case.repeat)
         if case.max_time is not None and settings.max_time > 0:  # 0: a smoke run, every limit at its least
             settings = dataclasses.replace(settings, max_time=case.max_time)
+        if case.settle_time is not None:
+            settings = dataclasses.replace(settings, settle_time=case.settle_time)
         return settings
 
 

@@ -465,3 +465,14 @@ def test_the_layer_by_layer_step_computes_what_the_model_does(capsys):
         np.testing.assert_array_equal(value, by_layers[key])
     assert bench_layers.main(["--steps", "1"]) == 0
     assert "layer by layer / DeepConvNet" in capsys.readouterr().out
+
+
+
+def test_the_network_benchmarks_settle_longer_than_the_kernels():
+    from bench import cases as bench_cases
+    cases = bench_cases.build_cases(net.network_shapes(), ["float32"], 100, network_settle_time=0.7)
+    settings = Settings(repeat=2, min_repeat=2, max_time=0, settle_time=0.1)
+    network = [c for c in cases if c.layer == bench_cases.NETWORK]
+    assert {c.kernel for c in network} == {bench_cases.TRAIN_STEP, bench_cases.INFERENCE}
+    assert all(settings.for_case(c).settle_time == 0.7 for c in network)
+    assert all(settings.for_case(c).settle_time == 0.1 for c in cases if c.layer != bench_cases.NETWORK)
