@@ -103,6 +103,18 @@ def assert_subnormals_count_as_zero(dtype, run):
     assert (x[1, 0, 0] * one)[0] > 0 and (np.array([tiny], dtype=dtype) / four)[0] > 0
 
 
+def conv_problem(rng, geometry, dtype):
+    """Random x, W, b, dout of a convolution geometry (N, C, K, H, W, FH, FW, stride, pad), with its stride
+    and pad: the arguments of a forward and its backward."""
+    N, C, K, H, W, FH, FW, stride, pad = geometry
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    w = rng.standard_normal((K, C, FH, FW)).astype(dtype)
+    b = rng.standard_normal(K).astype(dtype)
+    out_h, out_w = (H + 2 * pad - FH) // stride + 1, (W + 2 * pad - FW) // stride + 1
+    dout = rng.standard_normal((N, K, out_h, out_w)).astype(dtype)
+    return x, w, b, stride, pad, dout
+
+
 def conv_relu_reference(x, w, b, stride, pad, dout):
     """(out, dx, dW, db) of a convolution followed by a ReLU, from the reference's convolution and the
     book's ReLU written out here: out = conv with zeros where conv <= 0, and the convolution's backward

@@ -8,7 +8,7 @@ from fastconv import kernels
 from fastconv.layers import Convolution, Relu, conv_relu_forward
 from fastconv.models import DeepConvNet
 
-from conftest import assert_close_to_reference, conv_relu_reference
+from conftest import assert_close_to_reference, conv_problem as problem, conv_relu_reference
 
 # (N, C, K, H, W, FH, FW, stride, pad): direct kernels (one input channel, several), stride 2 and a pad as
 # large as the filter (other paths)
@@ -20,16 +20,6 @@ GEOMETRIES = [
     (2, 3, 4, 5, 5, 2, 2, 1, 2),
 ]
 IDS = ["N{}C{}K{}_{}x{}_f{}x{}_s{}p{}".format(*g) for g in GEOMETRIES]
-
-
-def problem(rng, geometry, dtype):
-    N, C, K, H, W, FH, FW, stride, pad = geometry
-    x = rng.standard_normal((N, C, H, W)).astype(dtype)
-    w = rng.standard_normal((K, C, FH, FW)).astype(dtype)
-    b = rng.standard_normal(K).astype(dtype)
-    out_h, out_w = (H + 2 * pad - FH) // stride + 1, (W + 2 * pad - FW) // stride + 1
-    dout = rng.standard_normal((N, K, out_h, out_w)).astype(dtype)
-    return x, w, b, stride, pad, dout
 
 
 def unfused(x, w, b, stride, pad, dout):

@@ -7,6 +7,8 @@ import pytest
 from fastconv import kernels
 from fastconv.layers import Convolution
 
+from conftest import conv_problem as problem
+
 # (N, C, K, H, W, FH, FW, stride, pad)
 GEOMETRIES = [
     (3, 1, 16, 12, 12, 3, 3, 1, 1),
@@ -16,16 +18,6 @@ GEOMETRIES = [
     (2, 3, 4, 5, 5, 2, 2, 1, 2),
 ]
 IDS = ["N{}C{}K{}_{}x{}_f{}x{}_s{}p{}".format(*g) for g in GEOMETRIES]
-
-
-def problem(rng, geometry, dtype):
-    N, C, K, H, W, FH, FW, stride, pad = geometry
-    x = rng.standard_normal((N, C, H, W)).astype(dtype)
-    w = rng.standard_normal((K, C, FH, FW)).astype(dtype)
-    b = rng.standard_normal(K).astype(dtype)
-    out_h, out_w = (H + 2 * pad - FH) // stride + 1, (W + 2 * pad - FW) // stride + 1
-    dout = rng.standard_normal((N, K, out_h, out_w)).astype(dtype)
-    return x, w, b, stride, pad, dout
 
 
 @pytest.mark.parametrize("relu", [False, True], ids=["conv", "conv+relu"])
