@@ -50,9 +50,7 @@ static inline void FC_NAME(copy_row)(FC_T *dst, const FC_T *src, int n)
         FC_NAME(store)(dst + n - FC_V, FC_NAME(load)(src + n - FC_V));
 }
 
-/* dT (pixels, FC_V) = the rows of one block of count <= FC_V output channels of dy (count, pixels):
-   FC_V x FC_V squares transposed in registers (GCC's two-vector shuffles), the last partial square
-   element by element. Lanes of missing channels are left as they are (zero). */
+/* the shuffle indices of transpose_registers, one per lane */
 #if defined(__GNUC__) && !defined(__clang__)
 typedef FC_I FC_NAME(index) __attribute__((vector_size(FC_V * sizeof(FC_T))));
 #endif
@@ -133,28 +131,11 @@ static inline void FC_NAME(transpose_registers)(VEC r[FC_V])
 #undef FC_INDICES
 #endif
 
-static void FC_NAME(transpose_block)(const FC_T *dy, int count, int pixels, FC_T *dT)
-{
-    int q0 = 0;
-#if defined(__GNUC__) && !defined(__clang__)
-    if (count == FC_V) {
-        for (; q0 + FC_V <= pixels; q0 += FC_V) {
-            VEC r[FC_V];
-            _Pragma("GCC unroll 16") for (int i = 0; i < FC_V; i++) r[i] = FC_NAME(load)(dy + (long)i * pixels + q0);
-            FC_NAME(transpose_registers)(r);
-            _Pragma("GCC unroll 16") for (int j = 0; j < FC_V; j++) FC_NAME(store)(dT + (long)(q0 + j) * FC_V, r[j]);
-        }
-    }
-#endif
-    for (int i = 0; i < count; i++)
-        for (int q = q0; q < pixels; q++)
-            dT[(long)q * FC_V + i] = dy[(long)i * pixels + q];
-}
-
 /* The rows of one block of count <= FC_V output channels of dy (count, out_h * out_w) as (row, column,
-   lane) vectors in rows dt_cols vectors apart (dst: the first pixel's), with zeros where y (a fused ReLU's
-   output, or NULL) is <= 0: transposed as in transpose_block. Lanes of missing channels are left as they
-   are (zero). */
+   lane) vectors in rows dt_cols vectors apart (dst: the first pixel's; dt_cols = out_w: (pixel, lane)
+   order), with zeros where y (a fused ReLU's output, or NULL) is <= 0. FC_V x FC_V squares are transposed
+   in registers (GCC's two-vector shuffles), the rest element by element. Lanes of missing channels are
+   left as they are (zero). */
 static void FC_NAME(transpose_bordered)(const FC_T *dy, const FC_T *y, int count, int out_h, int out_w,
                                         FC_T *dst, int dt_cols)
 {
@@ -191,7 +172,7 @@ static void FC_NAME(transpose_bordered)(const FC_T *dy, const FC_T *y, int count
     }
 }
 
-/* The opposite of transpose_block: rows[j * row_stride + q] = T[q * t_stride + j] for j < count (channels)
+/* The opposite of transpose_bordered with dt_cols = out_w: rows[j * row_stride + q] = T[q * t_stride + j] for j < count (channels)
    and q < pixels. */
 static void FC_NAME(untranspose_block)(const FC_T *T, long t_stride, int count, int pixels, FC_T *rows,
                                        long row_stride)
@@ -744,7 +725,8 @@ static void FC_NAME(backward_task_body)(void *arg, int thread)
             /* dout as (block, pixel, lane), and db */
             for (int kb = 0; kb < job->w_blocks; kb++) {
                 int count = K - kb * FC_V < FC_V ? K - kb * FC_V : FC_V;
-                FC_NAME(transpose_block)(dy + (long)kb * FC_V * pixels, count, pixels, dT + (long)kb * pixels * FC_V);
+                FC_NAME(transpose_bordered)(dy + (long)kb * FC_V * pixels, NULL, count, f->out_h, f->out_w,
+                                            dT + (long)kb * pixels * FC_V, f->out_w);
             }
             for (int k = 0; k < K; k++)
                 db[k] += FC_NAME(row_sum)(dy + (long)k * pixels, pixels);

@@ -446,8 +446,8 @@ def convolve_images(src, mask, weights, bias, out, counter, image_step, image_si
                     in_h, in_w, grid_tiles, k_tile, vectors, lanes, relu, planes, grid):
     """One thread's share of a grid pass over a batch: images taken from ``counter`` until none is left.
 
-    Image n of ``src`` (N, C, h, w) (masked by ``mask``, see ``_copy_planes``) is copied into zero-padded
-    planes at
+    Image n of ``src`` (N, C, h, w), masked by ``mask`` (see ``_copy_planes``),
+    is copied into zero-padded planes at
     ``planes[n * image_step:]`` (``image_size`` elements with the tail) and
     convolved with packed ``weights`` (the layouts of fastconv._plan) and
     ``bias`` (padded to whole channel blocks), one block of len(k_tile)

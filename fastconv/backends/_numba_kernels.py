@@ -270,7 +270,7 @@ def relu_gradient(dout, relu_out, dx, i0, i1):
     """dx = dout, with 0 where relu_out <= 0 (the ReLU's backward from its output), on the flat range [i0, i1)."""
     for j in range(i1 - i0):
         i = _ix(i0 + j)
-        dx[i] = 0 if relu_out[i] <= 0 else dout[i]
+        dx[i] = _unless_masked(dout[i], relu_out[i])
 
 
 @_kernel
