@@ -420,30 +420,52 @@ def _grid_pass(planes, start, in_channels, in_h, in_w, weights, bias, kb, fh, fw
 
 
 @_inlined
-def _grid_to_nchw(grid, grid_padded, in_w, k0, out, n):
-    """out[n, k0 + k] = the kept positions of grid row block k: the first out_w of every in_w."""
+def _not_positive_to_zero(value):
+    """A ReLU: 0 where value <= 0, value elsewhere (a NaN stays)."""
+    return 0 if value <= 0 else value
+
+
+@_inlined
+def _max4(a, b, c, d):
+    """The largest of a window's four cells, a NaN if any is one (as the book's pooling gives it)."""
+    m = a
+    if b > m or b != b:
+        m = b
+    if c > m or c != c:
+        m = c
+    if d > m or d != d:
+        m = d
+    return m
+
+
+@_inlined
+def _grid_to_nchw(grid, grid_padded, in_w, k0, out, n, relu, pooled):
+    """out[n, k0 + k] = the kept positions of grid row block k (the first out_w of every in_w), through a
+    ReLU with ``relu``; with ``pooled``, their 2 x 2 max pooling (stride 2) instead."""
     _, K, OH, OW = out.shape
     flat = out.reshape(-1)
     for k in range(min(K - k0, grid.size // grid_padded)):
         for oy in range(OH):
-            s = k * grid_padded + oy * in_w
             d = ((n * K + k0 + k) * OH + oy) * OW
-            for x in range(OW):
-                flat[_ix(d + x)] = grid[_ix(s + x)]
-
-
-@_inlined
-def _relu_image(out, n):
-    """out[n] = max(out[n], 0), in place (a NaN stays): a fused ReLU, while the image is in cache."""
-    image = out[n].reshape(-1)
-    for i in range(image.size):
-        if image[i] <= 0:
-            image[i] = 0
+            if pooled:
+                s = k * grid_padded + 2 * oy * in_w
+                for x in range(OW):
+                    i = s + 2 * x
+                    m = _max4(grid[_ix(i)], grid[_ix(i + 1)], grid[_ix(i + in_w)], grid[_ix(i + in_w + 1)])
+                    flat[_ix(d + x)] = _not_positive_to_zero(m) if relu else m
+                continue
+            s = k * grid_padded + oy * in_w
+            if relu:
+                for x in range(OW):
+                    flat[_ix(d + x)] = _not_positive_to_zero(grid[_ix(s + x)])
+            else:
+                for x in range(OW):
+                    flat[_ix(d + x)] = grid[_ix(s + x)]
 
 
 @_kernel
 def convolve_images(src, mask, weights, bias, out, counter, image_step, image_size, border_h, border_w, filter_h, filter_w,
-                    in_h, in_w, grid_tiles, k_tile, vectors, lanes, relu, planes, grid):
+                    in_h, in_w, grid_tiles, k_tile, vectors, lanes, relu, pooled, planes, grid):
     """One thread's share of a grid pass over a batch: images taken from ``counter`` until none is left.
 
     Image n of ``src`` (N, C, h, w), masked by ``mask`` (see ``_copy_planes``),
@@ -452,8 +474,9 @@ def convolve_images(src, mask, weights, bias, out, counter, image_step, image_si
     convolved with packed ``weights`` (the layouts of fastconv._plan) and
     ``bias`` (padded to whole channel blocks), one block of len(k_tile)
     output channels at a time into the thread's ``grid``, whose kept
-    positions are copied to out[n] (NCHW), then go through a ReLU with
-    ``relu``. Forward keeps every image's planes (``image_step`` =
+    positions are copied to out[n] (NCHW) through a ReLU with ``relu``, or
+    with ``pooled`` (inference) max-pooled 2 x 2 into out[n], which then has
+    the pooled shape. Forward keeps every image's planes (``image_step`` =
     ``image_size``) for backward; backward-data reuses one thread-private
     image (``image_step`` = 0).
     """
@@ -470,9 +493,7 @@ def convolve_images(src, mask, weights, bias, out, counter, image_step, image_si
         for kb in range((K + len(k_tile) - 1) // len(k_tile)):
             _grid_pass(planes, start, C, in_h, in_w, weights, bias, kb, fh, fw, grid_tiles, grid, k_tile, vectors,
                        lanes)
-            _grid_to_nchw(grid, grid_padded, in_w, kb * len(k_tile), out, n)
-        if relu:
-            _relu_image(out, n)
+            _grid_to_nchw(grid, grid_padded, in_w, kb * len(k_tile), out, n, relu, pooled)
         n = take_next(counter)
     restore_fp(fp)
 
@@ -504,21 +525,37 @@ def _pixel_pass(planes, start, in_channels, in_plane, in_w, weights, bias, kb, f
 
 
 @_inlined
-def _pixels_to_nchw(T, K_tile, k0, out, n):
-    """out[n, k0 + k] = column k of T (pixels, K_tile)."""
+def _pixels_to_nchw(T, K_tile, k0, conv_w, out, n, relu, pooled):
+    """out[n, k0 + k] = column k of T (pixels of a conv_w wide output, K_tile), through a ReLU with
+    ``relu``; with ``pooled``, its 2 x 2 max pooling (stride 2) instead."""
     _, K, OH, OW = out.shape
     flat = out.reshape(-1)
     cells = OH * OW
-    for k in range(min(K - k0, K_tile)):
+    channels = min(K - k0, K_tile)
+    if pooled:
+        for oy in range(OH):
+            for ox in range(OW):
+                i = (2 * oy * conv_w + 2 * ox) * K_tile
+                j = i + conv_w * K_tile
+                d = (n * K + k0) * cells + oy * OW + ox
+                for k in range(channels):  # along T's rows
+                    m = _max4(T[_ix(i + k)], T[_ix(i + K_tile + k)], T[_ix(j + k)], T[_ix(j + K_tile + k)])
+                    flat[_ix(d + k * cells)] = _not_positive_to_zero(m) if relu else m
+        return
+    for k in range(channels):
         d = (n * K + k0 + k) * cells
-        for q in range(cells):
-            flat[_ix(d + q)] = T[_ix(q * K_tile + k)]
+        if relu:
+            for q in range(cells):
+                flat[_ix(d + q)] = _not_positive_to_zero(T[_ix(q * K_tile + k)])
+        else:
+            for q in range(cells):
+                flat[_ix(d + q)] = T[_ix(q * K_tile + k)]
 
 
 @_kernel
 def convolve_images_pixels(src, mask, weights, bias, out, counter, image_step, image_size, border_h, border_w, filter_h,
-                           filter_w, in_h, in_w, grid_tiles, offsets, c_chunk, k_vectors, pixels, lanes, relu, planes,
-                           T):
+                           filter_w, in_h, in_w, grid_tiles, offsets, c_chunk, k_vectors, pixels, lanes, relu, pooled,
+                           planes, T):
     """``convolve_images`` with the channels-in-lanes tile: a block's results go to the thread's ``T``
     (pixels, channels) and are transposed into out[n]."""
     N, C, H, W = src.shape
@@ -534,9 +571,7 @@ def convolve_images_pixels(src, mask, weights, bias, out, counter, image_step, i
         for kb in range((K + K_tile - 1) // K_tile):
             _pixel_pass(planes, start, C, in_h * in_w, in_w, weights, bias, kb, fh, fw, grid_tiles, offsets, T,
                         c_chunk, k_vectors, pixels, lanes)
-            _pixels_to_nchw(T, K_tile, kb * K_tile, out, n)
-        if relu:
-            _relu_image(out, n)
+            _pixels_to_nchw(T, K_tile, kb * K_tile, in_w - fw + 1, out, n, relu, pooled)
         n = take_next(counter)
     restore_fp(fp)
 

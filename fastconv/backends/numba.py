@@ -228,19 +228,21 @@ def _run_counted(kernel, leading, trailing, thread_buffers):
 _NO_MASK = {np.dtype(np.float32): np.empty(0, dtype=np.float32), np.dtype(np.float64): np.empty(0, dtype=np.float64)}
 
 
-def _pass_kernel(plan, tile_pass, relu):
+def _pass_kernel(plan, tile_pass, relu, pooled=False):
     """The kernel of a tile pass (grid or channels-in-lanes tile) and its arguments after the borders."""
     geometry = (_direct.token(plan.filter_h), _direct.token(plan.filter_w), tile_pass.in_h, tile_pass.in_w,
                 tile_pass.grid_tiles)
     if tile_pass.channel_lanes:
         return _direct.convolve_images_pixels, geometry + (
             _direct.pixel_offsets(tile_pass), tile_pass.c_chunk, _direct.token(tile_pass.k_tile // plan.lanes),
-            _direct.token(tile_pass.vectors), _direct.token(plan.lanes), relu)
+            _direct.token(tile_pass.vectors), _direct.token(plan.lanes), relu, pooled)
     return _direct.convolve_images, geometry + (
-        _direct.token(tile_pass.k_tile), _direct.token(tile_pass.vectors), _direct.token(plan.lanes), relu)
+        _direct.token(tile_pass.k_tile), _direct.token(tile_pass.vectors), _direct.token(plan.lanes), relu, pooled)
 
 
-def conv_forward(x, W, b, stride, pad, workspace, relu=False, for_backward=True):
+def conv_forward(x, W, b, stride, pad, workspace, relu=False, for_backward=True, pooled=False):
+    """With ``pooled`` (inference of a direct geometry only): (out's 2 x 2 max pooling, cache), out itself
+    never written."""
     plan = _direct.plan(x.shape, W.shape, stride, pad, x.dtype)
     packed, scratch = workspace.take_over(plan) if isinstance(workspace, ConvCache) else (None, {})
     if not plan.direct:
@@ -254,9 +256,10 @@ def conv_forward(x, W, b, stride, pad, workspace, relu=False, for_backward=True)
     bias = np.zeros(fwd.k_padded, dtype=x.dtype)
     bias[:plan.filters] = b
     weights = _plan.pack_forward_weights(plan, W).reshape(-1)
-    out = np.empty((plan.batch, plan.filters, plan.out_h, plan.out_w), dtype=x.dtype)
+    out_hw = (plan.out_h // 2, plan.out_w // 2) if pooled else (plan.out_h, plan.out_w)
+    out = np.empty((plan.batch, plan.filters) + out_hw, dtype=x.dtype)
     threads = min(plan.forward_threads(get_num_threads()), _thread_count(plan.batch, fwd.grid_elements))
-    kernel, arguments = _pass_kernel(plan, fwd, relu)
+    kernel, arguments = _pass_kernel(plan, fwd, relu, pooled)
     if for_backward:  # the batch's padded planes, kept for backward
         grids = _thread_scratch(scratch, "forward", threads, [plan.forward_scratch], x.dtype)
         _run_counted(kernel, (x, _NO_MASK[x.dtype], weights, bias, out), (fwd.image_stride, fwd.image_stride, pad, pad) + arguments,
@@ -367,6 +370,8 @@ class PoolCache:
 
 
 def conv_relu_pool_forward(x, W, b, stride, pad, pool_h, pool_w, pool_stride, pool_pad, workspace):
+    if _direct.plan(x.shape, W.shape, stride, pad, x.dtype).direct and (pool_h, pool_w, pool_stride, pool_pad) == (2, 2, 2, 0):
+        return conv_forward(x, W, b, stride, pad, workspace, True, False, pooled=True)  # pooled in the kernel
     out, cache = conv_forward(x, W, b, stride, pad, workspace, True, False)  # pooled in a pass of its own
     return maxpool_forward(out, pool_h, pool_w, pool_stride, pool_pad, None)[0], cache
 
