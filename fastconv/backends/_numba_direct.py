@@ -480,22 +480,28 @@ def convolve_images(src, mask, weights, bias, out, counter, image_step, image_si
     ``image_size``) for backward; backward-data reuses one thread-private
     image (``image_step`` = 0).
     """
-    N, C, H, W = src.shape
+    fp = flush_subnormals()
+    n = take_next(counter)
+    while n < src.shape[0]:
+        _grid_image(src, mask, n, weights, bias, out, n, n * image_step, image_size, border_h, border_w, filter_h,
+                    filter_w, in_h, in_w, grid_tiles, k_tile, vectors, lanes, relu, pooled, planes, grid)
+        n = take_next(counter)
+    restore_fp(fp)
+
+
+@_inlined
+def _grid_image(src, mask, m, weights, bias, out, n, start, image_size, border_h, border_w, filter_h, filter_w, in_h,
+                in_w, grid_tiles, k_tile, vectors, lanes, relu, pooled, planes, grid):
+    """Image m of ``src`` through the grid pass into out[n] (see ``convolve_images``), its planes at
+    planes[start:]."""
+    _, C, H, W = src.shape
     K = out.shape[1]
     fh, fw = len(filter_h), len(filter_w)  # compile-time: the taps' loops are unrolled
     grid_padded = grid_tiles * len(vectors) * len(lanes)
-    flat = src.reshape(-1)
-    fp = flush_subnormals()
-    n = take_next(counter)
-    while n < N:
-        start = n * image_step
-        _copy_planes(flat, mask, n * C, C, H, W, planes, start, image_size, in_h, in_w, border_h, border_w)
-        for kb in range((K + len(k_tile) - 1) // len(k_tile)):
-            _grid_pass(planes, start, C, in_h, in_w, weights, bias, kb, fh, fw, grid_tiles, grid, k_tile, vectors,
-                       lanes)
-            _grid_to_nchw(grid, grid_padded, in_w, kb * len(k_tile), out, n, relu, pooled)
-        n = take_next(counter)
-    restore_fp(fp)
+    _copy_planes(src.reshape(-1), mask, m * C, C, H, W, planes, start, image_size, in_h, in_w, border_h, border_w)
+    for kb in range((K + len(k_tile) - 1) // len(k_tile)):
+        _grid_pass(planes, start, C, in_h, in_w, weights, bias, kb, fh, fw, grid_tiles, grid, k_tile, vectors, lanes)
+        _grid_to_nchw(grid, grid_padded, in_w, kb * len(k_tile), out, n, relu, pooled)
 
 
 @_inlined
@@ -663,8 +669,9 @@ def _weight_gradient(packed, start, C, c0, in_h, in_w, dT, blocks, OH, OW, fh, f
 
 
 @_kernel
-def weight_gradient_groups(packed, dout, mask, dW, db, counter, group_bounds, image_step, C, fh, fw, in_h, in_w,
-                           c_sizes, c_repeats, taps_in_rows, pair_blocks, lanes, dT, masked):
+def weight_gradient_groups(packed, dout, mask, dW, db, dx, weights_t, zeros, counter, group_bounds, image_step, C, fh,
+                           fw, in_h, in_w, c_sizes, c_repeats, taps_in_rows, pair_blocks, lanes, dx_pass, dT, masked,
+                           planes, grid):
     """One thread's share of backward-weights: image groups taken from ``counter`` until none is left.
 
     Group g (images group_bounds[g] to group_bounds[g + 1], in order) sums
@@ -677,10 +684,17 @@ def weight_gradient_groups(packed, dout, mask, dW, db, counter, group_bounds, im
     ``_weight_gradient``). ``mask``: empty, or a fused ReLU's output (flat):
     each image's dout is then first copied into the thread's ``masked``
     (1, K, OH, OW) with zeros where it is <= 0.
+
+    Unless ``dx`` is empty, each image's dx follows, from the same (masked)
+    dout while it is in cache: the grid pass ``dx_pass`` (filter_h and
+    filter_w tokens, borders, in_h, in_w, grid_tiles, k_tile, vectors tokens,
+    as ``convolve_images`` takes them) with the transposed and flipped
+    filters ``weights_t``, the thread's ``planes`` and ``grid``.
     """
     _, K, OH, OW = dout.shape
     V = len(lanes)
     blocks = (K + V - 1) // V
+    d_filter_h, d_filter_w, d_border_h, d_border_w, d_in_h, d_in_w, d_grid_tiles, d_k_tile, d_vectors = dx_pass
     fp = flush_subnormals()
     g = take_next(counter)
     while g < len(group_bounds) - 1:
@@ -703,6 +717,11 @@ def weight_gradient_groups(packed, dout, mask, dW, db, counter, group_bounds, im
                                      c_tile, taps_in_rows, pair_blocks, lanes)
                     c0 += 1 if taps_in_rows else len(c_tile)
                 i += 1  # noqa: SIM113  (literal_unroll loops cannot enumerate)
+            if dx.size:  # the masked image (or dout's) as the grid pass's source image
+                source, m = (masked, 0) if mask.size else (dout, n)
+                _grid_image(source, mask[:0], m, weights_t, zeros, dx, n, 0, planes.size, d_border_h, d_border_w,
+                            d_filter_h, d_filter_w, d_in_h, d_in_w, d_grid_tiles, d_k_tile, d_vectors, lanes, False,
+                            False, planes, grid)
         g = take_next(counter)
     restore_fp(fp)
 

@@ -292,28 +292,40 @@ def conv_backward(dout, cache, W, relu_out=None, input_gradient=True):
     c_sizes, c_repeats, taps_in_rows = _direct.channel_tile_runs(plan.channel_tiles, plan.filter_w,
                                                                  8 if pair_blocks else 16)
     threads = plan.backward_threads(get_num_threads())
+    # dx: the forward's grid pass over dout, padded by FH - 1 - pad, with the filters transposed and flipped;
+    # in the same pass as dW (each image's dout read once) where backward-data takes the grid tile
+    dx = np.empty(cache.x_shape if input_gradient else (0,) + cache.x_shape[1:], dtype=plan.dtype)
+    weights_t = _plan.pack_backward_data_weights(plan, W).reshape(-1) if input_gradient else _NO_MASK[plan.dtype]
+    zeros = np.zeros(bd.k_padded, dtype=plan.dtype)
+    fused_dx = input_gradient and not bd.channel_lanes
+    if fused_dx:
+        dx_pass = (_direct.token(plan.filter_h), _direct.token(plan.filter_w), plan.filter_h - 1 - plan.pad,
+                   plan.filter_w - 1 - plan.pad, bd.in_h, bd.in_w, bd.grid_tiles, _direct.token(bd.k_tile),
+                   _direct.token(bd.vectors))
+    else:  # unused: the smallest tile, so that compiling the kernel costs little
+        dx_pass = (_direct.token(1), _direct.token(1), 0, 0, 0, 0, 0, _direct.token(1), _direct.token(1))
     image = plan.filters * plan.out_h * plan.out_w
     buffers = _thread_scratch(cache.scratch, "weights", threads,
-                              [plan.w_blocks * plan.out_h * plan.out_w * plan.lanes, image if mask.size else 0],
-                              plan.dtype)
-    buffers = [[transposed, masked.reshape(-1, plan.filters, plan.out_h, plan.out_w)]
-               for transposed, masked in buffers]
-    _run_counted(_direct.weight_gradient_groups, (packed, dout, mask, dW_groups, db_groups),
+                              [plan.w_blocks * plan.out_h * plan.out_w * plan.lanes, image if mask.size else 0,
+                               bd.image_stride if fused_dx else 0, bd.grid_elements if fused_dx else 0], plan.dtype)
+    buffers = [[transposed, masked.reshape(-1, plan.filters, plan.out_h, plan.out_w), planes, grid]
+               for transposed, masked, planes, grid in buffers]
+    _run_counted(_direct.weight_gradient_groups,
+                 (packed, dout, mask, dW_groups, db_groups, dx if fused_dx else dx[:0], weights_t, zeros),
                  (bounds, fwd.image_stride, plan.channels, plan.filter_h, plan.filter_w, fwd.in_h, fwd.in_w,
-                  c_sizes, c_repeats, taps_in_rows, pair_blocks, _direct.token(plan.lanes)), buffers)
+                  c_sizes, c_repeats, taps_in_rows, pair_blocks, _direct.token(plan.lanes), dx_pass), buffers)
     dW_sum = dW_groups.sum(axis=0).reshape(plan.w_blocks, plan.channels, plan.filter_h, plan.filter_w, plan.lanes)
     dW = _direct.weight_gradient_to_nchw(dW_sum, plan.filters)
     db = db_groups.sum(axis=0).astype(plan.dtype)
     if not input_gradient:
         return None, dW, db
-    # dx: the forward's grid pass over dout, padded by FH - 1 - pad, with the filters transposed and flipped
-    dx = np.empty(cache.x_shape, dtype=plan.dtype)
-    weights_t = _plan.pack_backward_data_weights(plan, W).reshape(-1)
-    threads = min(plan.forward_threads(get_num_threads()), _thread_count(plan.batch, bd.grid_elements))
-    buffers = _thread_scratch(cache.scratch, "data", threads, [bd.image_stride, bd.grid_elements], plan.dtype)
-    kernel, arguments = _pass_kernel(plan, bd, False)
-    _run_counted(kernel, (dout, mask, weights_t, np.zeros(bd.k_padded, dtype=plan.dtype), dx),
-                 (0, bd.image_stride, plan.filter_h - 1 - plan.pad, plan.filter_w - 1 - plan.pad) + arguments, buffers)
+    if not fused_dx:  # the channels-in-lanes tile: a pass of its own
+        threads = min(plan.forward_threads(get_num_threads()), _thread_count(plan.batch, bd.grid_elements))
+        buffers = _thread_scratch(cache.scratch, "data", threads, [bd.image_stride, bd.grid_elements], plan.dtype)
+        kernel, arguments = _pass_kernel(plan, bd, False)
+        _run_counted(kernel, (dout, mask, weights_t, zeros, dx),
+                     (0, bd.image_stride, plan.filter_h - 1 - plan.pad, plan.filter_w - 1 - plan.pad) + arguments,
+                     buffers)
     return dx, dW, db
 
 
