@@ -83,6 +83,22 @@ def test_maxpool_ties_send_gradient_to_first_maximum(backend, dtype):
     np.testing.assert_array_equal(dx[0, 1], np.array([[0, 0], [1, 0]], dtype=dtype))
 
 
+def test_maxpool_2x2_nan_wins_at_any_cell_and_the_first_of_two_wins(backend, dtype):
+    """The book's 2 x 2 pooling on a 5 x 5 plane (the last row and column belong to no window)."""
+    nan, inf = np.nan, np.inf
+    x = np.array([[[[1, nan, 2, 2, 9],
+                    [3, 4, nan, nan, 9],
+                    [-inf, -inf, 5, 6, 9],
+                    [-inf, 0, 7, nan, 9],
+                    [9, 9, 9, 9, 9]]]], dtype=dtype)
+    out, cache = _pool(x, 2, 2, 2, 0)
+    np.testing.assert_array_equal(out[0, 0], np.array([[nan, nan], [0, nan]], dtype=dtype))
+    dx = kernels.maxpool_backward(np.array([[[[1, 2], [3, 4]]]], dtype=dtype), cache)
+    expected = np.zeros((5, 5), dtype=dtype)
+    expected[0, 1], expected[1, 2], expected[3, 1], expected[3, 3] = 1, 2, 3, 4  # the first NaN of two: (1, 2)
+    np.testing.assert_array_equal(dx[0, 0], expected)
+
+
 def test_maxpool_overlapping_windows_sum_gradients(backend, dtype):
     x = np.array([[[[1, 2, 3], [4, 9, 5], [6, 7, 8]]]], dtype=dtype)
     out, cache = _pool(x, 2, 2, 1, 0)

@@ -154,18 +154,6 @@ def test_backward_does_not_read_the_callers_input(rng, numba_backend):
         assert relative_error(got, want) <= 1e-12
 
 
-def test_forward_and_backward_data_share_compiled_code(rng, numba_backend):
-    """A layer with as many filters as input channels runs both grid passes with one tile shape."""
-    x, Wt, b, dout, pad = conv_case((2, 16, 8, 8, 16, 3, 3, 1), np.float32, rng)
-    _, cache = kernels.conv_forward(x, Wt, b, 1, pad)
-    assert (cache.plan.forward.k_tile, cache.plan.forward.vectors) == (
-        cache.plan.backward_data.k_tile, cache.plan.backward_data.vectors)
-    if not config.DISABLE_JIT:  # compiled code exists only with the JIT
-        before = len(direct.convolve_images.signatures)
-        kernels.conv_backward(dout, cache, Wt)
-        assert len(direct.convolve_images.signatures) == before
-
-
 def test_a_cache_given_as_workspace_refuses_backward(rng):
     """Called directly (the kernel interface refuses such a cache before the backend sees it)."""
     x, Wt, b, dout, pad = conv_case(GEOMETRIES[2], np.float64, rng)

@@ -20,8 +20,11 @@ vector of output channels per input channel of a channel tile and streams
 over an image's pixels. Each kernel call is one thread's share of a pass: it
 takes images (grid passes) or image groups (backward-weights) from a shared
 counter until none is left, so which thread runs a task never changes its
-arithmetic. Forward and backward-data are the same kernel, so layers whose
-tiles have the same shape share one compiled specialization.
+arithmetic. Forward and backward-data run the same grid pass
+(``_grid_image``); where backward-data takes the grid tile it runs inside the
+backward-weights kernel, image after image, so that each image's ``dout`` is
+read from memory once. Layers whose tiles have the same shape share one
+compiled specialization.
 
 With ``NUMBA_DISABLE_JIT=1`` the intrinsics are replaced by NumPy stand-ins
 taking the same arguments (a tile is then a (rows, columns, lanes) array).
