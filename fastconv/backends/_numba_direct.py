@@ -688,16 +688,15 @@ def weight_gradient_groups(packed, dout, mask, dW, db, dx, weights_t, zeros, cou
     each image's dout is then first copied into the thread's ``masked``
     (1, K, OH, OW) with zeros where it is <= 0.
 
-    Unless ``dx`` is empty, each image's dx follows, from the same (masked)
-    dout while it is in cache: the grid pass ``dx_pass`` (filter_h and
-    filter_w tokens, borders, in_h, in_w, grid_tiles, k_tile, vectors tokens,
-    as ``convolve_images`` takes them) with the transposed and flipped
-    filters ``weights_t``, the thread's ``planes`` and ``grid``.
+    Unless ``dx_pass`` is None, each image's dx follows, from the same
+    (masked) dout while it is in cache: the grid pass ``dx_pass`` (filter_h
+    and filter_w tokens, borders, in_h, in_w, grid_tiles, k_tile, vectors
+    tokens, as ``convolve_images`` takes them) with the transposed and
+    flipped filters ``weights_t``, the thread's ``planes`` and ``grid``.
     """
     _, K, OH, OW = dout.shape
     V = len(lanes)
     blocks = (K + V - 1) // V
-    d_filter_h, d_filter_w, d_border_h, d_border_w, d_in_h, d_in_w, d_grid_tiles, d_k_tile, d_vectors = dx_pass
     fp = flush_subnormals()
     g = take_next(counter)
     while g < len(group_bounds) - 1:
@@ -720,11 +719,12 @@ def weight_gradient_groups(packed, dout, mask, dW, db, dx, weights_t, zeros, cou
                                      c_tile, taps_in_rows, pair_blocks, lanes)
                     c0 += 1 if taps_in_rows else len(c_tile)
                 i += 1  # noqa: SIM113  (literal_unroll loops cannot enumerate)
-            if dx.size:  # the masked image (or dout's) as the grid pass's source image
-                source, m = (masked, 0) if mask.size else (dout, n)
-                _grid_image(source, mask[:0], m, weights_t, zeros, dx, n, 0, planes.size, d_border_h, d_border_w,
-                            d_filter_h, d_filter_w, d_in_h, d_in_w, d_grid_tiles, d_k_tile, d_vectors, lanes, False,
-                            False, planes, grid)
+            if dx_pass is not None:  # pruned when compiled for a None dx_pass
+                filter_h, filter_w, border_h, border_w, dx_in_h, dx_in_w, grid_tiles, k_tile, vectors = dx_pass
+                source, m = (masked, 0) if mask.size else (dout, n)  # the masked image, or dout's
+                _grid_image(source, mask[:0], m, weights_t, zeros, dx, n, 0, planes.size, border_h, border_w,
+                            filter_h, filter_w, dx_in_h, dx_in_w, grid_tiles, k_tile, vectors, lanes, False, False,
+                            planes, grid)
         g = take_next(counter)
     restore_fp(fp)
 

@@ -302,8 +302,8 @@ def conv_backward(dout, cache, W, relu_out=None, input_gradient=True):
         dx_pass = (_direct.token(plan.filter_h), _direct.token(plan.filter_w), plan.filter_h - 1 - plan.pad,
                    plan.filter_w - 1 - plan.pad, bd.in_h, bd.in_w, bd.grid_tiles, _direct.token(bd.k_tile),
                    _direct.token(bd.vectors))
-    else:  # unused: the smallest tile, so that compiling the kernel costs little
-        dx_pass = (_direct.token(1), _direct.token(1), 0, 0, 0, 0, 0, _direct.token(1), _direct.token(1))
+    else:  # the kernel is then compiled without its dx part
+        dx_pass = None
     image = plan.filters * plan.out_h * plan.out_w
     buffers = _thread_scratch(cache.scratch, "weights", threads,
                               [plan.w_blocks * plan.out_h * plan.out_w * plan.lanes, image if mask.size else 0,
@@ -311,7 +311,7 @@ def conv_backward(dout, cache, W, relu_out=None, input_gradient=True):
     buffers = [[transposed, masked.reshape(-1, plan.filters, plan.out_h, plan.out_w), planes, grid]
                for transposed, masked, planes, grid in buffers]
     _run_counted(_direct.weight_gradient_groups,
-                 (packed, dout, mask, dW_groups, db_groups, dx if fused_dx else dx[:0], weights_t, zeros),
+                 (packed, dout, mask, dW_groups, db_groups, dx, weights_t, zeros),
                  (bounds, fwd.image_stride, plan.channels, plan.filter_h, plan.filter_w, fwd.in_h, fwd.in_w,
                   c_sizes, c_repeats, taps_in_rows, pair_blocks, _direct.token(plan.lanes), dx_pass), buffers)
     dW_sum = dW_groups.sum(axis=0).reshape(plan.w_blocks, plan.channels, plan.filter_h, plan.filter_w, plan.lanes)
@@ -382,7 +382,8 @@ class PoolCache:
 
 
 def conv_relu_pool_forward(x, W, b, stride, pad, pool_h, pool_w, pool_stride, pool_pad, workspace):
-    if _direct.plan(x.shape, W.shape, stride, pad, x.dtype).direct and (pool_h, pool_w, pool_stride, pool_pad) == (2, 2, 2, 0):
+    book_pooling = (pool_h, pool_w, pool_stride, pool_pad) == (2, 2, 2, 0)
+    if book_pooling and _direct.plan(x.shape, W.shape, stride, pad, x.dtype).direct:
         return conv_forward(x, W, b, stride, pad, workspace, True, False, pooled=True)  # pooled in the kernel
     out, cache = conv_forward(x, W, b, stride, pad, workspace, True, False)  # pooled in a pass of its own
     return maxpool_forward(out, pool_h, pool_w, pool_stride, pool_pad, None)[0], cache
