@@ -67,10 +67,10 @@ def env_without_fastconv(**extra):
     return env
 
 
-def run_python(code, cwd=os.path.dirname(__file__), **env):
+def run_python(code, cwd=os.path.dirname(__file__), timeout=600, **env):
     # by default from the tests' folder: the repository root would put the unbuilt source tree first
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                            env=env_without_fastconv(**env), cwd=cwd, timeout=600)
+                            env=env_without_fastconv(**env), cwd=cwd, timeout=timeout)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 
@@ -475,6 +475,8 @@ def test_kernels_work_uncached_when_no_cache_directory_is_writable(read_only_ins
 
 def test_compiled_kernels_stay_inside_their_arrays(tmp_path):
     """With Numba's bounds checking on, every kernel runs the awkward geometries without an IndexError."""
+    # compiles every kernel cold for three instruction sets, two dtypes and many tile shapes: 8-9 minutes on
+    # a busy two-core machine, hence the longer timeout
     result = run_python(f"""
         import numpy as np
         import fastconv
@@ -498,5 +500,5 @@ def test_compiled_kernels_stay_inside_their_arrays(tmp_path):
                     relu, mask = kernels.relu_forward(x)
                     kernels.relu_backward(relu, mask)
         print("ok")
-    """, NUMBA_BOUNDSCHECK="1", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    """, timeout=1800, NUMBA_BOUNDSCHECK="1", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
     assert result.stdout.strip() == "ok"
