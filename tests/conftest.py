@@ -7,6 +7,7 @@ import pytest
 
 import fastconv
 from fastconv import _build_check, _plan
+from fastconv._checks import output_size
 
 BACKENDS = fastconv.available_backends()
 MNIST_DIR = Path(os.environ.get("FASTCONV_TEST_MNIST", Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mnist"))
@@ -110,7 +111,7 @@ def conv_problem(rng, geometry, dtype):
     x = rng.standard_normal((N, C, H, W)).astype(dtype)
     w = rng.standard_normal((K, C, FH, FW)).astype(dtype)
     b = rng.standard_normal(K).astype(dtype)
-    out_h, out_w = (H + 2 * pad - FH) // stride + 1, (W + 2 * pad - FW) // stride + 1
+    out_h, out_w = output_size(H, FH, stride, pad), output_size(W, FW, stride, pad)
     dout = rng.standard_normal((N, K, out_h, out_w)).astype(dtype)
     return x, w, b, stride, pad, dout
 

@@ -467,7 +467,6 @@ def test_the_layer_by_layer_step_computes_what_the_model_does(capsys):
     assert "layer by layer / DeepConvNet" in capsys.readouterr().out
 
 
-
 def test_the_network_benchmarks_settle_longer_than_the_kernels():
     from bench import cases as bench_cases
     cases = bench_cases.build_cases(net.network_shapes(), ["float32"], 100, network_settle_time=0.7)

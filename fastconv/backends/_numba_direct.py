@@ -423,12 +423,6 @@ def _grid_pass(planes, start, in_channels, in_h, in_w, weights, bias, kb, fh, fw
 
 
 @_inlined
-def _not_positive_to_zero(value):
-    """A ReLU: 0 where value <= 0, value elsewhere (a NaN stays)."""
-    return 0 if value <= 0 else value
-
-
-@_inlined
 def _max4(a, b, c, d):
     """The largest of a window's four cells, a NaN if any is one (as the book's pooling gives it)."""
     m = a
@@ -455,15 +449,12 @@ def _grid_to_nchw(grid, grid_padded, in_w, k0, out, n, relu, pooled):
                 for x in range(OW):
                     i = s + 2 * x
                     m = _max4(grid[_ix(i)], grid[_ix(i + 1)], grid[_ix(i + in_w)], grid[_ix(i + in_w + 1)])
-                    flat[_ix(d + x)] = _not_positive_to_zero(m) if relu else m
+                    flat[_ix(d + x)] = _unless_masked(m, m) if relu else m
                 continue
             s = k * grid_padded + oy * in_w
-            if relu:
-                for x in range(OW):
-                    flat[_ix(d + x)] = _not_positive_to_zero(grid[_ix(s + x)])
-            else:
-                for x in range(OW):
-                    flat[_ix(d + x)] = grid[_ix(s + x)]
+            for x in range(OW):
+                v = grid[_ix(s + x)]
+                flat[_ix(d + x)] = _unless_masked(v, v) if relu else v  # the branch is moved out of the loop
 
 
 @_kernel
@@ -549,16 +540,13 @@ def _pixels_to_nchw(T, K_tile, k0, conv_w, out, n, relu, pooled):
                 d = (n * K + k0) * cells + oy * OW + ox
                 for k in range(channels):  # along T's rows
                     m = _max4(T[_ix(i + k)], T[_ix(i + K_tile + k)], T[_ix(j + k)], T[_ix(j + K_tile + k)])
-                    flat[_ix(d + k * cells)] = _not_positive_to_zero(m) if relu else m
+                    flat[_ix(d + k * cells)] = _unless_masked(m, m) if relu else m
         return
     for k in range(channels):
         d = (n * K + k0 + k) * cells
-        if relu:
-            for q in range(cells):
-                flat[_ix(d + q)] = _not_positive_to_zero(T[_ix(q * K_tile + k)])
-        else:
-            for q in range(cells):
-                flat[_ix(d + q)] = T[_ix(q * K_tile + k)]
+        for q in range(cells):
+            v = T[_ix(q * K_tile + k)]
+            flat[_ix(d + q)] = _unless_masked(v, v) if relu else v
 
 
 @_kernel
@@ -689,8 +677,8 @@ def weight_gradient_groups(packed, dout, mask, dW, db, dx, weights_t, zeros, cou
     (1, K, OH, OW) with zeros where it is <= 0.
 
     Unless ``dx_pass`` is None, each image's dx follows, from the same
-    (masked) dout while it is in cache: the grid pass ``dx_pass`` (filter_h
-    and filter_w tokens, borders, in_h, in_w, grid_tiles, k_tile, vectors
+    (masked) dout while it is in cache: the grid pass ``dx_pass`` (borders,
+    filter_h and filter_w tokens, in_h, in_w, grid_tiles, k_tile and vectors
     tokens, as ``convolve_images`` takes them) with the transposed and
     flipped filters ``weights_t``, the thread's ``planes`` and ``grid``.
     """
@@ -720,7 +708,7 @@ def weight_gradient_groups(packed, dout, mask, dW, db, dx, weights_t, zeros, cou
                     c0 += 1 if taps_in_rows else len(c_tile)
                 i += 1  # noqa: SIM113  (literal_unroll loops cannot enumerate)
             if dx_pass is not None:  # pruned when compiled for a None dx_pass
-                filter_h, filter_w, border_h, border_w, dx_in_h, dx_in_w, grid_tiles, k_tile, vectors = dx_pass
+                border_h, border_w, filter_h, filter_w, dx_in_h, dx_in_w, grid_tiles, k_tile, vectors = dx_pass
                 source, m = (masked, 0) if mask.size else (dout, n)  # the masked image, or dout's
                 _grid_image(source, mask[:0], m, weights_t, zeros, dx, n, 0, planes.size, border_h, border_w,
                             filter_h, filter_w, dx_in_h, dx_in_w, grid_tiles, k_tile, vectors, lanes, False, False,

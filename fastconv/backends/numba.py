@@ -298,12 +298,10 @@ def conv_backward(dout, cache, W, relu_out=None, input_gradient=True):
     weights_t = _plan.pack_backward_data_weights(plan, W).reshape(-1) if input_gradient else _NO_MASK[plan.dtype]
     zeros = np.zeros(bd.k_padded, dtype=plan.dtype)
     fused_dx = input_gradient and not bd.channel_lanes
-    if fused_dx:
-        dx_pass = (_direct.token(plan.filter_h), _direct.token(plan.filter_w), plan.filter_h - 1 - plan.pad,
-                   plan.filter_w - 1 - plan.pad, bd.in_h, bd.in_w, bd.grid_tiles, _direct.token(bd.k_tile),
-                   _direct.token(bd.vectors))
-    else:  # the kernel is then compiled without its dx part
-        dx_pass = None
+    borders = (plan.filter_h - 1 - plan.pad, plan.filter_w - 1 - plan.pad)
+    bd_kernel, bd_arguments = _pass_kernel(plan, bd, False) if input_gradient else (None, ())
+    # the grid pass's geometry (up to its lanes); None: the kernel is compiled without its dx part
+    dx_pass = borders + bd_arguments[:7] if fused_dx else None
     image = plan.filters * plan.out_h * plan.out_w
     buffers = _thread_scratch(cache.scratch, "weights", threads,
                               [plan.w_blocks * plan.out_h * plan.out_w * plan.lanes, image if mask.size else 0,
@@ -322,9 +320,7 @@ def conv_backward(dout, cache, W, relu_out=None, input_gradient=True):
     if not fused_dx:  # the channels-in-lanes tile: a pass of its own
         threads = min(plan.forward_threads(get_num_threads()), _thread_count(plan.batch, bd.grid_elements))
         buffers = _thread_scratch(cache.scratch, "data", threads, [bd.image_stride, bd.grid_elements], plan.dtype)
-        kernel, arguments = _pass_kernel(plan, bd, False)
-        _run_counted(kernel, (dout, mask, weights_t, zeros, dx),
-                     (0, bd.image_stride, plan.filter_h - 1 - plan.pad, plan.filter_w - 1 - plan.pad) + arguments,
+        _run_counted(bd_kernel, (dout, mask, weights_t, zeros, dx), (0, bd.image_stride) + borders + bd_arguments,
                      buffers)
     return dx, dW, db
 
