@@ -162,31 +162,77 @@ def test_convolution_exposes_the_books_col_and_col_W(geometry, rng, numba_backen
     assert cache.col is cache.col  # made once
 
 
-def test_work_is_not_held_up_by_a_busy_thread():
-    """A task whose thread is busy elsewhere is cancelled once the others have drained the work."""
-    import threading
-    workers = nb._Workers()
-    release = threading.Event()
-    blocker = workers._pool(1).submit(release.wait)  # the pool's only thread is busy
-    items = iter(range(10))
-    done = []
+def test_a_task_no_thread_has_started_is_cancelled_when_the_caller_is_done():
+    """Work is not held up by a busy or sleeping thread: its task is dropped once the others drained the work."""
+    from fastconv.backends import _numba_pool
+    ran = []
+    call = _numba_pool._Call([lambda: ran.append("late")])
+    call.wait()  # no thread has taken the task: returns at once
+    assert not call.start(0)  # the thread that takes it now finds it cancelled
+    assert ran == [] and call.cancelled == [True]
 
-    def drain():
-        for item in items:
-            done.append(item)
+
+def test_pool_runs_every_task_of_every_call_once():
+    pool = nb._pool.Pool("test-pool")
+    for threads in (2, 3, 2):
+        counter = iter(range(1000))
+        seen = []
+
+        def drain():
+            for item in counter:  # next() on it is atomic (GIL)
+                seen.append(item)
+        pool.run([drain] * threads)
+        assert sorted(seen) == list(range(1000))
+
+
+def test_a_call_while_the_pool_is_busy_runs_on_its_own_thread():
+    import threading
+    pool = nb._pool.Pool("test-pool")
+    inside, release = threading.Event(), threading.Event()
+    other = threading.Thread(target=pool.run, args=([lambda: (inside.set(), release.wait()), lambda: None],))
+    other.start()
     try:
-        workers.run([drain, drain])  # returns although the second task never started
-        assert done == list(range(10))
+        assert inside.wait(10)
+        threads = []
+        pool.run([lambda: threads.append(threading.get_ident())] * 3)  # the pool is held by the other call
+        assert threads == [threading.get_ident()] * 3
     finally:
         release.set()
-        blocker.result()
+        other.join()
 
 
 def test_errors_of_any_task_are_raised():
     def fail():
         raise ValueError("from a pool thread")
     with pytest.raises(ValueError, match="from a pool thread"):
-        nb._Workers().run([lambda: __import__("time").sleep(0.2), fail])
+        nb._pool.Pool("test-pool").run([lambda: __import__("time").sleep(0.2), fail])
+
+
+def test_pool_threads_go_to_sleep_soon_after_a_call():
+    import time
+    pool = nb._pool.Pool("test-pool")
+    pool.run([lambda: None] * 3)
+    time.sleep(0.1)  # polling lasts well under a millisecond
+    start = time.process_time()
+    time.sleep(0.3)
+    assert time.process_time() - start < 0.05  # nobody spins
+
+
+def test_polling_sees_a_store_from_another_thread_and_gives_up_when_none_comes():
+    import threading
+    import time
+    from fastconv.backends._numba_pool import spin_until
+    word = np.zeros(1, dtype=np.int64)
+    assert not spin_until(word, 1, 1000)  # nothing stored: gives up
+    if nb.numba.config.DISABLE_JIT:
+        return  # the uncompiled stand-in does not poll
+    setter = threading.Timer(0.001, lambda: word.__setitem__(0, 1))
+    setter.start()
+    start = time.perf_counter()
+    while not spin_until(word, 1, 1 << 40):  # polls (for minutes at most) until the store arrives
+        pass
+    setter.join()
+    assert word[0] == 1 and time.perf_counter() - start < 60
 
 
 def test_blas_is_single_threaded_inside_and_restored_after_overlapping_uses():

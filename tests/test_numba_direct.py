@@ -33,12 +33,13 @@ GEOMETRIES = [
     (2, 2, 1, 1, 3, 1, 1, 0),  # one pixel
     (2, 4, 2, 3, 65, 2, 3, 1),  # more filters than a tile holds
     (5, 3, 8, 8, 16, 3, 3, 1),  # several images per group
+    (2, 1, 9, 8, 20, 5, 5, 2),  # one input channel: 25 taps, in more than one tile; two blocks of filters
 ]
 IDS = ["N{}C{}_{}x{}_K{}_f{}x{}_p{}".format(*g) for g in GEOMETRIES]
 
 
 # every geometry on this CPU's variant; a few of them, the awkward ones, on every variant
-CASES = [(None, g) for g in GEOMETRIES] + [(v, GEOMETRIES[i]) for v in _plan.VARIANTS for i in (0, 3, 4, 8)]
+CASES = [(None, g) for g in GEOMETRIES] + [(v, GEOMETRIES[i]) for v in _plan.VARIANTS for i in (0, 3, 4, 8, 10)]
 CASE_IDS = [f"{v or 'host'}-{i}" for v, i in zip([c[0] for c in CASES], [IDS[GEOMETRIES.index(c[1])] for c in CASES])]
 
 
@@ -235,8 +236,14 @@ def test_channel_tiles_become_runs_of_one_size():
     assert [len(s) for s in sizes] == [16, 4, 1] and repeats.tolist() == [2, 1, 1] and not taps
     sizes, repeats, taps = direct.channel_tile_runs(_plan.channel_tiles(64, 32), 3, 16)
     assert [len(s) for s in sizes] == [16] and repeats.tolist() == [4] and not taps
-    sizes, repeats, taps = direct.channel_tile_runs(_plan.channel_tiles(1, 32), 5, 16)  # one channel: 5 columns
-    assert [len(s) for s in sizes] == [5] and repeats.tolist() == [1] and taps
+    sizes, repeats, taps = direct.channel_tile_runs(_plan.channel_tiles(1, 32), 9, 16)  # one channel: 9 taps
+    assert [len(s) for s in sizes] == [9] and repeats.tolist() == [1] and taps
+    sizes, repeats, taps = direct.channel_tile_runs(_plan.channel_tiles(1, 32), 25, 8)  # 5 x 5 taps, 8 rows at most
+    assert [len(s) for s in sizes] == [8, 1] and repeats.tolist() == [3, 1] and taps
+
+
+def test_tap_offsets_walk_the_filter_in_a_padded_plane():
+    assert direct.tap_offsets(2, 3, 10).tolist() == [0, 1, 2, 10, 11, 12]
 
 
 def test_channel_tiles_wider_than_a_pair_tile_are_cut():

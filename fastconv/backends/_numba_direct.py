@@ -615,24 +615,57 @@ def _mask_image(flat, mask, start, count, dst):
 
 
 @_inlined
-def _weight_gradient(packed, start, C, c0, in_h, in_w, dT, blocks, OH, OW, fh, fw, dW, rows, taps_in_rows,
-                     pair_blocks, lanes):
+def _weight_gradient_taps(packed, start, in_w, dT, blocks, OH, OW, dW, t0, rows, tap_offsets, block_pass, lanes):
+    """``_weight_gradient`` for a single input channel: dW (blocks, 1, fh, fw, lanes) += one image's products
+    of dT and its padded plane, a tile row per filter tap t0, t0 + 1, ... (at ``tap_offsets`` in the plane):
+    the taps' chains of additions overlap in one pass over the pixels."""
+    V = len(lanes)
+    block_step = len(tap_offsets) * V
+    cells = OH * OW * V
+    kb = 0
+    while kb < blocks:
+        pair = len(block_pass) == 2 and kb + 1 < blocks  # constant-folded for one block
+        w0 = kb * block_step + t0 * V
+        acc = tile_load(dW, w0, V, rows, _ONE, lanes)
+        if pair:
+            acc2 = tile_load(dW, w0 + block_step, V, rows, _ONE, lanes)
+            for oy in range(OH):
+                d0 = (kb * OH + oy) * OW * V
+                p0 = start + oy * in_w
+                for ox in range(OW):
+                    d = tile_load(dT, d0 + ox * V, 0, _ONE, _ONE, lanes)
+                    d2 = tile_load(dT, d0 + cells + ox * V, 0, _ONE, _ONE, lanes)
+                    acc = tile_gather_fma(acc, d, packed, p0 + ox, tap_offsets, t0)
+                    acc2 = tile_gather_fma(acc2, d2, packed, p0 + ox, tap_offsets, t0)
+            tile_store(dW, w0 + block_step, V, acc2)
+        else:
+            for oy in range(OH):
+                d0 = (kb * OH + oy) * OW * V
+                p0 = start + oy * in_w
+                for ox in range(OW):
+                    d = tile_load(dT, d0 + ox * V, 0, _ONE, _ONE, lanes)
+                    acc = tile_gather_fma(acc, d, packed, p0 + ox, tap_offsets, t0)
+        tile_store(dW, w0, V, acc)
+        kb += 2 if pair else 1
+
+
+@_inlined
+def _weight_gradient(packed, start, C, c0, in_h, in_w, dT, blocks, OH, OW, fh, fw, dW, rows, block_pass, lanes):
     """dW (blocks, C, fh, fw, lanes) += one image's products of dT and its padded planes (from ``start``).
 
-    A tile holds one accumulator per input channel c0, c0 + 1, ... or, with
-    ``taps_in_rows`` (a single input channel), per filter column kx: rows
-    that would otherwise be one accumulator, waiting on its own additions.
-    With ``pair_blocks`` two blocks of output channels go through one pass
-    over the pixels, each x value loaded feeding both; every sum is the same.
+    A tile holds one accumulator per input channel c0, c0 + 1, ...
+    With ``block_pass`` a token of 2, two blocks of output channels go
+    through one pass over the pixels, each x value loaded feeding both;
+    every sum is the same.
     """
     V = len(lanes)
     in_plane = in_h * in_w
-    x_step, w_step, columns = (1, V, 1) if taps_in_rows else (in_plane, fh * fw * V, fw)
+    x_step, w_step, columns = in_plane, fh * fw * V, fw
     block_step = C * fh * fw * V
     cells = OH * OW * V
     kb = 0
     while kb < blocks:
-        pair = pair_blocks and kb + 1 < blocks
+        pair = len(block_pass) == 2 and kb + 1 < blocks  # constant-folded for one block
         for ky in range(fh):
             for kx in range(columns):
                 w0 = (((kb * C + c0) * fh + ky) * fw + kx) * V
@@ -661,7 +694,7 @@ def _weight_gradient(packed, start, C, c0, in_h, in_w, dT, blocks, OH, OW, fh, f
 
 @_kernel
 def weight_gradient_groups(packed, dout, mask, dW, db, dx, weights_t, zeros, counter, group_bounds, image_step, C, fh,
-                           fw, in_h, in_w, c_sizes, c_repeats, taps_in_rows, pair_blocks, lanes, dx_pass, dT, masked,
+                           fw, in_h, in_w, c_sizes, c_repeats, tap_offsets, block_pass, lanes, dx_pass, dT, masked,
                            planes, grid):
     """One thread's share of backward-weights: image groups taken from ``counter`` until none is left.
 
@@ -669,10 +702,10 @@ def weight_gradient_groups(packed, dout, mask, dW, db, dx, weights_t, zeros, cou
     into dW[g] (blocks, C, fh, fw, lanes) and db[g] (float64). ``packed``
     holds forward's padded planes, ``image_step`` elements per image. The
     input channels are cut into tiles: c_repeats[i] tiles of len(c_sizes[i])
-    channels for each i, in order; with ``taps_in_rows`` (one input channel)
-    a tile holds the fw filter columns instead (c_sizes: one size, fw);
-    ``pair_blocks``: two blocks of output channels at a time (see
-    ``_weight_gradient``). ``mask``: empty, or a fused ReLU's output (flat):
+    channels for each i, in order. Unless ``tap_offsets`` is None (one
+    input channel: each filter tap's position in a padded plane), the tiles
+    cut the filter taps instead. ``block_pass``: a token of the blocks of
+    output channels in a pass, 1 or 2 (see ``_weight_gradient``). ``mask``: empty, or a fused ReLU's output (flat):
     each image's dout is then first copied into the thread's ``masked``
     (1, K, OH, OW) with zeros where it is <= 0.
 
@@ -699,13 +732,17 @@ def weight_gradient_groups(packed, dout, mask, dW, db, dx, weights_t, zeros, cou
                 _transpose_gradient(masked, 0, blocks, lanes, dT, db_group)
             else:
                 _transpose_gradient(dout, n, blocks, lanes, dT, db_group)
-            c0 = 0
+            c0 = 0  # the tile's first input channel, or with tap_offsets its first tap
             i = 0
             for c_tile in literal_unroll(c_sizes):  # tiles of different sizes are different types
                 for _ in range(c_repeats[i]):
-                    _weight_gradient(packed, n * image_step, C, c0, in_h, in_w, dT, blocks, OH, OW, fh, fw, dW_group,
-                                     c_tile, taps_in_rows, pair_blocks, lanes)
-                    c0 += 1 if taps_in_rows else len(c_tile)
+                    if tap_offsets is not None:  # pruned when compiled for None
+                        _weight_gradient_taps(packed, n * image_step, in_w, dT, blocks, OH, OW, dW_group, c0, c_tile,
+                                              tap_offsets, block_pass, lanes)
+                    else:
+                        _weight_gradient(packed, n * image_step, C, c0, in_h, in_w, dT, blocks, OH, OW, fh, fw,
+                                         dW_group, c_tile, block_pass, lanes)
+                    c0 += len(c_tile)
                 i += 1  # noqa: SIM113  (literal_unroll loops cannot enumerate)
             if dx_pass is not None:  # pruned when compiled for a None dx_pass
                 border_h, border_w, filter_h, filter_w, dx_in_h, dx_in_w, grid_tiles, k_tile, vectors = dx_pass
@@ -717,22 +754,29 @@ def weight_gradient_groups(packed, dout, mask, dW, db, dx, weights_t, zeros, cou
     restore_fp(fp)
 
 
-def channel_tile_runs(channel_tiles, filter_w, most_rows):
+def channel_tile_runs(channel_tiles, taps, most_rows):
     """fastconv._plan's channel tiles as runs of one size: (a token per size, the number of tiles of each,
-    whether a tile holds filter columns instead: for one input channel). Tiles of more than
-    ``most_rows`` channels are cut into tiles of that many (each channel's sum stays the same)."""
-    if channel_tiles == ((0, 1),):
-        return (token(filter_w),), np.ones(1, dtype=np.int64), True
+    whether the tiles cut the ``taps`` filter taps instead: for one input channel). Tiles of more than
+    ``most_rows`` rows are cut into tiles of that many (each row's sum stays the same)."""
+    one_channel = channel_tiles == ((0, 1),)
+    if one_channel:
+        channel_tiles = ((0, taps),)
     sizes, repeats = [], []
     counts = [piece for _, count in channel_tiles
-              for piece in ([most_rows] * (count // most_rows) if count > most_rows else [count])]
+              for piece in ([most_rows] * (count // most_rows) + [count % most_rows] * (count % most_rows > 0)
+                            if count > most_rows else [count])]
     for count in counts:
         if sizes and len(sizes[-1]) == count:
             repeats[-1] += 1
         else:
             sizes.append(token(count))
             repeats.append(1)
-    return tuple(sizes), np.array(repeats, dtype=np.int64), False
+    return tuple(sizes), np.array(repeats, dtype=np.int64), one_channel
+
+
+def tap_offsets(filter_h, filter_w, in_w):
+    """Each filter tap's position in a padded plane of width ``in_w``, tap by tap (ky, then kx)."""
+    return np.array([ky * in_w + kx for ky in range(filter_h) for kx in range(filter_w)], dtype=np.int64)
 
 
 def weight_gradient_to_nchw(dW_sum, filters):

@@ -139,20 +139,20 @@ def _unless_masked(value, y):
     return 0 if y <= 0 else value
 
 
-@_inlined
+def _reassociated(function):
+    """``_kernel`` whose additions LLVM may regroup: a sum then runs in vectors of partial sums. Each call
+    still adds in the order its compiled code fixes, whichever thread makes it. Not inlined, so that the
+    calling kernel's own arithmetic keeps its order."""
+    return _kernel(function, fastmath={"reassoc"})
+
+
+@_reassociated
 def row_sum(flat, start, count):
-    """flat[start:start + count].sum() in float64, with four running sums: independent additions pipeline."""
-    t0 = t1 = t2 = t3 = 0.0
-    p = 0
-    while p + 4 <= count:
-        t0 += flat[_ix(start + p)]
-        t1 += flat[_ix(start + p + 1)]
-        t2 += flat[_ix(start + p + 2)]
-        t3 += flat[_ix(start + p + 3)]
-        p += 4
-    for q in range(p, count):
-        t0 += flat[_ix(start + q)]
-    return (t0 + t1) + (t2 + t3)
+    """flat[start:start + count].sum() in float64, in vectors of partial sums."""
+    total = 0.0
+    for p in range(count):
+        total += flat[_ix(start + p)]
+    return total
 
 
 @_inlined

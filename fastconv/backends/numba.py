@@ -29,10 +29,6 @@ Results do not depend on the number of threads: a convolution computes each
 image the same way whichever thread takes it, and sums its gradients over a
 fixed sequence of image groups, in order.
 """
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor, wait
-
 import numpy as np
 
 try:
@@ -45,6 +41,7 @@ from fastconv._checks import output_size as _out_size
 from fastconv._threads import get_num_threads
 from fastconv.backends import _numba_direct as _direct
 from fastconv.backends import _numba_kernels as _k
+from fastconv.backends import _numba_pool as _pool
 from fastconv.backends._blas import affine_backward, affine_forward  # noqa: F401  (part of the interface)
 from fastconv.backends._blas import single_threaded_blas as _single_threaded_blas
 
@@ -59,50 +56,7 @@ RANGES_PER_THREAD = 4
 
 # --------------------------------------------------------------------------- threads
 
-class _Workers:
-    """A thread pool, grown on demand, that runs one call's tasks side by side."""
-
-    def __init__(self):
-        self._forget()
-        if hasattr(os, "register_at_fork"):
-            # a forked child has none of the parent's threads: start a new pool there
-            os.register_at_fork(after_in_child=self._forget)
-
-    def _forget(self):
-        self._lock = threading.Lock()
-        self._executor = None
-        self._size = 0
-
-    def _pool(self, size):
-        with self._lock:
-            if self._size < size:
-                if self._executor is not None:
-                    self._executor.shutdown(wait=False)  # its threads exit once idle
-                self._executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix="fastconv-numba")
-                self._size = size
-            return self._executor
-
-    def run(self, tasks):
-        """Run tasks that drain one shared queue of work: the first on this thread, the others on the pool.
-
-        When the first returns, the queue is empty: tasks that have not
-        started yet (their thread was busy or not scheduled) are cancelled
-        rather than waited for. Re-raises the first error.
-        """
-        if len(tasks) == 1:
-            tasks[0]()
-            return
-        futures = [self._pool(len(tasks) - 1).submit(task) for task in tasks[1:]]
-        try:
-            tasks[0]()
-        finally:
-            started = [future for future in futures if not future.cancel()]
-            wait(started)  # they write into arrays this call returns
-        for future in started:
-            future.result()
-
-
-_workers = _Workers()
+_workers = _pool.Pool("fastconv-numba")
 
 
 def _spans(count, parts):
@@ -221,7 +175,8 @@ def _run_counted(kernel, leading, trailing, thread_buffers):
     """``kernel(*leading, counter, *trailing, *buffers)`` for each thread's list of buffers, side by side,
     all taking their tasks from one shared counter."""
     counter = np.zeros(1, dtype=np.int64)
-    _workers.run([lambda buffers=buffers: kernel(*leading, counter, *trailing, *buffers) for buffers in thread_buffers])
+    _workers.run([lambda buffers=buffers: kernel(*leading, counter, *trailing, *buffers) for buffers in thread_buffers],
+                 counter)
 
 
 # the kernels' empty mask: dout (or x) used as it is
@@ -289,8 +244,9 @@ def conv_backward(dout, cache, W, relu_out=None, input_gradient=True):
                       dtype=np.int64)
     # with 32 vector registers, two blocks of output channels share each tile's x loads (as in the C kernels)
     pair_blocks = plan.registers >= 32 and plan.w_blocks > 1
-    c_sizes, c_repeats, taps_in_rows = _direct.channel_tile_runs(plan.channel_tiles, plan.filter_w,
-                                                                 8 if pair_blocks else 16)
+    c_sizes, c_repeats, one_channel = _direct.channel_tile_runs(plan.channel_tiles, plan.filter_h * plan.filter_w,
+                                                                8 if pair_blocks else 16)
+    taps = _direct.tap_offsets(plan.filter_h, plan.filter_w, fwd.in_w) if one_channel else None
     threads = plan.backward_threads(get_num_threads())
     # dx: the forward's grid pass over dout, padded by FH - 1 - pad, with the filters transposed and flipped;
     # in the same pass as dW (each image's dout read once) where backward-data takes the grid tile
@@ -311,7 +267,8 @@ def conv_backward(dout, cache, W, relu_out=None, input_gradient=True):
     _run_counted(_direct.weight_gradient_groups,
                  (packed, dout, mask, dW_groups, db_groups, dx, weights_t, zeros),
                  (bounds, fwd.image_stride, plan.channels, plan.filter_h, plan.filter_w, fwd.in_h, fwd.in_w,
-                  c_sizes, c_repeats, taps_in_rows, pair_blocks, _direct.token(plan.lanes), dx_pass), buffers)
+                  c_sizes, c_repeats, taps, _direct.token(2 if pair_blocks else 1), _direct.token(plan.lanes),
+                  dx_pass), buffers)
     dW_sum = dW_groups.sum(axis=0).reshape(plan.w_blocks, plan.channels, plan.filter_h, plan.filter_w, plan.lanes)
     dW = _direct.weight_gradient_to_nchw(dW_sum, plan.filters)
     db = db_groups.sum(axis=0).astype(plan.dtype)
