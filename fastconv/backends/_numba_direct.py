@@ -38,7 +38,7 @@ from numba import config, literal_unroll, types
 from numba import uint64 as _ix
 
 from fastconv import _plan
-from fastconv.backends._numba_kernels import _inlined, _kernel, _unless_masked, row_sum
+from fastconv.backends._numba_kernels import _inlined, _kernel, _unless_masked
 
 try:
     import llvmlite.binding as _llvm
@@ -148,22 +148,42 @@ def _tile_splat(typingctx, array, index, rows, columns, lanes):
     return sig, codegen
 
 
+def _load_tile(context, builder, array_type, array, index, row_step, tile, mask=None):
+    """The tile at array[index:] (rows ``row_step`` apart); with ``mask`` (an array of array_type), zeros
+    where the mask's value at the same place is <= 0."""
+    vector_type = context.get_value_type(tile.dtype.dtype)
+    align = context.get_abi_alignment(vector_type.element)
+    lane_step = ir.Constant(index.type, vector_type.count)
+    zeros = ir.Constant(vector_type, None)
+    value = ir.Constant(context.get_value_type(tile), ir.Undefined)
+    for r in range(tile.count):
+        for c in range(tile.dtype.count):
+            at = _at(builder, _at(builder, index, row_step, r), lane_step, c)
+            vector = builder.load(_address(context, builder, array_type, array, at, vector_type), align=align)
+            if mask is not None:  # "<=" is ordered: a NaN in the mask keeps the value, as _unless_masked does
+                y = builder.load(_address(context, builder, array_type, mask, at, vector_type), align=align)
+                vector = builder.select(builder.fcmp_ordered("<=", y, zeros), zeros, vector)
+            value = builder.insert_value(value, vector, [r, c])
+    return value
+
+
 @intrinsic
 def _tile_load(typingctx, array, index, row_step, rows, columns, lanes):
     tile = _tile_type(array.dtype, rows.count, columns.count, lanes.count)
     sig = tile(array, types.intp, types.intp, rows, columns, lanes)
 
     def codegen(context, builder, sig, args):
-        vector_type = context.get_value_type(tile.dtype.dtype)
-        align = context.get_abi_alignment(vector_type.element)
-        lane_step = ir.Constant(args[1].type, lanes.count)
-        value = ir.Constant(context.get_value_type(tile), ir.Undefined)
-        for r in range(tile.count):
-            for c in range(tile.dtype.count):
-                at = _at(builder, _at(builder, args[1], args[2], r), lane_step, c)
-                pointer = _address(context, builder, sig.args[0], args[0], at, vector_type)
-                value = builder.insert_value(value, builder.load(pointer, align=align), [r, c])
-        return value
+        return _load_tile(context, builder, sig.args[0], args[0], args[1], args[2], tile)
+    return sig, codegen
+
+
+@intrinsic
+def _tile_load_masked(typingctx, array, mask, index, row_step, rows, columns, lanes):
+    tile = _tile_type(array.dtype, rows.count, columns.count, lanes.count)
+    sig = tile(array, mask, types.intp, types.intp, rows, columns, lanes)
+
+    def codegen(context, builder, sig, args):
+        return _load_tile(context, builder, sig.args[0], args[0], args[2], args[3], tile, mask=args[1])
     return sig, codegen
 
 
@@ -274,6 +294,11 @@ def _tile_load_py(array, index, row_step, rows, columns, lanes):
         len(rows), len(columns), len(lanes))
 
 
+def _tile_load_masked_py(array, mask, index, row_step, rows, columns, lanes):
+    tile = _tile_load_py(array, index, row_step, rows, columns, lanes)
+    return np.where(_tile_load_py(mask, index, row_step, rows, columns, lanes) <= 0, 0, tile).astype(array.dtype)
+
+
 def _tile_store_py(array, index, row_step, tile):
     for r, row in enumerate(tile):
         array[index + r * row_step:index + r * row_step + row.size] = row.reshape(-1)
@@ -351,16 +376,17 @@ def _take_next_py(counter):
 
 
 if config.DISABLE_JIT:
-    tile_splat, tile_load, tile_store, tile_outer_fma, tile_gather_fma, tile_transpose, take_next = (
-        _tile_splat_py, _tile_load_py, _tile_store_py, _tile_outer_fma_py, _tile_gather_fma_py, _tile_transpose_py,
-        _take_next_py)
-    flush_subnormals, restore_fp = _flush_subnormals_py, _restore_fp_py
+    tile_splat, tile_load, tile_load_masked, tile_store, tile_outer_fma, tile_gather_fma, tile_transpose = (
+        _tile_splat_py, _tile_load_py, _tile_load_masked_py, _tile_store_py, _tile_outer_fma_py, _tile_gather_fma_py,
+        _tile_transpose_py)
+    take_next, flush_subnormals, restore_fp = _take_next_py, _flush_subnormals_py, _restore_fp_py
 else:
-    tile_splat, tile_load, tile_store, tile_outer_fma, tile_gather_fma, tile_transpose, take_next = (
-        _tile_splat, _tile_load, _tile_store, _tile_outer_fma, _tile_gather_fma, _tile_transpose, _take_next)
-    flush_subnormals, restore_fp = _flush_subnormals, _restore_fp
+    tile_splat, tile_load, tile_load_masked, tile_store, tile_outer_fma, tile_gather_fma, tile_transpose = (
+        _tile_splat, _tile_load, _tile_load_masked, _tile_store, _tile_outer_fma, _tile_gather_fma, _tile_transpose)
+    take_next, flush_subnormals, restore_fp = _take_next, _flush_subnormals, _restore_fp
 # tile_splat(array, i, rows, columns, lanes)[r][c] = array[i + r] in every lane
 # tile_load(array, i, row_step, rows, columns, lanes)[r][c] = array[i + r*row_step + c*lanes :][:lanes]
+# tile_load_masked(array, mask, ...): tile_load(array, ...) with zeros where tile_load(mask, ...) <= 0
 # tile_store(array, i, row_step, tile): the inverse of tile_load
 # tile_outer_fma(tile, vectors, array, i, step)[r][c] = tile[r][c] + array[i + r*step] * vectors[0][c]
 # tile_gather_fma(tile, vectors, array, i, offsets, f)[r][c] = tile[r][c] + array[i + offsets[f + r]] * vectors[0][c]
@@ -581,9 +607,9 @@ def pixel_offsets(tile_pass):
 
 
 @_inlined
-def _transpose_gradient(dout, n, blocks, lanes, dT, db):
-    """dT (blocks, OH*OW, lanes) = image n of dout with channels innermost (zero past the last);
-    db[k] += the sum of channel k (float64)."""
+def _transpose_gradient(dout, mask, n, blocks, lanes, dT):
+    """dT (blocks, OH*OW, lanes) = image n of dout with channels innermost (zero past the last), with zeros
+    where ``mask`` (empty, or a fused ReLU's output, flat) is <= 0."""
     _, K, OH, OW = dout.shape
     V = len(lanes)
     cells = OH * OW
@@ -596,22 +622,43 @@ def _transpose_gradient(dout, n, blocks, lanes, dT, db):
         p0 = 0
         if k_end - kb * V == V:  # squares of V channels x V pixels transposed in registers
             while p0 + V <= cells:
-                square = tile_load(flat, (n * K + kb * V) * cells + p0, cells, lanes, _ONE, lanes)
+                first = (n * K + kb * V) * cells + p0
+                if mask.size:
+                    square = tile_load_masked(flat, mask, first, cells, lanes, _ONE, lanes)
+                else:
+                    square = tile_load(flat, first, cells, lanes, _ONE, lanes)
                 tile_store(dT, (kb * cells + p0) * V, V, tile_transpose(square))
                 p0 += V
         for p in range(p0, cells):  # consecutive stores: each pixel's vector is written whole
             d = (kb * cells + p) * V - kb * V
             for k in range(kb * V, k_end):
-                dT[_ix(d + k)] = flat[_ix((n * K + k) * cells + p)]
-    for k in range(K):
-        db[k] += row_sum(flat, (n * K + k) * cells, cells)
+                i = (n * K + k) * cells + p
+                dT[_ix(d + k)] = _unless_masked(flat[_ix(i)], mask[_ix(i)]) if mask.size else flat[_ix(i)]
 
 
 @_inlined
-def _mask_image(flat, mask, start, count, dst):
-    """dst[:count] = flat[start:start + count], with zeros where mask[start:start + count] <= 0."""
-    for i in range(count):
-        dst[i] = _unless_masked(flat[_ix(start + i)], mask[_ix(start + i)])
+def _channel_sums(dT, blocks, cells, K, lanes, zero_one, lane_sums, db):
+    """db[k] += the sum of channel k of dT (blocks, cells, lanes): four running vector sums in dT's dtype,
+    then their lanes added into db (float64). ``zero_one``: [0, 1] (a vector add is a multiply-add by 1);
+    ``lane_sums``: room for one vector."""
+    V = len(lanes)
+    for kb in range(blocks):
+        base = kb * cells * V
+        s0 = s1 = s2 = s3 = tile_splat(zero_one, 0, _ONE, _ONE, lanes)
+        p = 0
+        while p + 4 <= cells:
+            s0 = tile_outer_fma(s0, tile_load(dT, base + p * V, 0, _ONE, _ONE, lanes), zero_one, 1, 0)
+            s1 = tile_outer_fma(s1, tile_load(dT, base + (p + 1) * V, 0, _ONE, _ONE, lanes), zero_one, 1, 0)
+            s2 = tile_outer_fma(s2, tile_load(dT, base + (p + 2) * V, 0, _ONE, _ONE, lanes), zero_one, 1, 0)
+            s3 = tile_outer_fma(s3, tile_load(dT, base + (p + 3) * V, 0, _ONE, _ONE, lanes), zero_one, 1, 0)
+            p += 4
+        for q in range(p, cells):
+            s0 = tile_outer_fma(s0, tile_load(dT, base + q * V, 0, _ONE, _ONE, lanes), zero_one, 1, 0)
+        total = tile_outer_fma(tile_outer_fma(s0, s1, zero_one, 1, 0), tile_outer_fma(s2, s3, zero_one, 1, 0),
+                               zero_one, 1, 0)
+        tile_store(lane_sums, 0, 0, total)
+        for k in range(kb * V, min(K, (kb + 1) * V)):
+            db[k] += lane_sums[k - kb * V]
 
 
 @_inlined
@@ -694,7 +741,7 @@ def _weight_gradient(packed, start, C, c0, in_h, in_w, dT, blocks, OH, OW, fh, f
 
 @_kernel
 def weight_gradient_groups(packed, dout, mask, dW, db, dx, weights_t, zeros, counter, group_bounds, image_step, C, fh,
-                           fw, in_h, in_w, c_sizes, c_repeats, tap_offsets, block_pass, lanes, dx_pass, dT, masked,
+                           fw, in_h, in_w, c_sizes, c_repeats, tap_offsets, block_pass, lanes, dx_pass, dT,
                            planes, grid):
     """One thread's share of backward-weights: image groups taken from ``counter`` until none is left.
 
@@ -705,12 +752,13 @@ def weight_gradient_groups(packed, dout, mask, dW, db, dx, weights_t, zeros, cou
     channels for each i, in order. Unless ``tap_offsets`` is None (one
     input channel: each filter tap's position in a padded plane), the tiles
     cut the filter taps instead. ``block_pass``: a token of the blocks of
-    output channels in a pass, 1 or 2 (see ``_weight_gradient``). ``mask``: empty, or a fused ReLU's output (flat):
-    each image's dout is then first copied into the thread's ``masked``
-    (1, K, OH, OW) with zeros where it is <= 0.
+    output channels in a pass, 1 or 2 (see ``_weight_gradient``). ``mask``:
+    empty, or a fused ReLU's output (flat): dout counts as zero where it is
+    <= 0. Each image's dout is transposed into the thread's ``dT``, its
+    channel sums go to db, and dW is computed from dT.
 
     Unless ``dx_pass`` is None, each image's dx follows, from the same
-    (masked) dout while it is in cache: the grid pass ``dx_pass`` (borders,
+    dout while it is in cache: the grid pass ``dx_pass`` (borders,
     filter_h and filter_w tokens, in_h, in_w, grid_tiles, k_tile and vectors
     tokens, as ``convolve_images`` takes them) with the transposed and
     flipped filters ``weights_t``, the thread's ``planes`` and ``grid``.
@@ -718,6 +766,8 @@ def weight_gradient_groups(packed, dout, mask, dW, db, dx, weights_t, zeros, cou
     _, K, OH, OW = dout.shape
     V = len(lanes)
     blocks = (K + V - 1) // V
+    zero_one = np.arange(2).astype(dout.dtype)
+    lane_sums = np.empty(V, dtype=dout.dtype)
     fp = flush_subnormals()
     g = take_next(counter)
     while g < len(group_bounds) - 1:
@@ -726,12 +776,8 @@ def weight_gradient_groups(packed, dout, mask, dW, db, dx, weights_t, zeros, cou
         dW_group[:] = 0
         db_group[:] = 0
         for n in range(group_bounds[g], group_bounds[g + 1]):
-            if mask.size:
-                image = K * OH * OW
-                _mask_image(dout.reshape(-1), mask, n * image, image, masked.reshape(-1))
-                _transpose_gradient(masked, 0, blocks, lanes, dT, db_group)
-            else:
-                _transpose_gradient(dout, n, blocks, lanes, dT, db_group)
+            _transpose_gradient(dout, mask, n, blocks, lanes, dT)
+            _channel_sums(dT, blocks, OH * OW, K, lanes, zero_one, lane_sums, db_group)
             c0 = 0  # the tile's first input channel, or with tap_offsets its first tap
             i = 0
             for c_tile in literal_unroll(c_sizes):  # tiles of different sizes are different types
@@ -746,8 +792,7 @@ def weight_gradient_groups(packed, dout, mask, dW, db, dx, weights_t, zeros, cou
                 i += 1  # noqa: SIM113  (literal_unroll loops cannot enumerate)
             if dx_pass is not None:  # pruned when compiled for a None dx_pass
                 border_h, border_w, filter_h, filter_w, dx_in_h, dx_in_w, grid_tiles, k_tile, vectors = dx_pass
-                source, m = (masked, 0) if mask.size else (dout, n)  # the masked image, or dout's
-                _grid_image(source, mask[:0], m, weights_t, zeros, dx, n, 0, planes.size, border_h, border_w,
+                _grid_image(dout, mask, n, weights_t, zeros, dx, n, 0, planes.size, border_h, border_w,
                             filter_h, filter_w, dx_in_h, dx_in_w, grid_tiles, k_tile, vectors, lanes, False, False,
                             planes, grid)
         g = take_next(counter)

@@ -139,22 +139,6 @@ def _unless_masked(value, y):
     return 0 if y <= 0 else value
 
 
-def _reassociated(function):
-    """``_kernel`` whose additions LLVM may regroup: a sum then runs in vectors of partial sums. Each call
-    still adds in the order its compiled code fixes, whichever thread makes it. Not inlined, so that the
-    calling kernel's own arithmetic keeps its order."""
-    return _kernel(function, fastmath={"reassoc"})
-
-
-@_reassociated
-def row_sum(flat, start, count):
-    """flat[start:start + count].sum() in float64, in vectors of partial sums."""
-    total = 0.0
-    for p in range(count):
-        total += flat[_ix(start + p)]
-    return total
-
-
 @_inlined
 def _inside_span(out_size, size, window, stride, pad):
     """Windows [lo, hi) along one axis that lie wholly inside ``[0, size)`` (no padding)."""

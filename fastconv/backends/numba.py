@@ -258,12 +258,9 @@ def conv_backward(dout, cache, W, relu_out=None, input_gradient=True):
     bd_kernel, bd_arguments = _pass_kernel(plan, bd, False) if input_gradient else (None, ())
     # the grid pass's geometry (up to its lanes); None: the kernel is compiled without its dx part
     dx_pass = borders + bd_arguments[:7] if fused_dx else None
-    image = plan.filters * plan.out_h * plan.out_w
     buffers = _thread_scratch(cache.scratch, "weights", threads,
-                              [plan.w_blocks * plan.out_h * plan.out_w * plan.lanes, image if mask.size else 0,
+                              [plan.w_blocks * plan.out_h * plan.out_w * plan.lanes,
                                bd.image_stride if fused_dx else 0, bd.grid_elements if fused_dx else 0], plan.dtype)
-    buffers = [[transposed, masked.reshape(-1, plan.filters, plan.out_h, plan.out_w), planes, grid]
-               for transposed, masked, planes, grid in buffers]
     _run_counted(_direct.weight_gradient_groups,
                  (packed, dout, mask, dW_groups, db_groups, dx, weights_t, zeros),
                  (bounds, fwd.image_stride, plan.channels, plan.filter_h, plan.filter_w, fwd.in_h, fwd.in_w,
