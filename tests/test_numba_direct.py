@@ -199,6 +199,28 @@ def test_tile_intrinsics_against_numpy(rows, columns, lanes, dtype, rng):
     np.testing.assert_array_equal(out[rows * width:].reshape(rows, width), splatted)
 
 
+@pytest.mark.parametrize("rows,columns,lanes", [(1, 1, 4), (3, 2, 8), (2, 1, 16)])
+def test_masked_tile_load_zeroes_where_the_mask_is_not_positive(rows, columns, lanes, dtype, rng):
+    size = 60
+    array = rng.standard_normal(size).astype(dtype)
+    mask = rng.standard_normal(size).astype(dtype)
+    mask[:12] = [0.0, -0.0, np.nan, -np.inf, np.inf, 1e-30, -1e-30, 0.0, np.nan, 2.0, -2.0, 0.0]
+    index, row_step = 1, 17
+
+    def program(array, mask, out, rows, columns, lanes):
+        direct.tile_store(out, index, row_step, direct.tile_load_masked(array, mask, index, row_step, rows, columns,
+                                                                        lanes))
+
+    compiled = program if config.DISABLE_JIT else njit(program)
+    out = np.full(size, 7.0, dtype=dtype)
+    compiled(array, mask, out, direct.token(rows), direct.token(columns), direct.token(lanes))
+    expected = np.full(size, 7.0, dtype=dtype)
+    for r in range(rows):
+        at = slice(index + r * row_step, index + r * row_step + columns * lanes)
+        expected[at] = np.where(mask[at] <= 0, 0, array[at])  # the book's mask: a NaN keeps the value
+    np.testing.assert_array_equal(out, expected)
+
+
 @pytest.mark.parametrize("rows,columns,lanes", [(1, 1, 2), (6, 4, 16), (12, 2, 8)])
 def test_gathering_fma_against_numpy(rows, columns, lanes, dtype, rng):
     width = columns * lanes
