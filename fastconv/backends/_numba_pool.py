@@ -249,6 +249,7 @@ class _Worker:
             with self.wake:
                 seen = int(self.generation[0])
                 call, i = self.work
+                self.work = (None, 0)  # held no longer than the call: its tasks reference the caller's arrays
             polled = False
             if call is not None and call.start(i):
                 call.run(i)
@@ -257,6 +258,7 @@ class _Worker:
                 if result < 0:
                     call.wake_caller()
                 polled = result > 0
+            call = None
 
 
 class Pool:
@@ -293,6 +295,9 @@ class Pool:
                 task()
             return
         try:
+            if not self._workers:  # compiled here, where a failure is raised, not in a worker thread
+                flag = np.zeros(1, dtype=np.int64)
+                finish_and_poll(flag, flag, flag, 0, 0)
             while len(self._workers) < len(tasks) - 1:
                 self._workers.append(_Worker(f"{self._name}-{len(self._workers) + 1}", self._generation))
             call = _Call(tasks[1:])
