@@ -808,8 +808,7 @@ def channel_tile_runs(channel_tiles, taps, most_rows):
         channel_tiles = ((0, taps),)
     sizes, repeats = [], []
     counts = [piece for _, count in channel_tiles
-              for piece in ([most_rows] * (count // most_rows) + [count % most_rows] * (count % most_rows > 0)
-                            if count > most_rows else [count])]
+              for piece in [most_rows] * (count // most_rows) + ([count % most_rows] if count % most_rows else [])]
     for count in counts:
         if sizes and len(sizes[-1]) == count:
             repeats[-1] += 1

@@ -304,7 +304,7 @@ class Pool:
             workers = self._workers[:len(tasks) - 1]
             for i, worker in enumerate(workers):
                 worker.assign(call, i)
-            polling = not any(worker.asleep for worker in workers)
+            polling = not any(worker.asleep for worker in workers)  # a hint, read without the workers' locks
             announce(self._generation, self._generation if counter is None else counter,
                      HAND_OFF_TICKS if counter is not None and polling else 0)
             for worker in workers:
