@@ -18,13 +18,13 @@ makes about twenty calls, each with a start and an end. So:
   for the next call, GIL released, when the calling thread sees the count.
 """
 import os
-import platform
 import threading
 
 import numpy as np
 from numba import config, types
 from numba.extending import intrinsic
 
+from fastconv.backends._numba_direct import _X86
 from fastconv.backends._numba_kernels import _kernel
 
 try:
@@ -38,8 +38,6 @@ except ImportError as exc:  # the numba backend is reported unavailable with thi
 SPIN_TICKS = 700_000
 # How long the calling thread lets the workers go first (see Pool.run).
 HAND_OFF_TICKS = 100_000
-
-_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
 
 # --------------------------------------------------------------------------- compiled waiting
