@@ -41,12 +41,13 @@ image is transposed into ``(w_blocks, out_h * out_w, lanes)`` (channels padded
 with zeros to ``w_blocks * lanes``), and for one (block of lanes output channels,
 ``c_tile`` input channels, kh, kw) a tile of ``c_tile`` accumulators, one per
 input channel, adds ``dout_vector(pixel) * x(c, pixel + tap)`` over all pixels
-of the image (the compiled kernels with 32 vector registers take two blocks of output
-channels at once where a tile has 8 or more channels, so that each x value
-loaded feeds two multiply-adds; every sum is the same). The accumulators of a
+of the image. With 32 vector registers and more than one block of output
+channels (``pair_blocks``), two blocks go through each tile at once, so that
+each x value loaded feeds two multiply-adds; their tiles then hold at most
+``PAIR_CHANNELS`` input channels (every sum is the same). The accumulators of a
 group of images live in the group's own
 ``(w_blocks, C, FH, FW, lanes)`` buffer; ``channel_tiles`` cuts C into tiles
-of the sizes the kernels are compiled for. db is summed in float64 per group
+of the sizes the kernels are compiled for, at most ``weight_tile_rows`` each. db is summed in float64 per group
 from the same pass.
 
 Threads and determinism
@@ -57,8 +58,10 @@ its arithmetic is the same. Backward splits the batch into
 ``groups = min(N, DW_GROUPS)`` fixed groups of consecutive images
 (``group_bounds``); each group sums its images in order into its own buffer,
 then the groups are added in order 0, 1, ... Results are therefore identical,
-bit for bit, for every thread count. ``threads(num_threads)`` of a pass is the
-most threads worth waking: one per task at most.
+bit for bit, for every thread count. ``forward_threads(most)``,
+``backward_threads(most)`` and ``backward_data_threads(most)`` are the threads
+worth waking for a pass (``fastconv._threads.threads_for``: one per task and
+per least work at most).
 
 Variants
 --------
@@ -69,24 +72,26 @@ Variants
 tiles compiled for that many registers; the plan picks the forward tile with the
 least padded work times ``TILE_COST``.
 
-Public names (stable): ``VARIANTS``, ``LANES``, ``REGISTERS``, ``FORWARD_TILES``,
-``TILE_COST``, ``PIXEL_TILES``, ``PIXEL_TILE_COST``, ``CHANNEL_TILES``, ``DW_GROUPS``, ``output_size``, ``direct_supported``,
-``conv_plan``, ``ConvPlan``, ``TilePass``, ``group_bounds``, ``channel_tiles``,
+Public names (stable): ``VARIANTS``, ``VECTOR_BYTES``, ``LANES``, ``REGISTERS``, ``FORWARD_TILES``,
+``TILE_COST``, ``PIXEL_TILES``, ``PIXEL_TILE_COST``, ``CHANNEL_TILES``, ``PAIR_CHANNELS``, ``DW_GROUPS``, ``output_size``, ``direct_supported``,
+``conv_plan``, ``ConvPlan``, ``BackwardBuffers``, ``TilePass``, ``group_bounds``, ``channel_tiles``,
 ``pack_forward_weights``, ``pack_backward_data_weights``.
 """
 import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from fastconv._checks import output_size  # the one output-size formula  # noqa: F401
+from fastconv._threads import threads_for
 
 VARIANTS = ("avx512", "avx2", "generic")
 
-_VECTOR_BYTES = {"avx512": 64, "avx2": 32, "generic": 16}
+VECTOR_BYTES = {"avx512": 64, "avx2": 32, "generic": 16}
 
 LANES = {variant: {np.dtype(np.float32): size // 4, np.dtype(np.float64): size // 8}
-         for variant, size in _VECTOR_BYTES.items()}
+         for variant, size in VECTOR_BYTES.items()}
 
 REGISTERS = {"avx512": 32, "avx2": 16, "generic": 16}
 
@@ -114,6 +119,10 @@ L1_WEIGHT_BYTES = 16384
 # input channels of one backward-weights tile (one accumulator each, plus the dout vector), largest first
 CHANNEL_TILES = {32: (16, 8, 4, 2, 1), 16: (8, 4, 2, 1)}
 
+# input channels of a backward-weights tile at most when two blocks of output channels share it (two
+# accumulators per channel)
+PAIR_CHANNELS = 8
+
 # dW and db are summed over this many fixed groups of images (fewer for smaller batches); it is also the
 # most threads backward can use
 DW_GROUPS = 16
@@ -129,10 +138,13 @@ def group_bounds(batch, groups):
     return [(g * batch // groups, (g + 1) * batch // groups) for g in range(groups)]
 
 
-def channel_tiles(channels, registers):
-    """(first channel, count) tiles covering ``channels``, each count one of CHANNEL_TILES[registers]."""
+def channel_tiles(channels, registers, most=None):
+    """(first channel, count) tiles covering ``channels``, each count one of CHANNEL_TILES[registers] and at
+    most ``most``."""
     tiles, first = [], 0
     for size in CHANNEL_TILES[registers]:
+        if most is not None and size > most:
+            continue
         while channels - first >= size:
             tiles.append((first, size))
             first += size
@@ -260,6 +272,15 @@ def _tile_pass(in_channels, out_channels, src_h, src_w, border_h, border_w, filt
                     lanes, k_tile, vectors, channel_lanes, min(c_chunk, in_channels))
 
 
+class BackwardBuffers(NamedTuple):
+    """Sizes in elements of the parts of a thread's backward scratch (``ConvPlan.backward_buffers``)."""
+
+    transposed: int
+    planes: int
+    grid: int
+    masked: int
+
+
 @dataclass(frozen=True)
 class ConvPlan:
     """Everything the direct kernels need for one convolution (see the module docstring).
@@ -289,6 +310,7 @@ class ConvPlan:
     backward_data: TilePass = None
     channel_tiles: tuple = ()
     groups: int = 0
+    pair_blocks: bool = False
 
     @property
     def one_channel_data(self):
@@ -322,6 +344,11 @@ class ConvPlan:
         return -(-self.filters // self.lanes)
 
     @property
+    def weight_tile_rows(self):
+        """Most input channels (or, for one input channel, filter taps) of one backward-weights tile."""
+        return PAIR_CHANNELS if self.pair_blocks else CHANNEL_TILES[self.registers][0]
+
+    @property
     def packed_input(self):
         """Elements of the batch's padded planes, kept from forward for backward."""
         return self.batch * self.forward.image_stride
@@ -333,27 +360,38 @@ class ConvPlan:
         return self.forward.grid_elements + self.forward.image_stride + self.filters * self.out_h * self.out_w
 
     @property
-    def backward_scratch(self):
-        """Elements of thread scratch for backward: transposed dout, then padded dout and the dx grid,
-        then one image's dout with a fused ReLU's mask applied; for one input channel, only the
-        bordered transposed dout (masked as it is transposed)."""
+    def backward_buffers(self):
+        """Elements of each part of a thread's scratch for backward, in order: ``transposed`` dout (for one
+        input channel, its bordered blocks, masked as it is transposed), the dx pass's padded dout
+        ``planes`` and its ``grid``, and one image's dout with a fused ReLU's mask applied (``masked``);
+        for one input channel only the first."""
         if self.one_channel_data:
-            return self.w_blocks * self.dt_block
+            return BackwardBuffers(self.w_blocks * self.dt_block, 0, 0, 0)
         bd = self.backward_data
-        transposed = self.w_blocks * self.out_h * self.out_w * self.lanes
-        masked = self.filters * self.out_h * self.out_w
-        return transposed + bd.image_stride + bd.grid_elements + masked
+        return BackwardBuffers(self.w_blocks * self.out_h * self.out_w * self.lanes, bd.image_stride,
+                               bd.grid_elements, self.filters * self.out_h * self.out_w)
+
+    @property
+    def backward_scratch(self):
+        """Elements of thread scratch for backward: the sum of ``backward_buffers``."""
+        return sum(self.backward_buffers)
 
     @property
     def dw_group_elements(self):
         """Elements of one group's dW sums, ``(w_blocks, C, FH, FW, lanes)``."""
         return self.w_blocks * self.channels * self.filter_h * self.filter_w * self.lanes
 
-    def forward_threads(self, num_threads):
-        return max(1, min(num_threads, self.batch))
+    def forward_threads(self, most=None):
+        """Threads for forward: one task per image."""
+        return threads_for(self.batch, self.batch * self.forward.grid_elements, "conv", most)
 
-    def backward_threads(self, num_threads):
-        return max(1, min(num_threads, self.groups))
+    def backward_threads(self, most=None):
+        """Threads for backward-weights (and dx where it is computed in the same pass): one task per group."""
+        return threads_for(self.groups, self.batch * self.filters * self.out_h * self.out_w, "conv", most)
+
+    def backward_data_threads(self, most=None):
+        """Threads for a backward-data pass of its own: one task per image."""
+        return threads_for(self.batch, self.batch * self.backward_data.grid_elements, "conv", most)
 
 
 def conv_plan(x_shape, w_shape, stride, pad, dtype, variant):
@@ -380,8 +418,10 @@ def _conv_plan(x_shape, w_shape, stride, pad, dtype, variant):
     forward = _tile_pass(C, K, H, W, pad, pad, FH, FW, lanes, registers, dtype.itemsize)
     backward_data = _tile_pass(K, C, out_h, out_w, FH - 1 - pad, FW - 1 - pad, FH, FW, lanes, registers,
                                dtype.itemsize)
+    pair_blocks = registers >= 32 and -(-K // lanes) > 1
     return ConvPlan(direct=True, forward=forward, backward_data=backward_data,
-                    channel_tiles=channel_tiles(C, registers), groups=min(N, DW_GROUPS), **common)
+                    channel_tiles=channel_tiles(C, registers, PAIR_CHANNELS if pair_blocks else None),
+                    groups=min(N, DW_GROUPS), pair_blocks=pair_blocks, **common)
 
 
 def _pack(weights, k_tile):

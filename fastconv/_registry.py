@@ -56,6 +56,7 @@ def _load(name):
         return None
     try:
         module = importlib.import_module(_MODULES[name])
+        _check_interface(module)
     except Exception as exc:  # any import error makes the backend unavailable, with its reason
         _failed[name] = f"{type(exc).__name__}: {exc}"
         problem = _build_check.diagnosis() if isinstance(exc, ImportError) else None
@@ -64,6 +65,15 @@ def _load(name):
         return None
     _loaded[name] = module
     return module
+
+
+def _check_interface(module):
+    """TypeError unless ``module`` has every function of the kernel interface (``fastconv.kernels.INTERFACE``)."""
+    from fastconv.kernels import INTERFACE  # the interface module imports this one
+
+    missing = [f for f in INTERFACE if not callable(getattr(module, f, None))]
+    if missing:
+        raise TypeError(f"{module.__name__} does not implement the kernel interface: it lacks {', '.join(missing)}")
 
 
 def _unknown(name):

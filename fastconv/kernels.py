@@ -72,6 +72,11 @@ import numpy as np
 from fastconv import _checks
 from fastconv._registry import backend_module, get_backend
 
+# The functions every backend module implements (listed with their arguments above); a module that lacks
+# one is not registered as a backend (``fastconv._registry``).
+INTERFACE = ("im2col", "col2im", "conv_forward", "conv_backward", "conv_relu_pool_forward", "maxpool_forward",
+             "maxpool_backward", "relu_forward", "relu_backward", "affine_forward", "affine_backward")
+
 
 class ForwardCache:
     """A backend's forward state, with what backward checks about that forward.
