@@ -737,3 +737,33 @@ def test_layers_and_book_modules_import_without_the_app_dependencies():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr
     assert 'pip install "fastconv[app]"' in result.stderr
+
+
+def test_the_app_modules_import_one_another_without_a_cycle():
+    # every import between fastconv/app modules, at module level or inside functions
+    import ast
+
+    folder = Path(training.__file__).parent
+    modules = {path.stem: path for path in folder.glob("*.py") if path.stem != "__init__"}
+    imports = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+        imports[name] = {full.rsplit(".", 1)[1] for full in found
+                         if full.startswith("fastconv.app.") and full.count(".") == 2} & set(modules) - {name}
+
+    def reachable(start):
+        seen, todo = set(), list(imports[start])
+        while todo:
+            name = todo.pop()
+            if name not in seen:
+                seen.add(name)
+                todo += imports[name]
+        return seen
+
+    assert "exits" in imports["cli"] and "sweep" in imports["cli"]
+    assert [name for name in sorted(modules) if name in reachable(name)] == []

@@ -1,25 +1,14 @@
-"""The ``fastconv`` command line.
+"""The ``fastconv`` command line: ``fastconv info``, ``fastconv train`` and ``fastconv sweep``.
 
-Exit codes of ``fastconv train``:
-
-- 0 success
-- 1 unexpected failure (or the app's dependencies, or with --dask the dask extra, are not
-  installed)
-- 2 bad arguments (a --dask scheduler that does not answer too), or an output folder that does not fit them (it holds
-  another run, cannot be written, has a damaged checkpoint, or the run
-  recorded other MNIST files than those found)
-- 3 MNIST missing (and not downloadable) or unreadable
-- 4 the training diverged (the loss became NaN or infinite)
-- 130 interrupted by Ctrl-C (a checkpoint is saved; continue with --resume)
+Their exit codes are those of ``fastconv.app.exits``.
 """
 import argparse
 import contextlib
-import shlex
 import sys
 import time
 from pathlib import Path
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_NO_DATA, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+from fastconv.app.exits import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, exit_code, resume_command
 
 # TrainConfig settings that have a command-line option; None means "not given".
 _TRAIN_SETTINGS = ("recipe", "epochs", "batch_size", "optimizer", "lr", "lr_schedule", "lr_min", "augment",
@@ -69,36 +58,51 @@ def _add_train_parser(commands):
     add_parallel_arguments(train)
 
 
-def build_parser():
-    from fastconv.app.sweep import add_sweep_parser
+def _add_sweep_parser(commands):
+    from fastconv.app.parallel import add_parallel_arguments
+    from fastconv.app.sweep import GRID_SETTINGS
+    from fastconv.app.training import RECIPES
 
+    sweep = commands.add_parser(
+        "sweep", help="train every combination of several settings (a grid) as independent runs",
+        description="Train one model for every combination of the values given (e.g. --lr 0.001 0.0005 "
+                    "--seed 0 1 2: six runs), in parallel, one folder per run in --out, and print a table "
+                    "of the results, best first (also in --out/summary.json).")
+    sweep.add_argument("--recipe", choices=sorted(RECIPES), help="base settings of every run (default book)")
+    for name, (kind, text) in GRID_SETTINGS.items():
+        sweep.add_argument(f"--{name.replace('_', '-')}", type=kind, nargs="+", metavar="V", help=text)
+    sweep.add_argument("--augment", action=argparse.BooleanOptionalAction, help="augmentation in every run")
+    for name in ("limit_train", "limit_test", "eval_train_size"):
+        sweep.add_argument(f"--{name.replace('_', '-')}", type=int, metavar="N", help="as for fastconv train")
+    sweep.add_argument("--backend", help="kernel backend (default: the fastest available)")
+    sweep.add_argument("--data-dir", help="folder with the four MNIST .gz files")
+    sweep.add_argument("--no-download", action="store_true", help="fail instead of downloading MNIST")
+    sweep.add_argument("--out", required=True, help="the sweep's folder")
+    sweep.add_argument("--resume", action="store_true", help="continue the sweep in --out with its own grid")
+    sweep.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_parallel_arguments(sweep)
+
+
+def build_parser():
     parser = argparse.ArgumentParser(prog="fastconv", description="Fast convolution layers for NumPy deep learning.")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, backends, SIMD variant and threads on this machine")
     _add_train_parser(commands)
-    add_sweep_parser(commands)
+    _add_sweep_parser(commands)
     return parser
 
 
-def _error(message):
-    print(f"fastconv train: error: {message}", file=sys.stderr)
+def _error(command, message):
+    print(f"fastconv {command}: error: {message}", file=sys.stderr)
 
 
-def _resume_command(args, out):
-    """The command that continues this run, with the options that say where and how it ran."""
-    words = ["fastconv", "train", "--resume", "--out", str(out)]
-    if args.data_dir:
-        words += ["--data-dir", args.data_dir]
-    if args.no_download:
-        words.append("--no-download")
-    if args.backend:
-        words += ["--backend", args.backend]
-    if args.quiet:
-        words.append("--quiet")
-    for option in ("jobs", "dask"):
-        if getattr(args, option, None) is not None:
-            words += [f"--{option}", str(getattr(args, option))]
-    return " ".join(shlex.quote(word) for word in words)
+def _failed(command, error, *, starting=False, message=None):
+    """Say ``error`` (or ``message``) and return its exit code; raise it again if it has none."""
+    code = exit_code(error, starting=starting)
+    if code is None:
+        raise error
+    _error(command, error if message is None else message)
+    return code
 
 
 def _missing_app_dependencies():
@@ -115,18 +119,17 @@ def _missing_app_dependencies():
     return missing
 
 
-def _train(args):
+def train_command(args):
+    """Run ``fastconv train``; return its exit code."""
     missing = _missing_app_dependencies()
     if missing:
-        _error(f"training needs {' and '.join(missing)}: pip install \"fastconv[app]\"")
+        _error("train", f"training needs {' and '.join(missing)}: pip install \"fastconv[app]\"")
         return EXIT_FAILURE
     import fastconv
     from fastconv.app import runs
     from fastconv.app.checkpoint import CheckpointError
-    from fastconv.app.executors import DaskMissing
     from fastconv.app.parallel import parallel_training
-    from fastconv.app.training import TrainConfig, TrainingDiverged
-    from fastconv.datasets import MNISTFormatError, MNISTNotFoundError
+    from fastconv.app.training import TrainConfig
 
     given = {name: getattr(args, name) for name in _TRAIN_SETTINGS if getattr(args, name) is not None}
     out = args.out or time.strftime("runs/train-%Y%m%d-%H%M%S")
@@ -146,40 +149,16 @@ def _train(args):
             status = fastconv.backend_status().get(args.backend.strip().lower(), "unknown backend")
             raise runs.RunError(f"backend {args.backend!r} cannot be used ({status}); "
                                 f"available: {', '.join(fastconv.available_backends())}")
-    except (ValueError, runs.RunError) as exc:
-        _error(exc)
-        return EXIT_USAGE
+        parallel = parallel_training((config or saved).ensemble, jobs=args.jobs, dask=args.dask,
+                                     download=not args.no_download, progress=not args.quiet)
+    except Exception as exc:
+        return _failed("train", exc, starting=True)
 
     backend = fastconv.use_backend(args.backend) if args.backend else contextlib.nullcontext()
-    try:
-        models = (config or saved).ensemble
-        parallel = parallel_training(models, jobs=args.jobs, dask=args.dask, download=not args.no_download,
-                                     progress=not args.quiet)
-    except ValueError as exc:
-        _error(exc)
-        return EXIT_USAGE
-    except DaskMissing as exc:
-        _error(exc)
-        return EXIT_FAILURE
-    except OSError as exc:
-        _error(exc)
-        return EXIT_USAGE
     try:
         with backend, (parallel or contextlib.nullcontext()):
             runs.run(config, out, resume=args.resume, overwrite=args.overwrite, data_dir=args.data_dir,
                      download=not args.no_download, progress=not args.quiet, parallel=parallel)
-    except runs.RunError as exc:
-        _error(exc)
-        return EXIT_USAGE
-    except CheckpointError as exc:
-        _error(f"{exc}; move it away to start that model over with --resume")
-        return EXIT_USAGE
-    except (MNISTNotFoundError, MNISTFormatError) as exc:
-        _error(exc)
-        return EXIT_NO_DATA
-    except TrainingDiverged as exc:
-        _error(exc)
-        return EXIT_DIVERGED
     except KeyboardInterrupt:
         saved = runs.checkpoints(out)
         if not (Path(out) / runs.CONFIG).is_file():
@@ -187,8 +166,48 @@ def _train(args):
         else:
             where = (f"a checkpoint is saved in {saved[0].parent}" if saved
                      else "no checkpoint was written yet, so it starts over")
-            print(f"\ninterrupted: {where}; continue with\n  {_resume_command(args, out)}", file=sys.stderr)
+            print(f"\ninterrupted: {where}; continue with\n  {resume_command('train', out, args)}",
+                  file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as exc:
+        damaged = isinstance(exc, CheckpointError)
+        return _failed("train", exc, message=f"{exc}; move it away to start that model over with --resume"
+                       if damaged else None)
+    return EXIT_OK
+
+
+def sweep_command(args):
+    """Run ``fastconv sweep``; return its exit code (those of ``fastconv train``)."""
+    import fastconv
+    from fastconv.app import runs, sweep
+    from fastconv.app.parallel import parallel_training
+
+    grid = {name: getattr(args, name) for name in sweep.GRID_SETTINGS if getattr(args, name) is not None}
+    shared = {name: getattr(args, name) for name in sweep.SHARED_SETTINGS if getattr(args, name) is not None}
+    try:
+        if args.resume and (grid or shared):
+            raise runs.RunError("a resumed sweep keeps its grid and settings; give only --out and where to run")
+        # every combination is checked before anything starts
+        count = len(sweep.grid_runs(*(sweep.saved_sweep(args.out) if args.resume else (shared, grid))))
+        if args.backend:
+            with fastconv.use_backend(args.backend):  # an unknown name is a ValueError
+                pass
+        parallel = parallel_training(count, jobs=args.jobs, dask=args.dask, download=not args.no_download,
+                                     progress=not args.quiet, here_for_one=False)
+    except Exception as exc:
+        return _failed("sweep", exc, starting=True)
+
+    backend = fastconv.use_backend(args.backend) if args.backend else contextlib.nullcontext()
+    try:
+        with backend, parallel:
+            sweep.run_sweep(shared, grid, args.out, parallel, resume=args.resume, data_dir=args.data_dir,
+                            download=not args.no_download)
+    except KeyboardInterrupt:
+        print("\ninterrupted: each unfinished run keeps its checkpoint; continue with\n  "
+              + resume_command("sweep", args.out, args), file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        return _failed("sweep", exc)
     return EXIT_OK
 
 
@@ -202,10 +221,8 @@ def main(argv=None):
         from fastconv.info import main as info_main
         return info_main()
     if args.command == "train":
-        return _train(args)
+        return train_command(args)
     if args.command == "sweep":
-        from fastconv.app.sweep import sweep_command
-
         return sweep_command(args)
     parser.error(f"unknown command {args.command!r}")
     return EXIT_USAGE

@@ -36,7 +36,8 @@ from fastconv.app.training import LOSS_NOTE, TrainConfig, Training, describe, pr
 from fastconv.datasets import find_mnist, load_mnist, locate_mnist, mnist_file_paths
 from fastconv.models import DeepConvNet
 
-__all__ = ["run", "load_data", "saved_config", "checkpoints", "RunError", "CHECKPOINT", "DATA"]
+__all__ = ["run", "load_data", "saved_config", "checkpoints", "finished_history", "member_outcome", "write_member",
+           "write_json", "RunError", "CONFIG", "CHECKPOINT", "DATA"]
 
 CONFIG = "config.json"
 DATA = "data.json"
@@ -102,7 +103,8 @@ def _member_dirs(out, config):
     return [out / f"member-{k + 1}" for k in range(config.ensemble)]
 
 
-def _write_json(path, document):
+def write_json(path, document):
+    """Write ``document`` to ``path`` as indented JSON, atomically."""
     write_atomically(path, lambda f: f.write(json.dumps(document, indent=1).encode()))
 
 
@@ -209,8 +211,8 @@ def _start(out, config, source, overwrite):
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise RunError(f"--out {out}: cannot create the folder ({exc})") from None
-    _write_json(out / CONFIG, config.to_dict())
-    _write_json(out / DATA, source)
+    write_json(out / CONFIG, config.to_dict())
+    write_json(out / DATA, source)
     return created
 
 
@@ -245,7 +247,11 @@ def _same_training(history, config, seed):
             == {k: v for k, v in config.to_dict().items() if k not in ignore})
 
 
-def _completed(folder, config, seed):
+def finished_history(folder, config, seed):
+    """The history of the finished model in ``folder``, or None if there is none (or it is unfinished).
+
+    Raises ``RunError`` when the model there was trained with other settings or another seed.
+    """
     if not (folder / HISTORY).is_file() or not (folder / PARAMS).is_file():
         return None
     history = _read_json(folder / HISTORY)
@@ -294,7 +300,7 @@ def write_member(folder, config, seed, data, params, history):
     write_atomically(folder / PARAMS, lambda f: np.savez(f, **params))
     title = _title(config, seed, x_train.shape[0], history["test_acc"], x_test.shape[0])
     write_atomically(folder / CURVES, lambda f: plot_learning_curves(history, f, title=title))
-    _write_json(folder / HISTORY, history)
+    write_json(folder / HISTORY, history)
     (folder / CHECKPOINT).unlink(missing_ok=True)
 
 
@@ -325,7 +331,7 @@ def run(config, out, *, resume=False, overwrite=False, data_dir=None, download=T
         for folder in _member_dirs(out, config):
             remove_temporaries(folder)
         if recorded is None:  # a folder assembled by hand, or written before data sources were recorded
-            _write_json(out / DATA, source)
+            write_json(out / DATA, source)
         created = None
     else:
         created = _start(out, config, source, overwrite)
@@ -351,7 +357,7 @@ def _run(out, config, data, source, resume, progress, log, on_step, started, par
     members, waiting = [], []
     for k, folder in enumerate(_member_dirs(out, config)):
         seed = config.seed + k
-        done = _completed(folder, config, seed) if resume else None
+        done = finished_history(folder, config, seed) if resume else None
         if config.ensemble > 1:
             log(f"member {k + 1}/{config.ensemble} (seed {seed})" + (": already trained" if done else ""))
         if done:
@@ -383,14 +389,14 @@ def _run(out, config, data, source, resume, progress, log, on_step, started, par
                    "members": [{"seed": config.seed + k, "folder": str(folder), "test_acc": acc}
                                for k, (folder, acc) in enumerate(zip(_member_dirs(out, config), member_accs))],
                    "test_acc": test_acc, "wall_time_s": wall, "files": [str(f) for f in files]}
-        _write_json(out / HISTORY, summary)
+        write_json(out / HISTORY, summary)
         for k, acc in enumerate(member_accs):
             log(f"member {k + 1} (seed {config.seed + k}) test accuracy: {100 * acc:.2f} %")
         log(f"ensemble of {config.ensemble} (mean of softmax outputs) test accuracy: "
             f"{100 * test_acc:.2f} % on {t_test.size} test images")
     else:
         summary = dict(members[0][1], config=config.to_dict(), wall_time_s=wall, files=[str(f) for f in files])
-        _write_json(out / HISTORY, summary)
+        write_json(out / HISTORY, summary)
         log(f"test accuracy: {100 * test_acc:.2f} % on {t_test.size} test images")
     log(f"wall time: {wall:.1f} s")
     log("files written:\n" + "\n".join(f"  {f}" for f in files))

@@ -15,16 +15,13 @@ and every combination is trained, on the same executors as ensemble members
 ``--resume`` continues an interrupted sweep: finished runs are kept, the
 others continue from their checkpoints.
 """
-import argparse
 import itertools
 import json
-import shlex
 import statistics
-import sys
 from pathlib import Path
 
-__all__ = ["GRID_SETTINGS", "expand_grid", "setting_name", "run_sweep", "summarize", "format_table",
-           "add_sweep_parser", "sweep_command"]
+__all__ = ["GRID_SETTINGS", "SHARED_SETTINGS", "expand_grid", "setting_name", "grid_runs", "saved_sweep",
+           "run_sweep", "summarize", "format_table"]
 
 # TrainConfig settings a sweep can vary: (type, help)
 GRID_SETTINGS = {
@@ -38,7 +35,7 @@ GRID_SETTINGS = {
     "seed": (int, "seeds (one run per seed: their spread is the noise of a setting)"),
 }
 # Settings shared by all runs of a sweep.
-_SHARED_SETTINGS = ("recipe", "augment", "limit_train", "limit_test", "eval_train_size")
+SHARED_SETTINGS = ("recipe", "augment", "limit_train", "limit_test", "eval_train_size")
 SWEEP, SUMMARY = "sweep.json", "summary.json"
 
 
@@ -64,7 +61,11 @@ def _varied(grid):
     return {name: values for name, values in grid.items() if len(values) > 1}
 
 
-def _configs(shared, grid):
+def grid_runs(shared, grid):
+    """The runs of a sweep, as ``[(name, setting, TrainConfig)]``: one per combination of the values that vary.
+
+    Raises ``ValueError`` for a grid or settings that make no sense.
+    """
     from fastconv.app.training import TrainConfig
 
     varied = _varied(grid)
@@ -115,7 +116,7 @@ def _row(name, setting, history):
             "training_seconds": history["training_seconds"], "test_images": history["test_images"]}
 
 
-def _saved_sweep(out):
+def saved_sweep(out):
     """The shared settings and the grid of the sweep in ``out``."""
     from fastconv.app.runs import RunError
 
@@ -137,7 +138,7 @@ def run_sweep(shared, grid, out, parallel, *, resume=False, data_dir=None, downl
 
     out = Path(out)
     if resume:
-        shared, grid = _saved_sweep(out)
+        shared, grid = saved_sweep(out)
         try:
             recorded = json.loads((out / runs.DATA).read_text())
         except (OSError, ValueError) as exc:
@@ -147,120 +148,33 @@ def run_sweep(shared, grid, out, parallel, *, resume=False, data_dir=None, downl
             raise runs.RunError(f"{out} is not an empty folder; choose another --out, or continue the sweep "
                                 "there with --resume")
         recorded = None
-    models = _configs(shared, grid)
+    models = grid_runs(shared, grid)
     data, source = runs.load_data(models[0][2], data_dir, download, recorded)
     if not resume:
         out.mkdir(parents=True, exist_ok=True)
-        runs._write_json(out / SWEEP, {"shared": shared, "grid": grid})
-        runs._write_json(out / runs.DATA, source)
+        runs.write_json(out / SWEEP, {"shared": shared, "grid": grid})
+        runs.write_json(out / runs.DATA, source)
     log(f"sweep of {len(models)} runs ({' x '.join(f'{len(v)} {k}' for k, v in _varied(grid).items()) or 'one'}) "
         f"on {data[0][0].shape[0]} images; {parallel.description}")
 
     histories, waiting = {}, []
     for name, setting, config in models:
         folder = out / name
-        done = runs._completed(folder, config, config.seed) if folder.is_dir() else None
+        done = runs.finished_history(folder, config, config.seed) if folder.is_dir() else None
         if done:
             histories[name] = done
             log(f"{name}: already trained")
             continue
         if not (folder / runs.CONFIG).is_file():
             folder.mkdir(exist_ok=True)
-            runs._write_json(folder / runs.CONFIG, config.to_dict())
-            runs._write_json(folder / runs.DATA, source)
+            runs.write_json(folder / runs.CONFIG, config.to_dict())
+            runs.write_json(folder / runs.DATA, source)
         waiting.append((name, folder, config, config.seed, folder))
     for (name, *_), (_, history, _) in zip(waiting, parallel.train_models(source, data, waiting, log)):
         histories[name] = history
 
     document = summarize([_row(name, setting, histories[name]) for name, setting, _ in models], grid)
-    runs._write_json(out / SUMMARY, document)
+    runs.write_json(out / SUMMARY, document)
     log(format_table(document))
     log(f"summary: {out / SUMMARY}")
     return document
-
-
-# -- the command line ---------------------------------------------------------------------------------
-
-
-def add_sweep_parser(commands):
-    from fastconv.app.parallel import add_parallel_arguments
-    from fastconv.app.training import RECIPES
-
-    sweep = commands.add_parser(
-        "sweep", help="train every combination of several settings (a grid) as independent runs",
-        description="Train one model for every combination of the values given (e.g. --lr 0.001 0.0005 "
-                    "--seed 0 1 2: six runs), in parallel, one folder per run in --out, and print a table "
-                    "of the results, best first (also in --out/summary.json).")
-    sweep.add_argument("--recipe", choices=sorted(RECIPES), help="base settings of every run (default book)")
-    for name, (kind, text) in GRID_SETTINGS.items():
-        sweep.add_argument(f"--{name.replace('_', '-')}", type=kind, nargs="+", metavar="V", help=text)
-    sweep.add_argument("--augment", action=argparse.BooleanOptionalAction, help="augmentation in every run")
-    for name in ("limit_train", "limit_test", "eval_train_size"):
-        sweep.add_argument(f"--{name.replace('_', '-')}", type=int, metavar="N", help="as for fastconv train")
-    sweep.add_argument("--backend", help="kernel backend (default: the fastest available)")
-    sweep.add_argument("--data-dir", help="folder with the four MNIST .gz files")
-    sweep.add_argument("--no-download", action="store_true", help="fail instead of downloading MNIST")
-    sweep.add_argument("--out", required=True, help="the sweep's folder")
-    sweep.add_argument("--resume", action="store_true", help="continue the sweep in --out with its own grid")
-    sweep.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_parallel_arguments(sweep)
-
-
-def _error(message):
-    print(f"fastconv sweep: error: {message}", file=sys.stderr)
-
-
-def sweep_command(args):
-    """Run ``fastconv sweep``; return its exit code (those of ``fastconv train``)."""
-    import contextlib
-
-    import fastconv
-    from fastconv.app import cli, runs
-    from fastconv.app.checkpoint import CheckpointError
-    from fastconv.app.executors import DaskMissing
-    from fastconv.app.parallel import parallel_training
-    from fastconv.app.training import TrainingDiverged
-    from fastconv.datasets import MNISTFormatError, MNISTNotFoundError
-
-    grid = {name: getattr(args, name) for name in GRID_SETTINGS if getattr(args, name) is not None}
-    shared = {name: getattr(args, name) for name in _SHARED_SETTINGS if getattr(args, name) is not None}
-    try:
-        if args.resume and (grid or shared):
-            raise runs.RunError("a resumed sweep keeps its grid and settings; give only --out and where to run")
-        # every combination is checked before anything starts
-        count = len(_configs(*(_saved_sweep(args.out) if args.resume else (shared, grid))))
-        parallel = parallel_training(count, jobs=args.jobs, dask=args.dask, download=not args.no_download,
-                                     progress=not args.quiet, here_for_one=False)
-    except DaskMissing as exc:
-        _error(exc)
-        return cli.EXIT_FAILURE
-    except (ValueError, runs.RunError, OSError) as exc:
-        _error(exc)
-        return cli.EXIT_USAGE
-    backend = fastconv.use_backend(args.backend) if args.backend else contextlib.nullcontext()
-    try:
-        with backend, parallel:
-            run_sweep(shared, grid, args.out, parallel, resume=args.resume, data_dir=args.data_dir,
-                      download=not args.no_download)
-    except (runs.RunError, CheckpointError) as exc:
-        _error(exc)
-        return cli.EXIT_USAGE
-    except (MNISTNotFoundError, MNISTFormatError) as exc:
-        _error(exc)
-        return cli.EXIT_NO_DATA
-    except TrainingDiverged as exc:
-        _error(exc)
-        return cli.EXIT_DIVERGED
-    except ValueError as exc:  # an unknown --backend
-        _error(exc)
-        return cli.EXIT_USAGE
-    except KeyboardInterrupt:
-        words = ["fastconv", "sweep", "--resume", "--out", args.out]
-        for option in ("data_dir", "backend", "jobs", "dask"):
-            if getattr(args, option) is not None:
-                words += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
-        words += ["--no-download"] * args.no_download + ["--quiet"] * args.quiet
-        print("\ninterrupted: each unfinished run keeps its checkpoint; continue with\n  "
-              + " ".join(shlex.quote(word) for word in words), file=sys.stderr)
-        return cli.EXIT_INTERRUPTED
-    return cli.EXIT_OK
