@@ -4,6 +4,7 @@ import pickle
 
 import numpy as np
 
+from fastconv import _safe_pickle
 from fastconv.layers import (
     Affine,
     Convolution,
@@ -160,12 +161,19 @@ class DeepConvNet:
             with open(file_name, "wb") as f:
                 pickle.dump(params, f)
 
-    def load_params(self, file_name="params.pkl"):
+    def load_params(self, file_name="params.pkl", trusted=False):
         """Load parameters saved by ``save_params`` or by the book's code.
 
-        A ``.npz`` file is read without pickle. A ``.pkl`` file is unpickled,
-        which can run arbitrary code: load pickles only from sources you
-        trust. Other names are refused. Nothing changes unless every
+        A ``.npz`` file is read without pickle. A ``.pkl`` file is unpickled
+        by ``fastconv._safe_pickle``, which rebuilds NumPy arrays of real
+        numbers in dicts, lists and tuples and nothing else: a pickle that
+        names any other function or class (``os.system``, say), or holds an
+        array of objects, is refused with ``RefusedPickle`` (a
+        ``pickle.UnpicklingError``) naming it, before anything it names is
+        called. ``trusted=True`` unpickles a ``.pkl`` with plain
+        ``pickle.load`` instead, which runs whatever the file asks for: for
+        files you made yourself or otherwise trust that hold objects other
+        than arrays. Other names are refused. Nothing changes unless every
         parameter is valid (see ``set_params``).
         """
         if _file_format(file_name) == "npz":
@@ -173,7 +181,7 @@ class DeepConvNet:
                 params = {key: data[key] for key in data.files}
         else:
             with open(file_name, "rb") as f:
-                params = pickle.load(f)
+                params = pickle.load(f) if trusted else _safe_pickle.load(f)
         self.set_params(params)
 
     def set_params(self, params):
