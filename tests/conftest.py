@@ -1,4 +1,5 @@
 """Shared fixtures: every kernel and layer test runs on every available backend."""
+import contextlib
 import os
 from pathlib import Path
 
@@ -10,6 +11,8 @@ from fastconv import _build_check, _plan
 from fastconv._checks import output_size
 
 BACKENDS = fastconv.available_backends()
+# the backends whose kernels are tested against the reference (never the reference itself)
+FAST_BACKENDS = [name for name in BACKENDS if name != "reference"]
 MNIST_DIR = Path(os.environ.get("FASTCONV_TEST_MNIST", Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mnist"))
 
 
@@ -29,6 +32,13 @@ def pytest_report_header(config):
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     """Run the test with each available backend active; yields its name."""
+    with fastconv.use_backend(request.param):
+        yield request.param
+
+
+@pytest.fixture(params=FAST_BACKENDS)
+def fast_backend(request):
+    """Run the test with each fast backend active (never the reference, which it is compared with)."""
     with fastconv.use_backend(request.param):
         yield request.param
 
@@ -57,19 +67,24 @@ def tile_kind(request, monkeypatch):
     _plan._conv_plan.cache_clear()
 
 
-def tolerance(dtype):
-    """(rtol, atol) for comparing a backend with the reference in ``dtype``."""
-    return (1e-12, 1e-12) if np.dtype(dtype) == np.float64 else (1e-5, 1e-5)
+def tolerance(dtype, sums=False):
+    """The relative error allowed between a fast backend's result in ``dtype`` and the reference's (run in
+    float64 or in ``dtype``): 1e-12 in float64; in float32 1e-5, or 1e-4 for ``sums`` over a whole batch
+    (a convolution's dW and db)."""
+    if np.dtype(dtype) == np.float64:
+        return 1e-12
+    return 1e-4 if sums else 1e-5
 
 
-def assert_close_to_reference(actual, expected, dtype=None):
-    """Relative max-norm check: max|a - e| <= rtol * max(1, max|e|)."""
+def assert_close_to_reference(actual, expected, dtype=None, sums=False):
+    """Relative max-norm check: max|a - e| <= tolerance(dtype, sums) * max(1, max|e|); ``actual`` has
+    ``dtype`` (default: the expected array's) and the expected shape."""
     actual = np.asarray(actual)
     expected = np.asarray(expected)
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    dtype = dtype or expected.dtype
+    dtype = np.dtype(dtype or expected.dtype)
     assert actual.dtype == dtype, (actual.dtype, dtype)
-    rtol, _ = tolerance(dtype)
+    rtol = tolerance(dtype, sums)
     scale = max(1.0, float(np.max(np.abs(expected))) if expected.size else 1.0)
     err = float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64)))) if expected.size else 0.0
     assert err <= rtol * scale, f"max abs error {err:.3g} > {rtol:g} * {scale:.3g}"
@@ -102,6 +117,26 @@ def assert_subnormals_count_as_zero(dtype, run):
         np.testing.assert_array_equal(got, want)
     one, four = np.ones(1, dtype=dtype), np.full(1, 4, dtype=dtype)
     assert (x[1, 0, 0] * one)[0] > 0 and (np.array([tiny], dtype=dtype) / four)[0] > 0
+
+
+def geometry_id(geometry):
+    """A test id for a convolution geometry (N, C, K, H, W, FH, FW, stride, pad)."""
+    return "N{}C{}K{}_{}x{}_f{}x{}_s{}p{}".format(*geometry)
+
+
+def host_variant(name):
+    """The instruction-set variant backend ``name`` runs on this CPU."""
+    return fastconv.backend_module(name).simd_variant()
+
+
+@contextlib.contextmanager
+def forced_variant(name, variant):
+    """Backend ``name`` active, its direct kernels forced to ``variant`` (skips where this CPU lacks it)."""
+    module = fastconv.backend_module(name)
+    if variant not in module.available_variants():
+        pytest.skip(f"this CPU does not run the {name} backend's {variant} kernels")
+    with fastconv.use_backend(name), module._force_variant(variant):
+        yield module
 
 
 def conv_problem(rng, geometry, dtype):

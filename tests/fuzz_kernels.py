@@ -12,8 +12,8 @@ another backend or taken over by a later forward, bad shapes, dtypes,
 strides, read-only gradients) must raise the documented TypeError or
 ValueError. Calls run in child processes, a batch at a time, on 1, 2 or 3
 threads in turn (``FASTCONV_NUM_THREADS``), each child reporting after every call: a child that dies is a crash of the call it was
-running, and a new child continues after it. Not collected by pytest (the
-file name does not start with ``test_``).
+running, and a new child continues after it. ``tests/test_fuzz.py`` runs it
+on each fast backend in the slow test set.
 
 Prints counts per kind of call and the totals; exits 1 on any mismatch,
 wrong error or crash.

@@ -99,8 +99,7 @@ def test_register_backend_adds_a_backend_without_touching_layers(monkeypatch):
     reference = _registry.backend_module("reference")
     calls = []
     module = types.ModuleType("fastconv_test_counting_backend")
-    for name in ("im2col", "col2im", "conv_forward", "conv_backward", "maxpool_forward",
-                 "maxpool_backward", "relu_forward", "relu_backward", "affine_forward", "affine_backward"):
+    for name in kernels.INTERFACE:
         def counted(*args, _name=name):
             calls.append(_name)
             return getattr(reference, _name)(*args)
@@ -116,6 +115,21 @@ def test_register_backend_adds_a_backend_without_touching_layers(monkeypatch):
     assert out.shape == (1, 1, 2, 2)
     assert calls == ["conv_forward", "relu_forward", "maxpool_forward"]
     _registry._loaded.pop("counting", None)
+
+
+def test_a_module_lacking_an_interface_function_is_not_a_backend(monkeypatch):
+    module = types.ModuleType("fastconv_test_incomplete_backend")
+    for name in kernels.INTERFACE[1:]:
+        setattr(module, name, lambda *args: None)
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setattr(_registry, "_MODULES", dict(_registry._MODULES))
+    monkeypatch.setattr(_registry, "_PREFERENCE", list(_registry._PREFERENCE))
+    fastconv.register_backend("incomplete", module.__name__)
+    assert "incomplete" not in fastconv.available_backends()
+    assert f"lacks {kernels.INTERFACE[0]}" in fastconv.backend_status()["incomplete"]
+    with pytest.raises(RuntimeError, match="does not implement the kernel interface"):
+        fastconv.set_backend("incomplete")
+    _registry._failed.pop("incomplete", None)
 
 
 def test_environment_variable_selects_the_backend():
@@ -159,7 +173,7 @@ def test_num_threads_from_environment():
 
 
 @pytest.mark.parametrize("batch, features, outputs", [(100, 50, 10), (100, 1024, 50)])
-def test_affine_of_small_and_large_products_matches_reference(batch, features, outputs, backend, dtype, rng,
+def test_affine_of_small_and_large_products_matches_reference(batch, features, outputs, fast_backend, dtype, rng,
                                                               monkeypatch):
     """Small products skip the one-thread BLAS limit of the fast backends, large ones hold it."""
     from fastconv.backends import _blas, reference
@@ -180,8 +194,7 @@ def test_affine_of_small_and_large_products_matches_reference(batch, features, o
     for got, expected in zip(kernels.affine_backward(dout, x, W), reference.affine_backward(dout, x, W)):
         assert_close_to_reference(got, expected)
     large = batch * features * outputs >= _blas.ONE_THREAD_PRODUCT
-    if backend != "reference":
-        assert entered == ([True] * 2 if large else [])
+    assert entered == ([True] * 2 if large else [])
 
 
 REQUIRED_ENV_VAR = "FASTCONV_REQUIRE_BACKENDS"

@@ -128,6 +128,7 @@ def test_a_failing_implementation_is_reported_and_the_others_measured():
 
 # --- the report ------------------------------------------------------------------
 
+@pytest.mark.slow  # every backend's workers, numba's compiling its kernels
 def test_smoke_report(tmp_path, capsys):
     path = tmp_path / "report.json"
     md = tmp_path / "report.md"

@@ -63,7 +63,7 @@ def test_seeded_runs_are_reproducible(backend):
     assert first == second
 
 
-def test_backends_agree_with_the_reference(backend, dtype):
+def test_backends_agree_with_the_reference(fast_backend, dtype):
     net, losses = train_losses(steps=3, seed=5, dtype=dtype)
     with fastconv.use_backend("reference"):
         ref_net, ref_losses = train_losses(steps=3, seed=5, dtype=dtype)

@@ -23,9 +23,8 @@ from hypothesis import strategies as st
 
 import fastconv
 from fastconv import kernels
-from conftest import assert_close_to_reference
+from conftest import FAST_BACKENDS, assert_close_to_reference
 
-FAST_BACKENDS = [name for name in fastconv.available_backends() if name != "reference"]
 
 PROPERTY_SETTINGS = settings(
     max_examples=40,
@@ -94,8 +93,10 @@ def on_reference(fn, *args):
         return fn(*args)
 
 
-@pytest.fixture(params=FAST_BACKENDS)
+@pytest.fixture(params=[pytest.param(name, marks=[pytest.mark.slow] if name == "numba" else []) for name in FAST_BACKENDS])
 def fast_backend(request):
+    """Each fast backend; numba's in the slow set, since it compiles its kernels anew for most geometries
+    hypothesis draws."""
     with fastconv.use_backend(request.param):
         yield request.param
 
