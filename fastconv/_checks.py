@@ -64,6 +64,13 @@ def output_size(size, window, stride, pad, what="input"):
     return out
 
 
+def relu_mask(y):
+    """Where a ReLU is off, the book's mask: ``y <= 0``, True there. A NaN compares False, so a NaN passes
+    through the ReLU and so does its gradient. The fast kernels state this rule once in each language
+    (``fc_relu_off`` in C, ``relu_off`` in numba)."""
+    return y <= 0
+
+
 def window_geometry(x_shape, filter_h, filter_w, stride, pad):
     """Validated (filter_h, filter_w, stride, pad, out_h, out_w) for an NCHW shape."""
     filter_h = positive_int("filter_h", filter_h)

@@ -49,7 +49,7 @@ Conventions (the book's):
   hold the BLAS to one thread for their products, from any calling thread.
   The reference's products run on NumPy's BLAS as it is set, whose thread
   count can change the last bits. Backends agree within rounding.
-- ``mask`` is the boolean array ``x <= 0``; ``relu_backward`` zeroes ``dout``
+- ``mask`` is the boolean array ``x <= 0`` (``_checks.relu_mask``); ``relu_backward`` zeroes ``dout``
   where ``mask`` is set, in place, and returns it.
 - ``conv_forward(..., relu=True)`` is a convolution followed by a ReLU in one
   pass: ``out`` is the ReLU's output, and ``conv_backward`` then takes the
@@ -184,7 +184,7 @@ def conv_forward(x, W, b, stride=1, pad=0, workspace=None, relu=False, for_backw
     if x.size == 0 or W.size == 0:  # no products: the bias alone (or nothing)
         out, state = np.zeros((x.shape[0], W.shape[0], out_h, out_w), dtype=x.dtype) + b[:, None, None], None
         if relu:
-            out[out <= 0] = 0
+            out[_checks.relu_mask(out)] = 0
     else:
         out, state = backend_module().conv_forward(x, W, b, stride, pad, getattr(workspace, "state", None),
                                                    bool(relu), bool(for_backward))
@@ -248,7 +248,7 @@ def conv_backward(dout, cache, W, input_gradient=True):
         raise ValueError(f"dout must have shape {expected} (the forward output's), got {dout.shape}")
     if cache.state is None:  # an empty forward: no products either
         if cache.relu_out is not None:
-            dout = np.where(cache.relu_out <= 0, 0, dout).astype(cache.dtype, copy=False)
+            dout = np.where(_checks.relu_mask(cache.relu_out), 0, dout).astype(cache.dtype, copy=False)
         dx = np.zeros(cache.x_shape, dtype=cache.dtype) if input_gradient else None
         return dx, np.zeros(W.shape, dtype=cache.dtype), dout.sum(axis=(0, 2, 3))
     dx, dW, db = backend_module().conv_backward(dout, cache.state, W, cache.relu_out, bool(input_gradient))

@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from fastconv import kernels
+from fastconv import _checks, kernels
 from fastconv.functions import (  # noqa: F401  (re-exported, as the book's module does)
     cross_entropy_error,
     identity_function,
@@ -53,7 +53,7 @@ class Relu:
     def mask(self):
         """``x <= 0`` of the last forward (after ``conv_relu_forward``, made from its output on first use)."""
         if self._mask is None and self._fused_output is not None:
-            self._mask = self._fused_output <= 0
+            self._mask = _checks.relu_mask(self._fused_output)
         return self._mask
 
     @mask.setter
