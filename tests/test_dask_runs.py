@@ -1,4 +1,5 @@
 """Models trained on a Dask cluster (``--dask``): a LocalCluster of two worker processes on this machine only."""
+import functools
 import logging
 import os
 import signal
@@ -9,7 +10,7 @@ from fastconv.app import runs
 from fastconv.app.parallel import parallel_training
 from test_parallel_runs import (MODELS, SEED, Events, alone, assert_members_are_the_models_trained_alone,  # noqa: F401
                                 ensemble_config, first_epoch_ends, options)
-from test_train_app import offline, quiet, synthetic_dir, train  # noqa: F401
+from test_train_app import offline, one_blas_thread, quiet, synthetic_dir, train  # noqa: F401
 
 distributed = pytest.importorskip("distributed", reason="the dask extra is not installed")
 
@@ -33,6 +34,7 @@ def cluster():
         os.environ.update(environment)
 
 
+@pytest.mark.slow
 def test_members_on_a_local_cluster_are_the_models_trained_alone(synthetic_dir, tmp_path, alone, cluster, capsys):
     out = tmp_path / "ensemble"
     assert train("--data-dir", synthetic_dir, "--out", out, "--seed", SEED, "--ensemble", MODELS,
@@ -43,6 +45,7 @@ def test_members_on_a_local_cluster_are_the_models_trained_alone(synthetic_dir, 
     assert_members_are_the_models_trained_alone(out, alone)
 
 
+@pytest.mark.slow
 def test_a_killed_dask_worker_loses_no_finished_model(synthetic_dir, tmp_path, alone, cluster):
     events = Events()
     killed = []
@@ -66,9 +69,12 @@ def test_a_killed_dask_worker_loses_no_finished_model(synthetic_dir, tmp_path, a
     assert_members_are_the_models_trained_alone(out, alone)
 
 
-def test_an_unreachable_scheduler_exits_2(synthetic_dir, tmp_path, capsys):
+def test_an_unreachable_scheduler_exits_2(synthetic_dir, tmp_path, monkeypatch, capsys):
+    from fastconv.app import executors
     from test_train_app import closed_port
 
+    # a scheduler that does not answer is given up after 1 s here (10 s by default)
+    monkeypatch.setattr(executors, "dask_executor", functools.partial(executors.dask_executor, timeout=1))
     assert train("--data-dir", synthetic_dir, "--out", tmp_path / "run", "--dask",
                  f"tcp://127.0.0.1:{closed_port()}", *options()) == 2
     assert "cannot reach the Dask scheduler" in capsys.readouterr().err

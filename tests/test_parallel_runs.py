@@ -12,7 +12,8 @@ import pytest
 from fastconv.app import runs
 from fastconv.app.parallel import parallel_training
 from fastconv.app.training import TrainConfig
-from test_train_app import KEYS, main, needs_sigint, offline, quiet, read_json, synthetic_dir, train  # noqa: F401
+from test_train_app import (KEYS, blas_threads_as_started, main, needs_sigint, offline, one_blas_thread,  # noqa: F401
+                            quiet, read_json, synthetic_dir, train)
 
 # Three models of five short epochs: a worker killed after a model's first epoch has four to go, longer
 # than the run takes to notice (it may be writing a finished model's figures meanwhile).
@@ -96,6 +97,7 @@ def first_epoch_ends(events, only_after_a_finished_model=False, models_started=1
 # -- the same results --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_members_on_two_jobs_are_the_models_trained_alone(synthetic_dir, tmp_path, alone, capsys):
     out = tmp_path / "ensemble"
     assert train("--data-dir", synthetic_dir, "--out", out, "--seed", SEED, "--ensemble", MODELS, "--jobs", 2,
@@ -124,6 +126,7 @@ def test_default_jobs_fill_the_cores_and_jobs_1_trains_here(monkeypatch):
 # -- faults ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_killed_worker_process_loses_no_finished_model(synthetic_dir, tmp_path, alone):
     events = Events()
     killed = []
@@ -150,6 +153,7 @@ def test_a_killed_worker_process_loses_no_finished_model(synthetic_dir, tmp_path
     assert_members_are_the_models_trained_alone(out, alone)
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_every_member_with_a_checkpoint_that_resume_continues(synthetic_dir, tmp_path, alone):
     events = Events()
 
@@ -176,6 +180,7 @@ def test_ctrl_c_stops_every_member_with_a_checkpoint_that_resume_continues(synth
     assert_members_are_the_models_trained_alone(out, alone)
 
 
+@pytest.mark.slow
 @needs_sigint
 def test_sigint_stops_the_workers_with_checkpoints_and_exits_130(synthetic_dir, tmp_path):
     out = tmp_path / "ensemble"
@@ -238,8 +243,30 @@ def test_a_sweep_refuses_bad_values_and_a_used_folder(synthetic_dir, tmp_path, c
     assert "nothing to resume" in capsys.readouterr().err
 
 
-def test_an_interrupted_sweep_resumes_and_each_run_is_the_single_run_it_stands_for(synthetic_dir, tmp_path,
-                                                                                  capsys):
+def test_a_sweep_trains_every_combination_and_ranks_them(synthetic_dir, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    small = options(epochs=1, batch_size=10, limit_train=20, limit_test=10, eval_train_size=10)
+    assert main(["sweep", "--quiet", "--data-dir", str(synthetic_dir), "--out", str(out), "--jobs", "1",
+                 "--lr", "0.001", "0.0005", *small]) == 0
+    printed = capsys.readouterr().out
+    assert read_json(out / "sweep.json")["grid"]["lr"] == [0.001, 0.0005]
+    accuracy = {}
+    for name, lr in (("lr=0.001", 0.001), ("lr=0.0005", 0.0005)):
+        for file in ("config.json", "data.json", "params.npz", "history.json", "curves.png"):
+            assert (out / name / file).is_file(), (name, file)
+        assert read_json(out / name / "config.json")["lr"] == lr
+        accuracy[name] = read_json(out / name / "history.json")["test_acc"]
+    summary = read_json(out / "summary.json")
+    assert [row["name"] for row in summary["runs"]] == sorted(accuracy, key=lambda name: -accuracy[name])
+    assert [row["test_acc"] for row in summary["runs"]] == sorted(accuracy.values(), reverse=True)
+    assert "over_seeds" not in summary  # one seed
+    assert printed.splitlines()[0].startswith("sweep of 2 runs (2 lr) on 20 images; 1 model at a time")
+    assert "rank  test acc" in printed and f"summary: {out / 'summary.json'}" in printed
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_resumes_and_each_run_is_the_single_run_it_stands_for(synthetic_dir, tmp_path, capsys,
+                                                                                  blas_threads_as_started):
     from fastconv.app.sweep import run_sweep
 
     out = tmp_path / "sweep"

@@ -45,6 +45,27 @@ def offline(monkeypatch, tmp_path):
     monkeypatch.setattr(datasets, "MIRRORS", (f"http://127.0.0.1:{closed_port()}/",))
 
 
+@pytest.fixture(autouse=True)
+def one_blas_thread():
+    """Matrix products here on one thread: the tiny ones of these runs take several times longer on more (on
+    a busy machine far longer). Yields the BLAS libraries' settings as they were."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    before = threadpool_info()
+    with threadpool_limits(1, user_api="blas"):
+        yield before
+
+
+@pytest.fixture
+def blas_threads_as_started(one_blas_thread):
+    """BLAS on the threads this process started with, for runs here compared bit for bit with runs in worker
+    processes (whose rounding the thread count can change)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=one_blas_thread):
+        yield
+
+
 @pytest.fixture(scope="module")
 def synthetic_dir(tmp_path_factory):
     """Full-size MNIST files of random sparse images (enough to run the app, not to learn)."""
@@ -192,8 +213,13 @@ def test_deferred_interrupts_hold_ctrl_c_until_the_block_ends():
 
 
 def resumable_config(optimizer="adam"):
-    return TrainConfig.from_recipe("best", epochs=2, batch_size=20, optimizer=optimizer, dtype="float32",
-                                   eval_train_size=20)
+    return TrainConfig.from_recipe("best", epochs=2, batch_size=5, optimizer=optimizer, dtype="float32",
+                                   eval_train_size=5)
+
+
+def resumable_data(n_train=15):
+    """Training images for three steps of ``resumable_config`` per epoch."""
+    return small_data(n_train=n_train, n_test=5)
 
 
 def assert_same_run(a, b):
@@ -230,7 +256,7 @@ def reference():
 
 @pytest.mark.parametrize("step", [1, 3, 5])
 def test_resume_after_a_step_continues_exactly(tmp_path, reference, step):
-    data = small_data()
+    data = resumable_data()
     uninterrupted = Training(resumable_config(), seed=3, data=data, log=quiet).run()
     (epoch, step_in_epoch), finished = interrupted_then_resumed(tmp_path, resumable_config(), data,
                                                                 interrupt_after_step(step))
@@ -239,7 +265,7 @@ def test_resume_after_a_step_continues_exactly(tmp_path, reference, step):
 
 
 def test_resume_after_an_interrupt_inside_a_step(tmp_path, reference, monkeypatch):
-    data = small_data()
+    data = resumable_data()
     uninterrupted = Training(resumable_config(), seed=3, data=data, log=quiet).run()
     calls = []
     original = DeepConvNet.backward
@@ -257,7 +283,7 @@ def test_resume_after_an_interrupt_inside_a_step(tmp_path, reference, monkeypatc
 
 
 def test_resume_after_an_interrupt_during_evaluation(tmp_path, reference, monkeypatch):
-    data = small_data()
+    data = resumable_data()
     uninterrupted = Training(resumable_config(), seed=3, data=data, log=quiet).run()
     original = training.predict_proba
     calls = []
@@ -276,7 +302,7 @@ def test_resume_after_an_interrupt_during_evaluation(tmp_path, reference, monkey
 
 @pytest.mark.parametrize("optimizer", ["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam"])
 def test_resume_restores_every_optimizers_state(tmp_path, reference, optimizer):
-    data = small_data(n_train=40, n_test=10)
+    data = resumable_data()
     config = resumable_config(optimizer)
     uninterrupted = Training(config, seed=3, data=data, log=quiet).run()
     _, finished = interrupted_then_resumed(tmp_path, config, data, interrupt_after_step(2))
@@ -284,7 +310,7 @@ def test_resume_restores_every_optimizers_state(tmp_path, reference, optimizer):
 
 
 def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path, reference):
-    data = small_data(n_train=20, n_test=10)
+    data = resumable_data(n_train=10)
     first = Training(resumable_config(), seed=3, data=data, checkpoint_path=tmp_path / "c.npz", log=quiet)
     with pytest.raises(KeyboardInterrupt):
         first.run(on_step=interrupt_after_step(1))
@@ -299,9 +325,14 @@ def train(*args):
     return main(["train", "--quiet", *map(str, args)])
 
 
+TINY_TEST_IMAGES = 10
+
+
 def tiny(data_dir, out, *extra):
-    return ["--data-dir", data_dir, "--out", out, "--limit-train", 40, "--limit-test", 30, "--epochs", 2,
-            "--batch-size", 20, "--eval-train-size", 20, "--dtype", "float32", "--backend", "reference", *extra]
+    """Options of a run of 2 epochs of 2 steps on the reference backend, scored on ``TINY_TEST_IMAGES`` images."""
+    return ["--data-dir", data_dir, "--out", out, "--limit-train", 20, "--limit-test", TINY_TEST_IMAGES,
+            "--epochs", 2, "--batch-size", 10, "--eval-train-size", 10, "--dtype", "float32", "--backend",
+            "reference", *extra]
 
 
 def read_json(path):
@@ -325,13 +356,44 @@ def test_train_writes_parameters_history_and_figures(synthetic_dir, tmp_path, ca
     assert len(history["epochs"]) == 2 and len(history["step_loss"]) == 4
     assert set(history["epochs"][0]["seconds"]) == set(PHASES)
     assert history["config"]["dtype"] == "float32" and history["backend"] == "reference"
-    # the saved parameters reproduce the reported accuracy on the 30 test images
+    # the saved parameters reproduce the reported accuracy on the test images
     (_, _), (x_test, t_test) = datasets.load_mnist(flatten=False, data_dir=synthetic_dir)
     network = DeepConvNet(dtype=np.float32)
     network.load_params(out / "params.npz")
     with fastconv.use_backend("reference"):
-        predicted = network.predict(x_test[:30]).argmax(axis=1)
-    assert history["test_acc"] == np.mean(predicted == t_test[:30])
+        predicted = network.predict(x_test[:TINY_TEST_IMAGES]).argmax(axis=1)
+    assert history["test_acc"] == np.mean(predicted == t_test[:TINY_TEST_IMAGES])
+
+
+def test_each_error_has_its_exit_code():
+    from fastconv.app import exits
+    from fastconv.app.checkpoint import CheckpointError
+    from fastconv.app.executors import DaskMissing
+    from fastconv.app.runs import RunError
+    from fastconv.app.training import TrainingDiverged
+
+    codes = {RunError("used --out"): 2, CheckpointError("damaged"): 2, DaskMissing("no dask"): 1,
+             datasets.MNISTNotFoundError("no MNIST"): 3, datasets.MNISTFormatError("bad header"): 3,
+             TrainingDiverged("nan"): 4, KeyboardInterrupt(): 130}
+    for error, code in codes.items():
+        assert exits.exit_code(error) == exits.exit_code(error, starting=True) == code, error
+    assert (exits.EXIT_OK, exits.EXIT_FAILURE, exits.EXIT_USAGE) == (0, 1, 2)
+    # while the command sets up, any bad value or unreachable place is a bad argument; later such errors propagate
+    for error in (ValueError("--jobs must be at least 1"), OSError("cannot reach the Dask scheduler")):
+        assert exits.exit_code(error, starting=True) == 2 and exits.exit_code(error) is None
+    assert exits.exit_code(RuntimeError("a bug")) is None and exits.exit_code(RuntimeError(), starting=True) is None
+
+
+def test_the_resume_command_repeats_where_and_how_the_run_ran():
+    from fastconv.app.cli import build_parser
+    from fastconv.app.exits import resume_command
+
+    args = build_parser().parse_args(["train", "--out", "runs/a b", "--data-dir", "my data", "--no-download",
+                                      "--backend", "reference", "--quiet", "--jobs", "2", "--epochs", "3"])
+    assert resume_command("train", args.out, args) == ("fastconv train --resume --out 'runs/a b' --data-dir "
+                                                       "'my data' --no-download --backend reference --quiet --jobs 2")
+    args = build_parser().parse_args(["sweep", "--out", "runs/s", "--seed", "1", "2", "--dask", "tcp://h:8786"])
+    assert resume_command("sweep", args.out, args) == "fastconv sweep --resume --out runs/s --dask tcp://h:8786"
 
 
 @pytest.mark.parametrize("args", [
@@ -390,6 +452,7 @@ def interrupt_on_backward_call(monkeypatch, call):
     return lambda: monkeypatch.setattr(DeepConvNet, "backward", original)
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_exits_130_and_resume_finishes_the_run(synthetic_dir, tmp_path, monkeypatch,
                                                                           capsys):
     assert train(*tiny(synthetic_dir, tmp_path / "straight", "--augment")) == 0
@@ -425,6 +488,7 @@ def test_ctrl_c_saves_a_checkpoint_exits_130_and_resume_finishes_the_run(synthet
 # -- output folders: never overwritten or mixed, nothing left by a failed start ----------------------
 
 
+@pytest.mark.slow
 def test_a_used_folder_is_refused_unless_overwrite_is_asked_for(synthetic_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert train(*tiny(synthetic_dir, out, "--epochs", 1)) == 0
@@ -455,6 +519,7 @@ def test_a_new_run_that_fails_before_saving_anything_removes_what_it_wrote(synth
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_resumed_member_trained_with_other_settings_is_refused(synthetic_dir, tmp_path, capsys):
     out = tmp_path / "ensemble"
     assert train(*tiny(synthetic_dir, out, "--ensemble", 2, "--epochs", 1)) == 0
@@ -506,6 +571,7 @@ def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["file.json"]
 
 
+@pytest.mark.slow
 def test_a_killed_write_leaves_a_temporary_that_the_next_start_removes(synthetic_dir, tmp_path, capsys):
     out = tmp_path / "run"
     code = ("import os, sys\n"
@@ -607,7 +673,7 @@ def test_describe_names_each_schedule():
 def test_time_left_counts_the_remaining_steps_and_evaluations(monkeypatch, reference):
     clock = iter(range(10 ** 6))  # every reading of the clock one second later than the one before
     monkeypatch.setattr(training.time, "perf_counter", lambda: float(next(clock)))
-    config = TrainConfig.from_recipe("book", epochs=3, batch_size=25, dtype="float32", eval_train_size=10)
+    config = TrainConfig.from_recipe("book", epochs=3, batch_size=10, dtype="float32", eval_train_size=10)
     seen = []
 
     def record(run):
@@ -618,7 +684,7 @@ def test_time_left_counts_the_remaining_steps_and_evaluations(monkeypatch, refer
         seen.append((run.seconds_left(), records[-1]["seconds"]["evaluate"] if records else None,
                      step_seconds / steps_done, run.epoch, run.step))
 
-    Training(config, seed=0, data=small_data(), log=quiet).run(on_step=record)
+    Training(config, seed=0, data=small_data(n_train=20, n_test=10), log=quiet).run(on_step=record)
     # 3 epochs of 2 steps; after epoch 1 an evaluation has been timed
     left, evaluation, per_step, epoch, step = seen[2]
     assert (epoch, step) == (1, 1) and evaluation > 0
@@ -635,7 +701,7 @@ def test_ensemble_averages_the_members_softmax(synthetic_dir, tmp_path, capsys):
     assert [m["seed"] for m in summary["members"]] == [5, 6]
 
     (_, _), (x_test, t_test) = datasets.load_mnist(flatten=False, data_dir=synthetic_dir)
-    x_test, t_test = x_test[:30], t_test[:30]
+    x_test, t_test = x_test[:TINY_TEST_IMAGES], t_test[:TINY_TEST_IMAGES]
     probabilities = []
     with fastconv.use_backend("reference"):
         for k, member in enumerate(summary["members"]):
@@ -653,7 +719,9 @@ def test_ensemble_averages_the_members_softmax(synthetic_dir, tmp_path, capsys):
     assert not np.array_equal(*[np.load(out / f"member-{k}" / "params.npz")["W1"] for k in (1, 2)])
 
 
-def test_single_runs_combine_into_the_ensemble_they_would_be_members_of(synthetic_dir, tmp_path, capsys):
+@pytest.mark.slow
+def test_single_runs_combine_into_the_ensemble_they_would_be_members_of(synthetic_dir, tmp_path, capsys,
+                                                                       blas_threads_as_started):
     import shutil
     for seed in (5, 6):
         assert train(*tiny(synthetic_dir, tmp_path / f"s{seed}", "--epochs", 1, "--seed", seed)) == 0
@@ -688,6 +756,7 @@ def test_recipe_best_sets_augmentation_and_cosine_decay(synthetic_dir, tmp_path)
     assert read_json(out / "history.json")["epochs"][0]["seconds"]["augment"] > 0
 
 
+@pytest.mark.slow
 @needs_sigint
 def test_sigint_to_the_process_checkpoints_and_exits_130(synthetic_dir, tmp_path):
     out = tmp_path / "run"
@@ -711,6 +780,7 @@ def test_sigint_to_the_process_checkpoints_and_exits_130(synthetic_dir, tmp_path
     assert resumed.epoch >= 1 and len(resumed.history["epochs"]) == resumed.epoch
 
 
+@pytest.mark.slow
 @pytest.mark.mnist
 def test_short_real_training_beats_85_percent(mnist_dir, tmp_path):
     # 3000 images, 2 epochs of batches of 20 (300 steps): about 88 % on 1000 test images
