@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 import fastconv
-from fastconv import _plan, kernels
+from fastconv import _plan, _threads, kernels
 from fastconv.backends import reference
 
 from conftest import assert_close_to_reference
@@ -91,28 +91,34 @@ def test_book_layout_kernels_on_an_image_range(geometry, dtype, rng):
     """The kernels on images [1, N) only: image 0 belongs to another thread's range."""
     N, C, H, W, fh, fw, stride, pad = geometry
     unfold, fold = k.im2col_lines, k.col2im_lines
+    out_h, out_w = out_size(H, fh, stride, pad), out_size(W, fw, stride, pad)
     x = rng.standard_normal((N, C, H, W)).astype(dtype)
     expected = reference.im2col(x, fh, fw, stride, pad)
     first_row = expected.shape[0] // N
     col = np.full(expected.shape, np.nan, dtype=dtype)
-    unfold(x, fh, fw, stride, pad, col, 1, N)
+    unfold(x, fh, fw, stride, pad, out_h, out_w, col, 1, N)
     np.testing.assert_array_equal(col[first_row:], expected[first_row:])
     assert np.isnan(col[:first_row]).all()  # image 0 belongs to another range
     dcol = rng.standard_normal(expected.shape).astype(dtype)
     dx = np.full(x.shape, 7.0, dtype=dtype)
-    fold(dcol, fh, fw, stride, pad, dx, 1, N)
+    fold(dcol, fh, fw, stride, pad, out_h, out_w, dx, 1, N)
     assert_close_to_reference(dx[1:], reference.col2im(dcol[first_row:], (N - 1, C, H, W), fh, fw, stride, pad))
     assert (dx[:1] == 7.0).all()
 
 
 # --------------------------------------------------------------------------- convolution
 
+def any_work_earns_a_thread(monkeypatch):
+    """``fastconv._threads.threads_for`` gives a thread to every task, however little its work."""
+    monkeypatch.setattr(_threads, "LEAST_WORK", dict.fromkeys(_threads.LEAST_WORK, 1))
+
+
 @pytest.fixture
 def many_small_pieces(monkeypatch):
     """Two image groups in backward, work split across three threads even for tiny inputs."""
     monkeypatch.setattr(_plan, "DW_GROUPS", 2)
     _plan._conv_plan.cache_clear()  # plans are remembered
-    monkeypatch.setattr(nb, "MIN_ELEMENTS_PER_THREAD", 1)
+    any_work_earns_a_thread(monkeypatch)
     monkeypatch.setenv("FASTCONV_NUM_THREADS", "3")
     yield
     _plan._conv_plan.cache_clear()
@@ -275,7 +281,7 @@ def test_a_forked_child_gets_working_threads(rng, numba_backend, two_threads):
 
 
 def test_results_do_not_depend_on_the_thread_count(rng, numba_backend, monkeypatch):
-    monkeypatch.setattr(nb, "MIN_ELEMENTS_PER_THREAD", 1)
+    any_work_earns_a_thread(monkeypatch)
     x, Wt, b, dout, stride, pad = conv_case((9, 2, 6, 6, 3, 3, 1, 1), np.float32, rng, n_filters=4)
     results = []
     for threads in ("1", "2", "3"):
@@ -294,7 +300,7 @@ def test_results_do_not_depend_on_the_thread_count(rng, numba_backend, monkeypat
 @pytest.fixture
 def two_threads(monkeypatch):
     monkeypatch.setenv("FASTCONV_NUM_THREADS", "2")
-    monkeypatch.setattr(nb, "MIN_ELEMENTS_PER_THREAD", 1)
+    any_work_earns_a_thread(monkeypatch)
 
 
 def test_workspace_is_reused_and_outputs_are_never_overwritten(rng, numba_backend, two_threads):
@@ -398,12 +404,30 @@ def test_affine_matches_reference(dtype, rng, numba_backend):
 
 # --------------------------------------------------------------------------- loading and compiling
 
+def test_a_forced_variant_plans_the_convolutions_inside_its_block_only():
+    shapes = ((2, 3, 6, 6), (4, 3, 3, 3), 1, 1, np.float32)
+    host = nb.simd_variant()
+    assert host == nb._simd.host_variant()
+    assert nb.available_variants() == _plan.VARIANTS  # LLVM splits vectors wider than the CPU's
+    for variant in _plan.VARIANTS:
+        with nb._force_variant(variant):
+            assert nb.simd_variant() == variant and nb._conv_plan(*shapes).variant == variant
+        assert nb.simd_variant() == host
+    with pytest.raises(ValueError, match="not one of"):
+        with nb._force_variant("sse9"):
+            pass
+
+
+def test_pool_polls_as_long_as_the_thread_policy_says():
+    assert nb._pool.SPIN_TICKS == _threads.POLL_MICROSECONDS * nb._pool.TICKS_PER_MICROSECOND
+
+
 def test_import_compiles_nothing():
     result = run_python("""
         import fastconv.backends.numba as backend
         from numba.core.registry import CPUDispatcher
-        jitted = [f for module in (backend._k, backend._direct) for f in vars(module).values()
-                  if isinstance(f, CPUDispatcher)]
+        modules = (backend._k, backend._forward, backend._backward, backend._pool)
+        jitted = [f for module in modules for f in vars(module).values() if isinstance(f, CPUDispatcher)]
         print(len(jitted), sum(len(f.signatures) for f in jitted))
     """)
     count, compiled = map(int, result.stdout.split())
@@ -527,7 +551,7 @@ def test_compiled_kernels_stay_inside_their_arrays(tmp_path):
         import numpy as np
         import fastconv
         from fastconv import kernels
-        from fastconv.backends import _numba_direct as direct
+        import fastconv.backends.numba as backend
         geometries = {GEOMETRIES!r}
         rng = np.random.default_rng(0)
         with fastconv.use_backend("numba"):
@@ -536,9 +560,9 @@ def test_compiled_kernels_stay_inside_their_arrays(tmp_path):
                     x = rng.standard_normal((N, C, H, W)).astype(dtype)
                     Wt = rng.standard_normal((2, C, fh, fw)).astype(dtype)
                     for variant in ("avx512", "avx2", "generic"):  # every tile shape and width
-                        direct.VARIANT = variant
-                        out, cache = kernels.conv_forward(x, Wt, np.zeros(2, dtype), stride, pad)
-                        kernels.conv_backward(np.ones_like(out), cache, Wt)
+                        with backend._force_variant(variant):
+                            out, cache = kernels.conv_forward(x, Wt, np.zeros(2, dtype), stride, pad)
+                            kernels.conv_backward(np.ones_like(out), cache, Wt)
                     kernels.col2im(kernels.im2col(x, fh, fw, stride, pad), x.shape, fh, fw, stride, pad)
                     if 2 * pad <= min(fh, fw):
                         pooled, pool_cache = kernels.maxpool_forward(x, fh, fw, stride, pad)

@@ -16,15 +16,20 @@ writable, else in the user's cache directory (Numba's own fallback, e.g.
 ``~/.cache/numba`` for a read-only install), or in ``NUMBA_CACHE_DIR`` when
 set. With no writable place at all the kernels still work, uncached.
 
-The convolutions' kernels are in ``_numba_direct``; ``im2col_lines`` and
-``col2im_lines`` make and fold the book's ``col`` (shape
-(N*out_h*out_w, C*fh*fw), one window per row) for the kernel interface.
+The convolutions' kernels are in ``_numba_forward`` and ``_numba_backward``
+(on the intrinsics of ``_numba_simd``); ``im2col_lines`` and ``col2im_lines``
+make and fold the book's ``col`` (shape (N*out_h*out_w, C*fh*fw), one window
+per row) for the kernel interface. Output sizes come from the caller
+(``fastconv._checks.output_size``) or from the shapes of the arrays it
+allocated.
 """
 import warnings
 
 import numpy as np
 from numba import njit
 from numba import uint64 as _ix
+
+from fastconv.backends._numba_simd import relu_gated, relu_off
 
 # error_model="numpy": no zero-division checks in the index arithmetic
 _OPTIONS = {"nogil": True, "error_model": "numpy"}
@@ -75,12 +80,11 @@ def _zero_images(flat, n0, n1, image_size):
 
 
 @_kernel
-def im2col_lines(x, fh, fw, stride, pad, col, n0, n1):
-    """The book's ``col`` rows of images [n0, n1): col[(n, oy, ox), (c, ky, kx)], filled one output line
-    and one tap at a time (the inner loop runs along the line's windows, stores ``taps`` apart)."""
+def im2col_lines(x, fh, fw, stride, pad, out_h, out_w, col, n0, n1):
+    """The book's ``col`` rows of images [n0, n1): col[(n, oy, ox), (c, ky, kx)] for out_h x out_w windows,
+    filled one output line and one tap at a time (the inner loop runs along the line's windows, stores
+    ``taps`` apart)."""
     _, C, H, W = x.shape
-    out_h = (H + 2 * pad - fh) // stride + 1
-    out_w = (W + 2 * pad - fw) // stride + 1
     src = x.reshape(-1)
     dst = col.reshape(-1)
     taps = C * fh * fw
@@ -107,11 +111,9 @@ def im2col_lines(x, fh, fw, stride, pad, col, n0, n1):
 
 
 @_kernel
-def col2im_lines(col, fh, fw, stride, pad, dx, n0, n1):
+def col2im_lines(col, fh, fw, stride, pad, out_h, out_w, dx, n0, n1):
     """dx[n0:n1] = the adjoint of ``im2col_lines`` (taps of overlapping windows are summed)."""
     _, C, H, W = dx.shape
-    out_h = (H + 2 * pad - fh) // stride + 1
-    out_w = (W + 2 * pad - fw) // stride + 1
     src = col.reshape(-1)
     dst = dx.reshape(-1)
     taps = C * fh * fw
@@ -130,13 +132,6 @@ def col2im_lines(col, fh, fw, stride, pad, dx, n0, n1):
                         d = ((n * C + c) * H + y) * W - pad + kx
                         for ox in range(lo, hi):
                             dst[_ix(d + ox * stride)] += src[_ix(e + ox * taps)]
-
-
-@_inlined
-def _unless_masked(value, y):
-    """value, or 0 where y <= 0 (a NaN y keeps value, as the book's mask does). Both are read by the
-    caller: a select, not a branch on the data (which would mispredict half the time after a ReLU)."""
-    return 0 if y <= 0 else value
 
 
 @_inlined
@@ -276,21 +271,23 @@ def maxpool_backward(dout, source, dx, n0, n1):
 
 @_kernel
 def relu_forward(x, out, mask, i0, i1):
-    """out = x where x > 0, else 0; mask = x <= 0; on the flat range [i0, i1)."""
+    """mask = where the ReLU is off at x (x <= 0, ``relu_off``), out = x elsewhere and 0 there; on the flat
+    range [i0, i1)."""
     for j in range(i1 - i0):
         i = _ix(i0 + j)
         v = x[i]
-        m = v <= 0
+        m = relu_off(v)
         mask[i] = m
         out[i] = 0 if m else v
 
 
 @_kernel
 def relu_gradient(dout, relu_out, dx, i0, i1):
-    """dx = dout, with 0 where relu_out <= 0 (the ReLU's backward from its output), on the flat range [i0, i1)."""
+    """dx = dout gated by relu_out (the ReLU's backward from its output: ``relu_gated``), on the flat range
+    [i0, i1)."""
     for j in range(i1 - i0):
         i = _ix(i0 + j)
-        dx[i] = _unless_masked(dout[i], relu_out[i])
+        dx[i] = relu_gated(dout[i], relu_out[i])
 
 
 @_kernel

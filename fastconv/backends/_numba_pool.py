@@ -6,10 +6,10 @@ GIL, wakes tens of microseconds after it is signalled, and a training step
 makes about twenty calls, each with a start and an end. So:
 
 - a waiting thread first polls, in compiled code without the GIL, for
-  ``SPIN_TICKS`` time-stamp counter ticks (300 µs at 2.3 GHz): long enough
-  to catch the next kernel of a training step (the layers' Python between
-  two calls takes 40 to 220 µs), too short to matter to another library's
-  threads. Then it sleeps on a condition variable;
+  ``fastconv._threads.POLL_MICROSECONDS`` (``SPIN_TICKS`` time-stamp counter
+  ticks): long enough to catch the next kernel of a training step (the
+  layers' Python between two calls takes 40 to 220 µs), too short to matter
+  to another library's threads. Then it sleeps on a condition variable;
 - the calling thread announces a call from compiled code, having released
   the GIL, and (for kernels that take their tasks from a shared counter)
   lets the workers take the GIL first; a worker that found the GIL held
@@ -21,135 +21,77 @@ import os
 import threading
 
 import numpy as np
-from numba import config, types
-from numba.extending import intrinsic
+from numba import config
 
-from fastconv.backends._numba_direct import _X86
+from fastconv._threads import POLL_MICROSECONDS
 from fastconv.backends._numba_kernels import _kernel
+from fastconv.backends._numba_simd import add_one, load_acquire, pause, set_one_and_load, ticks
 
-try:
-    from llvmlite import ir
-    from numba.core import cgutils
-except ImportError as exc:  # the numba backend is reported unavailable with this reason
-    raise ImportError(f"the numba backend needs numba's extension API and llvmlite: {exc}") from exc
-
-# How long a waiting thread polls (measured, float32 train step: 34.4 ms with 300,000 ticks, 33.7 ms with
-# 700,000, 33.6 ms with 2,000,000). Polls are also counted, so a CPU without a usable counter stops too.
-SPIN_TICKS = 700_000
+# The time-stamp counter's rate is not known (it is the CPU's nominal clock on x86): polls are timed as if
+# it ticked this often per microsecond (2.3 GHz), the one place that assumes a rate.
+TICKS_PER_MICROSECOND = 2300
+# How long a waiting thread polls. Polls are also counted, so a CPU without a usable counter stops too.
+SPIN_TICKS = POLL_MICROSECONDS * TICKS_PER_MICROSECOND
 # How long the calling thread lets the workers go first (see Pool.run).
-HAND_OFF_TICKS = 100_000
+HAND_OFF_TICKS = 43 * TICKS_PER_MICROSECOND
 
 
 # --------------------------------------------------------------------------- compiled waiting
 
-def _data(context, builder, array_type, array):
-    return context.make_array(array_type)(context, builder, array).data
-
-
-@intrinsic
-def _load_acquire(typingctx, word):
-    """word[0] (an int64 array), read atomically: another thread's store is seen, not a hoisted copy."""
-    def codegen(context, builder, sig, args):
-        return builder.load_atomic(_data(context, builder, sig.args[0], args[0]), "acquire", 8)
-    return types.int64(word), codegen
-
-
-@intrinsic
-def _add_one(typingctx, word):
-    """word[0] += 1, atomically and as a full barrier (sequentially consistent)."""
-    def codegen(context, builder, sig, args):
-        builder.atomic_rmw("add", _data(context, builder, sig.args[0], args[0]), ir.Constant(ir.IntType(64), 1),
-                           "seq_cst")
-        return context.get_dummy_value()
-    return types.void(word), codegen
-
-
-@intrinsic
-def _set_one_and_load(typingctx, flag, word):
-    """flag[0] = 1 (an exchange: a full barrier), then word[0]."""
-    def codegen(context, builder, sig, args):
-        builder.atomic_rmw("xchg", _data(context, builder, sig.args[0], args[0]), ir.Constant(ir.IntType(64), 1),
-                           "seq_cst")
-        return builder.load_atomic(_data(context, builder, sig.args[1], args[1]), "seq_cst", 8)
-    return types.int64(flag, word), codegen
-
-
-@intrinsic
-def _ticks(typingctx):
-    """The CPU's time-stamp counter (0 where LLVM has none for the target)."""
-    def codegen(context, builder, sig, args):
-        i64 = ir.IntType(64)
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i64, []), "llvm.readcyclecounter")
-        return builder.call(fn, [])
-    return types.int64(), codegen
-
-
-@intrinsic
-def _pause(typingctx):
-    """A spin-wait hint (x86 ``pause``): the polling thread leaves its core's resources to the other."""
-    def codegen(context, builder, sig, args):
-        if _X86:
-            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
-                                                "llvm.x86.sse2.pause")
-            builder.call(fn, [])
-        return context.get_dummy_value()
-    return types.void(), codegen
-
-
 @_kernel
-def _spin_until(word, target, ticks):
-    """Poll until word[0] >= target (True) or for about ``ticks`` counter ticks (False)."""
-    end = _ticks() + ticks
-    for _ in range(ticks // 64):
+def _spin_until(word, target, most):
+    """Poll until word[0] >= target (True) or for about ``most`` counter ticks (False)."""
+    end = ticks() + most
+    for _ in range(most // 64):
         for _ in range(64):
-            if _load_acquire(word) >= target:
+            if load_acquire(word) >= target:
                 return True
-            _pause()
-        if _ticks() > end:
+            pause()
+        if ticks() > end:
             break
-    return _load_acquire(word) >= target
+    return load_acquire(word) >= target
 
 
 @_kernel
-def _announce(generation, counter, ticks):
-    """A new call (generation[0] += 1); then, unless ``ticks`` is 0, poll until a worker took a task from
-    ``counter`` (see ``_spin_until``)."""
-    _add_one(generation)
-    if ticks:
-        _spin_until(counter, 1, ticks)
+def _announce(generation, counter, most):
+    """A new call (generation[0] += 1); then, unless ``most`` is 0, poll until a worker took a task from
+    ``counter``, for ``most`` ticks at most (see ``_spin_until``)."""
+    add_one(generation)
+    if most:
+        _spin_until(counter, 1, most)
 
 
 @_kernel
-def _finish_and_poll(finished, caller_sleeps, generation, target, ticks):
-    """Count a task as finished; then 1 when the generation reaches ``target`` within ``ticks`` (see
+def _finish_and_poll(finished, caller_sleeps, generation, target, most):
+    """Count a task as finished; then 1 when the generation reaches ``target`` within ``most`` ticks (see
     ``_spin_until``), 0 when it does not, -1 without polling when the caller had gone to sleep and must be
     woken."""
-    _add_one(finished)
-    if _load_acquire(caller_sleeps):
+    add_one(finished)
+    if load_acquire(caller_sleeps):
         return -1
-    return 1 if _spin_until(generation, target, ticks) else 0
+    return 1 if _spin_until(generation, target, most) else 0
 
 
 @_kernel
 def _announce_sleep(caller_sleeps, finished):
     """caller_sleeps[0] = 1, then finished[0]: a worker that finishes after this read sees the flag."""
-    return _set_one_and_load(caller_sleeps, finished)
+    return set_one_and_load(caller_sleeps, finished)
 
 
 # Uncompiled stand-ins (NUMBA_DISABLE_JIT): no polling, threads sleep instead; a lock for the atomics.
 _atomic = threading.Lock()
 
 
-def _spin_until_py(word, target, ticks):
+def _spin_until_py(word, target, most):
     return word[0] >= target
 
 
-def _announce_py(generation, counter, ticks):
+def _announce_py(generation, counter, most):
     with _atomic:
         generation[0] += 1
 
 
-def _finish_and_poll_py(finished, caller_sleeps, generation, target, ticks):
+def _finish_and_poll_py(finished, caller_sleeps, generation, target, most):
     with _atomic:
         finished[0] += 1
         return -1 if caller_sleeps[0] else int(generation[0] >= target)

@@ -2,21 +2,28 @@
 
 Threading: the jitted kernels are serial and release the GIL; this module
 runs one kernel call per thread on a small pool of Python threads
-(``get_num_threads()`` in all, the calling thread included). Pooling and
-ReLU cut the batch into contiguous ranges of images (ReLU: of elements),
-each thread taking the next range left; the convolutions' kernels take their
-images (forward) or image groups (backward) from a shared counter inside the
-compiled code. A task writes only its own images, so no two threads ever
-add into the same memory. Nothing spins while waiting: idle pool threads
-sleep on a queue, and no environment variable or other library's thread
-pool is touched (the unfolded convolutions and the affine products hold the
-BLAS to one thread while they run, restoring it afterwards).
+(``_numba_pool``), the calling thread included. How many threads a call
+wakes is ``fastconv._threads.threads_for`` (at most ``get_num_threads()``;
+for convolutions the plan's ``forward_threads()``, ``backward_threads()``
+and ``backward_data_threads()``). Pooling and ReLU cut the batch into
+contiguous ranges of images (ReLU: of elements), each thread taking the
+next range left; the convolutions' kernels take their images (forward) or
+image groups (backward) from a shared counter inside the compiled code. A
+task writes only its own images, so no two threads ever add into the same
+memory. An idle pool thread polls for the next call, without the GIL, for
+``fastconv._threads.POLL_MICROSECONDS``, then sleeps on a condition
+variable. No environment variable or other library's thread pool is
+touched (the unfolded convolutions and the affine products hold the BLAS to
+one thread while they run, restoring it afterwards).
 
-Convolutions use the direct kernels of ``_numba_direct`` with the plan of
-``fastconv._plan`` (shared with the cython backend); geometries that plan
-does not take (stride > 1, pad of the filter size or more) use the book's
-unfolded product. The book's ``col`` and ``col_W`` stay available as cache
-attributes, ``col`` computed on first access.
+Convolutions follow the plan of ``fastconv._plan`` (shared with the cython
+backend), which decides the tiles, the pairing of output-channel blocks,
+the channel tiles and every buffer's size; the kernels are in
+``_numba_forward`` and ``_numba_backward``, on the SIMD intrinsics of
+``_numba_simd``. Geometries the plan does not take (stride > 1, pad of the
+filter size or more) use the book's unfolded product. The book's ``col``
+and ``col_W`` stay available as cache attributes, ``col`` computed on first
+access.
 
 Buffers: outputs (``out``, ``dx``, ``dW``, ``db``, ``mask``, ``col``,
 ``arg_max``) are always new arrays, since the caller may keep them. Scratch
@@ -29,6 +36,8 @@ Results do not depend on the number of threads: a convolution computes each
 image the same way whichever thread takes it, and sums its gradients over a
 fixed sequence of image groups, in order.
 """
+import contextlib
+
 import numpy as np
 
 try:
@@ -38,20 +47,54 @@ except Exception as exc:  # a broken install can raise more than ImportError
 
 from fastconv import _plan
 from fastconv._checks import output_size as _out_size
-from fastconv._threads import get_num_threads
-from fastconv.backends import _numba_direct as _direct
+from fastconv._threads import threads_for
+from fastconv.backends import _numba_backward as _backward
+from fastconv.backends import _numba_forward as _forward
 from fastconv.backends import _numba_kernels as _k
 from fastconv.backends import _numba_pool as _pool
+from fastconv.backends import _numba_simd as _simd
 from fastconv.backends._blas import affine_backward, affine_forward  # noqa: F401  (part of the interface)
 from fastconv.backends._blas import single_threaded_blas as _single_threaded_blas
+from fastconv.backends._shared import PoolCache
 
 NAME = "numba"
 
-# Below this many elements per thread a kernel runs on the calling thread only.
-MIN_ELEMENTS_PER_THREAD = 1 << 15
-
 # Pooling and ReLU cut their work into this many ranges per thread.
 RANGES_PER_THREAD = 4
+
+
+# --------------------------------------------------------------------------- SIMD variants
+
+_variant = None  # forced by _force_variant; None: the CPU's
+
+
+def simd_variant():
+    """The instruction set the direct kernels' tiles and vector widths are planned for ("avx512", "avx2"
+    or "generic")."""
+    return _variant or _simd.host_variant()
+
+
+def available_variants():
+    """The variants this CPU runs, best first: all of them (LLVM splits a wider vector than the CPU's)."""
+    return _plan.VARIANTS
+
+
+@contextlib.contextmanager
+def _force_variant(name):
+    """Plan the direct kernels for variant ``name`` inside the block (for tests and benchmarks)."""
+    global _variant
+    if name not in _plan.VARIANTS:
+        raise ValueError(f"variant {name!r} is not one of {', '.join(_plan.VARIANTS)}")
+    previous, _variant = _variant, name
+    try:
+        yield name
+    finally:
+        _variant = previous
+
+
+def _conv_plan(x_shape, w_shape, stride, pad, dtype):
+    """fastconv._plan's plan for the variant in use."""
+    return _plan.conv_plan(x_shape, w_shape, stride, pad, dtype, simd_variant())
 
 
 # --------------------------------------------------------------------------- threads
@@ -64,19 +107,14 @@ def _spans(count, parts):
     return [(count * i // parts, count * (i + 1) // parts) for i in range(parts)]
 
 
-def _thread_count(items, elements_per_item):
-    """Threads worth using for ``items`` independent pieces of ``elements_per_item`` elements each."""
-    by_work = items * elements_per_item // MIN_ELEMENTS_PER_THREAD
-    return max(1, min(get_num_threads(), items, by_work))
-
-
-def _split(kernel, count, elements_per_item, *args):
-    """Run ``kernel(*args, start, stop)`` on contiguous ranges covering range(count), side by side.
+def _split(kind, work, kernel, count, *args):
+    """Run ``kernel(*args, start, stop)`` on contiguous ranges covering range(count), side by side, on
+    ``threads_for(count, work, kind)`` threads.
 
     There are a few more ranges than threads; each thread takes the next
     range left until none is, which evens out threads slowed by other work.
     """
-    threads = _thread_count(count, elements_per_item)
+    threads = threads_for(count, work, kind)
     if threads == 1:
         kernel(*args, 0, count)
         return
@@ -92,16 +130,17 @@ def _split(kernel, count, elements_per_item, *args):
 
 def im2col(x, filter_h, filter_w, stride, pad):
     N, C, H, W = x.shape
-    out_hw = _out_size(H, filter_h, stride, pad) * _out_size(W, filter_w, stride, pad)
-    col = np.empty((N * out_hw, C * filter_h * filter_w), dtype=x.dtype)
-    _split(_k.im2col_lines, N, col.size // max(N, 1), x, filter_h, filter_w, stride, pad, col)
+    out_h, out_w = _out_size(H, filter_h, stride, pad), _out_size(W, filter_w, stride, pad)
+    col = np.empty((N * out_h * out_w, C * filter_h * filter_w), dtype=x.dtype)
+    _split("unfold", col.size, _k.im2col_lines, N, x, filter_h, filter_w, stride, pad, out_h, out_w, col)
     return col
 
 
 def col2im(col, x_shape, filter_h, filter_w, stride, pad):
-    N = x_shape[0]
+    N, _, H, W = x_shape
+    out_h, out_w = _out_size(H, filter_h, stride, pad), _out_size(W, filter_w, stride, pad)
     x = np.empty(x_shape, dtype=col.dtype)
-    _split(_k.col2im_lines, N, col.size // max(N, 1), col, filter_h, filter_w, stride, pad, x)
+    _split("unfold", col.size, _k.col2im_lines, N, col, filter_h, filter_w, stride, pad, out_h, out_w, x)
     return x
 
 
@@ -185,20 +224,20 @@ _NO_MASK = {np.dtype(np.float32): np.empty(0, dtype=np.float32), np.dtype(np.flo
 
 def _pass_kernel(plan, tile_pass, relu, pooled=False):
     """The kernel of a tile pass (grid or channels-in-lanes tile) and its arguments after the borders."""
-    geometry = (_direct.token(plan.filter_h), _direct.token(plan.filter_w), tile_pass.in_h, tile_pass.in_w,
-                tile_pass.grid_tiles)
+    token = _simd.token
+    geometry = (token(plan.filter_h), token(plan.filter_w), tile_pass.in_h, tile_pass.in_w, tile_pass.grid_tiles)
     if tile_pass.channel_lanes:
-        return _direct.convolve_images_pixels, geometry + (
-            _direct.pixel_offsets(tile_pass), tile_pass.c_chunk, _direct.token(tile_pass.k_tile // plan.lanes),
-            _direct.token(tile_pass.vectors), _direct.token(plan.lanes), relu, pooled)
-    return _direct.convolve_images, geometry + (
-        _direct.token(tile_pass.k_tile), _direct.token(tile_pass.vectors), _direct.token(plan.lanes), relu, pooled)
+        return _forward.convolve_images_pixels, geometry + (
+            _forward.pixel_offsets(tile_pass), tile_pass.c_chunk, token(tile_pass.k_tile // plan.lanes),
+            token(tile_pass.vectors), token(plan.lanes), relu, pooled)
+    return _forward.convolve_images, geometry + (
+        token(tile_pass.k_tile), token(tile_pass.vectors), token(plan.lanes), relu, pooled)
 
 
 def conv_forward(x, W, b, stride, pad, workspace, relu=False, for_backward=True, pooled=False):
     """With ``pooled`` (inference of a direct geometry only): (out's 2 x 2 max pooling, cache), out itself
     never written."""
-    plan = _direct.plan(x.shape, W.shape, stride, pad, x.dtype)
+    plan = _conv_plan(x.shape, W.shape, stride, pad, x.dtype)
     packed, scratch = workspace.take_over(plan) if isinstance(workspace, ConvCache) else (None, {})
     if not plan.direct:
         out, cache = _unfolded_forward(x, W, b, plan, scratch)
@@ -213,7 +252,7 @@ def conv_forward(x, W, b, stride, pad, workspace, relu=False, for_backward=True,
     weights = _plan.pack_forward_weights(plan, W).reshape(-1)
     out_hw = (plan.out_h // 2, plan.out_w // 2) if pooled else (plan.out_h, plan.out_w)
     out = np.empty((plan.batch, plan.filters) + out_hw, dtype=x.dtype)
-    threads = min(plan.forward_threads(get_num_threads()), _thread_count(plan.batch, fwd.grid_elements))
+    threads = plan.forward_threads()
     kernel, arguments = _pass_kernel(plan, fwd, relu, pooled)
     if for_backward:  # the batch's padded planes, kept for backward
         grids = _thread_scratch(scratch, "forward", threads, [plan.forward_scratch], x.dtype)
@@ -230,7 +269,8 @@ def conv_backward(dout, cache, W, relu_out=None, input_gradient=True):
     if not plan.direct:
         if relu_out is not None:  # the ReLU's backward, into a new array (dout is the caller's)
             masked = np.empty_like(dout)
-            _split(_k.relu_gradient, dout.size, 1, dout.reshape(-1), relu_out.reshape(-1), masked.reshape(-1))
+            _split("relu_backward", dout.nbytes, _k.relu_gradient, dout.size, dout.reshape(-1), relu_out.reshape(-1),
+                   masked.reshape(-1))
             dout = masked
         return _unfolded_backward(dout, cache, W, input_gradient)
     # a fused ReLU's mask: applied where the kernels read dout
@@ -242,12 +282,10 @@ def conv_backward(dout, cache, W, relu_out=None, input_gradient=True):
     db_groups = np.empty((plan.groups, plan.filters), dtype=np.float64)
     bounds = np.array([first for first, _ in _plan.group_bounds(plan.batch, plan.groups)] + [plan.batch],
                       dtype=np.int64)
-    # with 32 vector registers, two blocks of output channels share each tile's x loads (as in the C kernels)
-    pair_blocks = plan.registers >= 32 and plan.w_blocks > 1
-    c_sizes, c_repeats, one_channel = _direct.channel_tile_runs(plan.channel_tiles, plan.filter_h * plan.filter_w,
-                                                                8 if pair_blocks else 16)
-    taps = _direct.tap_offsets(plan.filter_h, plan.filter_w, fwd.in_w) if one_channel else None
-    threads = plan.backward_threads(get_num_threads())
+    c_sizes, c_repeats, one_channel = _backward.channel_tile_runs(plan.channel_tiles, plan.filter_h * plan.filter_w,
+                                                                  plan.weight_tile_rows)
+    taps = _backward.tap_offsets(plan.filter_h, plan.filter_w, fwd.in_w) if one_channel else None
+    threads = plan.backward_threads()
     # dx: the forward's grid pass over dout, padded by FH - 1 - pad, with the filters transposed and flipped;
     # in the same pass as dW (each image's dout read once) where backward-data takes the grid tile
     dx = np.empty(cache.x_shape if input_gradient else (0,) + cache.x_shape[1:], dtype=plan.dtype)
@@ -258,21 +296,23 @@ def conv_backward(dout, cache, W, relu_out=None, input_gradient=True):
     bd_kernel, bd_arguments = _pass_kernel(plan, bd, False) if input_gradient else (None, ())
     # the grid pass's geometry (up to its lanes); None: the kernel is compiled without its dx part
     dx_pass = borders + bd_arguments[:7] if fused_dx else None
+    # dout transposed (the plan's size; for one input channel it holds the cython kernels' bordered blocks,
+    # of which these kernels use the start), then the dx pass's planes and grid, as a pass of its own takes them
     buffers = _thread_scratch(cache.scratch, "weights", threads,
-                              [plan.w_blocks * plan.out_h * plan.out_w * plan.lanes,
-                               bd.image_stride if fused_dx else 0, bd.grid_elements if fused_dx else 0], plan.dtype)
-    _run_counted(_direct.weight_gradient_groups,
+                              [plan.backward_buffers.transposed, bd.image_stride if fused_dx else 0,
+                               bd.grid_elements if fused_dx else 0], plan.dtype)
+    _run_counted(_backward.weight_gradient_groups,
                  (packed, dout, mask, dW_groups, db_groups, dx, weights_t, zeros),
                  (bounds, fwd.image_stride, plan.channels, plan.filter_h, plan.filter_w, fwd.in_h, fwd.in_w,
-                  c_sizes, c_repeats, taps, _direct.token(2 if pair_blocks else 1), _direct.token(plan.lanes),
+                  c_sizes, c_repeats, taps, _simd.token(2 if plan.pair_blocks else 1), _simd.token(plan.lanes),
                   dx_pass), buffers)
     dW_sum = dW_groups.sum(axis=0).reshape(plan.w_blocks, plan.channels, plan.filter_h, plan.filter_w, plan.lanes)
-    dW = _direct.weight_gradient_to_nchw(dW_sum, plan.filters)
+    dW = _backward.weight_gradient_to_nchw(dW_sum, plan.filters)
     db = db_groups.sum(axis=0).astype(plan.dtype)
     if not input_gradient:
         return None, dW, db
     if not fused_dx:  # the channels-in-lanes tile: a pass of its own
-        threads = min(plan.forward_threads(get_num_threads()), _thread_count(plan.batch, bd.grid_elements))
+        threads = plan.backward_data_threads()
         buffers = _thread_scratch(cache.scratch, "data", threads, [bd.image_stride, bd.grid_elements], plan.dtype)
         _run_counted(bd_kernel, (dout, mask, weights_t, zeros, dx), (0, bd.image_stride) + borders + bd_arguments,
                      buffers)
@@ -304,36 +344,9 @@ def _unfolded_backward(dout, cache, W, input_gradient):
 
 # --------------------------------------------------------------------------- max pooling
 
-class PoolCache:
-    """Where each pooling output took its maximum from; the book's ``arg_max`` on request."""
-
-    __slots__ = ("source", "pool_h", "pool_w", "stride", "pad", "x_shape", "dtype", "out_hw")
-
-    def __init__(self, source, pool_h, pool_w, stride, pad, x_shape, dtype, out_hw):
-        self.source = source  # like the output: y*W + x of the maximum in its plane, -1 for padding
-        self.pool_h = pool_h
-        self.pool_w = pool_w
-        self.stride = stride
-        self.pad = pad
-        self.x_shape = x_shape
-        self.dtype = dtype
-        self.out_hw = out_hw
-
-    @property
-    def arg_max(self):
-        """The book's flat ``arg_max``: the window index ky*pool_w + kx of each maximum, in (n, y, x, c) order."""
-        W = self.x_shape[3]
-        out_h, out_w = self.out_hw
-        y0 = np.arange(out_h)[:, None] * self.stride - self.pad
-        x0 = np.arange(out_w)[None, :] * self.stride - self.pad
-        k = (self.source // W - y0) * self.pool_w + (self.source % W - x0)
-        k[self.source < 0] = 0  # a padded cell wins only as the window's first cell
-        return k.transpose(0, 2, 3, 1).reshape(-1)
-
-
 def conv_relu_pool_forward(x, W, b, stride, pad, pool_h, pool_w, pool_stride, pool_pad, workspace):
     book_pooling = (pool_h, pool_w, pool_stride, pool_pad) == (2, 2, 2, 0)
-    if book_pooling and _direct.plan(x.shape, W.shape, stride, pad, x.dtype).direct:
+    if book_pooling and _conv_plan(x.shape, W.shape, stride, pad, x.dtype).direct:
         return conv_forward(x, W, b, stride, pad, workspace, True, False, pooled=True)  # pooled in the kernel
     out, cache = conv_forward(x, W, b, stride, pad, workspace, True, False)  # pooled in a pass of its own
     return maxpool_forward(out, pool_h, pool_w, pool_stride, pool_pad, None)[0], cache
@@ -346,15 +359,14 @@ def maxpool_forward(x, pool_h, pool_w, stride, pad, workspace):
     source = getattr(workspace, "source", None)
     if source is None or source.shape != out.shape:
         source = np.empty(out.shape, dtype=np.int32)
-    _split(_k.maxpool_forward, N, C * H * W, x, pool_h, pool_w, stride, pad, out, source)
+    _split("pool", x.size, _k.maxpool_forward, N, x, pool_h, pool_w, stride, pad, out, source)
     cache = PoolCache(source, pool_h, pool_w, stride, pad, x.shape, x.dtype, (out_h, out_w))
     return out, cache
 
 
 def maxpool_backward(dout, cache):
-    N, C, H, W = cache.x_shape
     dx = np.empty(cache.x_shape, dtype=cache.dtype)
-    _split(_k.maxpool_backward, N, C * H * W, dout, cache.source, dx)
+    _split("pool", dx.size, _k.maxpool_backward, dx.shape[0], dout, cache.source, dx)
     return dx
 
 
@@ -363,11 +375,11 @@ def maxpool_backward(dout, cache):
 def relu_forward(x):
     out = np.empty_like(x)
     mask = np.empty(x.shape, dtype=np.bool_)
-    _split(_k.relu_forward, x.size, 1, x.reshape(-1), out.reshape(-1), mask.reshape(-1))
+    _split("relu_forward", x.nbytes, _k.relu_forward, x.size, x.reshape(-1), out.reshape(-1), mask.reshape(-1))
     return out, mask
 
 
 def relu_backward(dout, mask):
-    _split(_k.relu_backward, dout.size, 1, dout.reshape(-1), mask.reshape(-1))
+    _split("relu_backward", dout.nbytes, _k.relu_backward, dout.size, dout.reshape(-1), mask.reshape(-1))
     return dout
 
