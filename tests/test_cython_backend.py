@@ -9,8 +9,8 @@ import pytest
 from threadpoolctl import threadpool_info
 
 import fastconv
-from fastconv import info, kernels
-from fastconv._ext import _parallel
+from fastconv import _threads, info, kernels
+from fastconv._ext import _im2col, _parallel, _pool
 from fastconv.backends import reference
 from fastconv.layers import Convolution, Pooling
 from fastconv.models import DeepConvNet
@@ -183,10 +183,10 @@ def run_every_kernel(backend, rng_seed, dtype):
     direct_grads = kernels.conv_backward(rng.standard_normal(direct_out.shape).astype(dtype), direct_cache, W)
     col = kernels.im2col(x, 3, 2, 1, 1)
     folded = kernels.col2im(col, x.shape, 3, 2, 1, 1)
-    pool_in = np.round(rng.standard_normal((2, backend.MIN_POOL_CELLS_PER_THREAD)).astype(dtype)).reshape(16, -1, 32, 32)
+    pool_in = np.round(rng.standard_normal((2, _threads.LEAST_WORK["pool"])).astype(dtype)).reshape(16, -1, 32, 32)
     pooled, pool_cache = kernels.maxpool_forward(pool_in, 3, 3, 2, 1)
     pool_dx = kernels.maxpool_backward(rng.standard_normal(pooled.shape).astype(dtype), pool_cache)
-    relu_bytes = 2 * max(backend.MIN_RELU_FORWARD_BYTES_PER_THREAD, backend.MIN_RELU_BACKWARD_BYTES_PER_THREAD)
+    relu_bytes = 2 * max(_threads.LEAST_WORK["relu_forward"], _threads.LEAST_WORK["relu_backward"])
     relu_in = rng.standard_normal(relu_bytes // np.dtype(dtype).itemsize).astype(dtype)
     relu_out, mask = kernels.relu_forward(relu_in)
     relu_dx = kernels.relu_backward(rng.standard_normal(mask.shape).astype(dtype), mask)
@@ -235,3 +235,30 @@ def test_chapter8_network_gradient_matches_reference(cython_backend, dtype):
     assert grads.keys() == expected.keys()
     for key in grads:
         assert_close_to_reference(grads[key], expected[key])
+
+
+@pytest.mark.parametrize("geometry", [(3, 3, 2, 1), (2, 2, 1, 1), (3, 3, 1, 1), (2, 2, 2, 0), (4, 4, 3, 2)])
+def test_pool_cache_arg_max_is_the_references(cython_backend, geometry, rng, dtype):
+    # source (y * W + x of each maximum, -1 where padding won) read as the book's arg_max
+    pool_h, pool_w, stride, pad = geometry
+    x = rng.integers(-1, 2, (2, 3, 7, 8)).astype(dtype)  # many ties
+    x[rng.random(x.shape) < 0.1] = -np.inf  # windows where a padded cell comes first and ties
+    x[rng.random(x.shape) < 0.03] = np.nan
+    out, cache = cython_backend.maxpool_forward(x, pool_h, pool_w, stride, pad, None)
+    expected_out, expected_cache = reference.maxpool_forward(x, pool_h, pool_w, stride, pad, None)
+    np.testing.assert_array_equal(out, expected_out)
+    np.testing.assert_array_equal(cache.arg_max, expected_cache.arg_max)
+
+
+def test_the_extensions_refuse_sizes_that_do_not_match_their_arrays():
+    x = np.zeros((2, 3, 6, 6))
+    col = np.empty((2 * 6 * 6, 3 * 9))
+    scratch = np.empty(col.size)
+    with pytest.raises(ValueError):  # 5 x 5 windows per image, but col has rows for 6 x 6
+        _im2col.im2col(x, col, 3, 3, 1, 1, 5, 5, scratch, 1)
+    with pytest.raises(ValueError):
+        _im2col.col2im(col, x, 3, 3, 1, 1, 6, 7, scratch, 1)
+    with pytest.raises(ValueError):  # more 2 x 2 windows than the planes hold
+        _pool.maxpool_forward(x, np.empty((2, 3, 4, 3)), np.empty(2 * 3 * 4 * 3, dtype=np.intc), 2, 2, 2, 0, 1)
+    with pytest.raises(ValueError):
+        _pool.maxpool_forward(x, np.empty((2, 3, 3, 3)), np.empty(7, dtype=np.intc), 2, 2, 2, 0, 1)

@@ -90,18 +90,18 @@ cpdef Py_ssize_t scratch_per_thread(Py_ssize_t K, Py_ssize_t FN, Py_ssize_t bloc
 def conv_forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w2, const floating[::1] b,
                  floating[:, :, ::1] out, floating[::1] scratch,
                  Py_ssize_t filter_h, Py_ssize_t filter_w, Py_ssize_t stride, Py_ssize_t pad,
-                 Py_ssize_t block, Py_ssize_t tile_lines, int num_threads):
-    """out (N, FN, out_h*out_w) = convolution of x with W2 (FN, C*FH*FW), plus b.
+                 Py_ssize_t out_h, Py_ssize_t out_w, Py_ssize_t block, Py_ssize_t tile_lines, int num_threads):
+    """out (N, FN, out_h*out_w) = convolution of x with W2 (FN, C*FH*FW), plus b; out_h x out_w is the
+    caller's output size.
 
     Work comes in pieces: ``block`` images, or (with block = 1) ``tile_lines``
     output lines of one image.
     """
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t FN = w2.shape[0], K = w2.shape[1]
-    cdef Py_ssize_t out_h = (H + 2 * pad - filter_h) // stride + 1
-    cdef Py_ssize_t out_w = (W + 2 * pad - filter_w) // stride + 1
     cdef Py_ssize_t HW = out_h * out_w
     cdef Py_ssize_t per_thread = scratch_per_thread(K, FN, block, HW)
+    _check_geometry(filter_h, filter_w, stride, pad, out_h, out_w)
     if K != C * filter_h * filter_w or b.shape[0] != FN:
         raise ValueError("W2 or b does not match x and the filter size")
     if out.shape[0] != N or out.shape[1] != FN or out.shape[2] != HW:
@@ -117,6 +117,13 @@ def conv_forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w2, cons
     cdef fc_task_fn work = _forward_float if floating is float else _forward_double
     with nogil:
         run_tasks(num_threads, work, &job)
+
+
+cdef void _check_geometry(Py_ssize_t filter_h, Py_ssize_t filter_w, Py_ssize_t stride, Py_ssize_t pad,
+                          Py_ssize_t out_h, Py_ssize_t out_w) except *:
+    # any number of windows is safe to unfold (cells outside the image are padding), but not a negative one
+    if filter_h < 1 or filter_w < 1 or stride < 1 or pad < 0 or out_h < 1 or out_w < 1:
+        raise ValueError("filter sizes, stride and output sizes must be >= 1, pad >= 0")
 
 
 cdef void _fill(_Job *job, const void *x, const void *w2, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
@@ -182,7 +189,7 @@ def conv_backward(const floating[:, :, :, ::1] x, const floating[:, ::1] w2, con
                   floating[:, :, :, ::1] dx, floating[:, ::1] dw2, floating[::1] db,
                   floating[:, ::1] dw_groups, double[:, ::1] db_groups, floating[::1] scratch,
                   Py_ssize_t filter_h, Py_ssize_t filter_w, Py_ssize_t stride, Py_ssize_t pad,
-                  Py_ssize_t block, Py_ssize_t tile_lines, int num_threads):
+                  Py_ssize_t out_h, Py_ssize_t out_w, Py_ssize_t block, Py_ssize_t tile_lines, int num_threads):
     """Fill dx (N, C, H, W), dw2 (FN, C*FH*FW) and db (FN,) from dout (N, FN, out_h*out_w).
 
     ``dw_groups`` (G, C*FH*FW*FN: dW transposed) and ``db_groups`` (G, FN) hold the sums of
@@ -191,11 +198,10 @@ def conv_backward(const floating[:, :, :, ::1] x, const floating[:, ::1] w2, con
     """
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t FN = w2.shape[0], K = w2.shape[1]
-    cdef Py_ssize_t out_h = (H + 2 * pad - filter_h) // stride + 1
-    cdef Py_ssize_t out_w = (W + 2 * pad - filter_w) // stride + 1
     cdef Py_ssize_t HW = out_h * out_w
     cdef Py_ssize_t G = dw_groups.shape[0]
     cdef Py_ssize_t per_thread = scratch_per_thread(K, FN, block, HW)
+    _check_geometry(filter_h, filter_w, stride, pad, out_h, out_w)
     if K != C * filter_h * filter_w:
         raise ValueError("W2 does not match x and the filter size")
     if dout.shape[0] != N or dout.shape[1] != FN or dout.shape[2] != HW:

@@ -24,15 +24,15 @@ cdef struct _Job:
 
 def im2col(const floating[:, :, :, ::1] x, floating[:, ::1] col,
            Py_ssize_t filter_h, Py_ssize_t filter_w, Py_ssize_t stride, Py_ssize_t pad,
-           floating[::1] scratch, int num_threads):
-    """Fill ``col`` (N*out_h*out_w, C*filter_h*filter_w) with the windows of ``x``.
+           Py_ssize_t out_h, Py_ssize_t out_w, floating[::1] scratch, int num_threads):
+    """Fill ``col`` (N*out_h*out_w, C*filter_h*filter_w) with the windows of ``x``; out_h x out_w
+    windows per image (the caller's output size).
 
     ``scratch`` holds C*filter_h*filter_w*out_h*out_w elements per thread.
     """
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
-    cdef Py_ssize_t out_h = (H + 2 * pad - filter_h) // stride + 1
-    cdef Py_ssize_t out_w = (W + 2 * pad - filter_w) // stride + 1
     cdef Py_ssize_t K = C * filter_h * filter_w, HW = out_h * out_w
+    _check(filter_h, filter_w, stride, pad, out_h, out_w)
     if col.shape[0] != N * HW or col.shape[1] != K:
         raise ValueError("col has the wrong shape")
     if scratch.shape[0] < num_threads * K * HW:
@@ -48,12 +48,12 @@ def im2col(const floating[:, :, :, ::1] x, floating[:, ::1] col,
 
 def col2im(const floating[:, ::1] col, floating[:, :, :, ::1] x,
            Py_ssize_t filter_h, Py_ssize_t filter_w, Py_ssize_t stride, Py_ssize_t pad,
-           floating[::1] scratch, int num_threads):
-    """Overwrite ``x`` with the sum of the windows in ``col`` put back where they came from."""
+           Py_ssize_t out_h, Py_ssize_t out_w, floating[::1] scratch, int num_threads):
+    """Overwrite ``x`` with the sum of the windows in ``col`` (out_h x out_w per image) put back where
+    they came from."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
-    cdef Py_ssize_t out_h = (H + 2 * pad - filter_h) // stride + 1
-    cdef Py_ssize_t out_w = (W + 2 * pad - filter_w) // stride + 1
     cdef Py_ssize_t K = C * filter_h * filter_w, HW = out_h * out_w
+    _check(filter_h, filter_w, stride, pad, out_h, out_w)
     if col.shape[0] != N * HW or col.shape[1] != K:
         raise ValueError("col has the wrong shape")
     if scratch.shape[0] < num_threads * K * HW:
@@ -65,6 +65,13 @@ def col2im(const floating[:, ::1] col, floating[:, :, :, ::1] x,
     cdef fc_task_fn work = _col2im_float if floating is float else _col2im_double
     with nogil:
         run_tasks(num_threads, work, &job)
+
+
+cdef void _check(Py_ssize_t filter_h, Py_ssize_t filter_w, Py_ssize_t stride, Py_ssize_t pad, Py_ssize_t out_h,
+                 Py_ssize_t out_w) except *:
+    # any number of windows is safe to unfold (cells outside the image are padding), but not a negative one
+    if filter_h < 1 or filter_w < 1 or stride < 1 or pad < 0 or out_h < 0 or out_w < 0:
+        raise ValueError("filter sizes and stride must be >= 1, pad and output sizes >= 0")
 
 
 cdef _Job _job(const void *source, void *target, void *scratch, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H,

@@ -24,6 +24,9 @@ cdef enum:
     # planes handed to a thread at a time
     PLANES_PER_TASK = 16
 
+# the same, for the caller's count of tasks
+TASK_PLANES = PLANES_PER_TASK
+
 
 cdef struct _Job:
     const void *x
@@ -38,12 +41,17 @@ cdef struct _Job:
 def maxpool_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out, int[::1] source,
                     Py_ssize_t pool_h, Py_ssize_t pool_w, Py_ssize_t stride, Py_ssize_t pad,
                     int num_threads):
-    """Fill ``out`` (N, C, out_h, out_w) and ``source`` (N*C*out_h*out_w,)."""
+    """Fill ``out`` (N, C, out_h, out_w: the caller's output size) and ``source`` (N*C*out_h*out_w,)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t out_h = out.shape[2], out_w = out.shape[3]
-    if (out.shape[0] != N or out.shape[1] != C
-            or out_h != (H + 2 * pad - pool_h) // stride + 1 or out_w != (W + 2 * pad - pool_w) // stride + 1):
+    if out.shape[0] != N or out.shape[1] != C:
         raise ValueError("out has the wrong shape")
+    if pool_h < 1 or pool_w < 1 or stride < 1 or pad < 0:
+        raise ValueError("pool sizes and stride must be >= 1, pad >= 0")
+    # windows outside the image are compared exactly (as -inf), except by the 2 x 2 kernel, which reads
+    # the cells of every window it is given
+    if pool_h == 2 and pool_w == 2 and stride == 2 and pad == 0 and (2 * out_h > H or 2 * out_w > W):
+        raise ValueError("out has more 2 x 2 windows than x holds")
     if source.shape[0] != N * C * out_h * out_w:
         raise ValueError("source has the wrong size")
     if N * C == 0 or out_h * out_w == 0:

@@ -7,6 +7,9 @@ cdef enum:
     # elements handed to a thread at a time
     BLOCK = 1 << 15
 
+# the same, for the caller's count of tasks
+TASK_ELEMENTS = BLOCK
+
 
 cdef struct _Job:
     const void *values   # x, or dout for backward
@@ -16,8 +19,15 @@ cdef struct _Job:
     long next
 
 
+cdef inline bint _relu_off(floating x) noexcept nogil:
+    """The ReLU's rule: off (output and gradient zero) where x <= 0; a NaN keeps it on, as the book's
+    mask x <= 0 does."""
+    return x <= 0
+
+
 def relu_forward(const floating[::1] x, floating[::1] out, unsigned char[::1] mask, int num_threads):
-    """out = x where x > 0, else 0; mask = (x <= 0). NaN passes through with mask False."""
+    """out = x where the ReLU is on, else 0; mask = where it is off (x <= 0). NaN passes through with mask
+    False."""
     cdef Py_ssize_t size = x.shape[0]
     if out.shape[0] != size or mask.shape[0] != size:
         raise ValueError("x, out and mask must have the same size")
@@ -89,9 +99,9 @@ cdef inline void _relu_block(const floating *x, floating *out, unsigned char *ma
     # selects; in one loop the float64 select became a mispredicted branch
     cdef Py_ssize_t i
     for i in range(count):
-        out[i] = 0 if x[i] <= 0 else x[i]
+        out[i] = 0 if _relu_off(x[i]) else x[i]
     for i in range(count):
-        mask[i] = x[i] <= 0
+        mask[i] = _relu_off(x[i])
 
 
 cdef inline void _mask_block(floating *dout, const unsigned char *mask, Py_ssize_t count) noexcept nogil:

@@ -8,10 +8,8 @@
 #include <unistd.h>
 
 #define FC_POOL_MAX_THREADS 256 /* the caller and 255 workers */
-/* How long an idle thread polls for new work before it sleeps: long enough to
-   catch the next kernel of a layer sequence, short enough not to matter to
-   anyone else. */
-#define FC_POOL_SPIN_NS 100000L
+/* How long an idle thread polls for new work before it sleeps (fc_pool_set_poll_ns); 0 until set. */
+static long poll_ns;
 
 static pthread_mutex_t run_lock = PTHREAD_MUTEX_INITIALIZER;  /* one run at a time */
 static pthread_mutex_t state_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -43,10 +41,10 @@ static long now_ns(void)
     return (long)t.tv_sec * 1000000000L + t.tv_nsec;
 }
 
-/* Polls until *word differs from seen (or for FC_POOL_SPIN_NS); returns 1 when it changed. */
+/* Polls until *word differs from seen (or for poll_ns); returns 1 when it changed. */
 static int spin_until_changed_ul(const unsigned long *word, unsigned long seen)
 {
-    long deadline = now_ns() + FC_POOL_SPIN_NS;
+    long deadline = now_ns() + __atomic_load_n(&poll_ns, __ATOMIC_RELAXED);
     for (;;) {
         for (int i = 0; i < 64; i++) {
             if (__atomic_load_n(word, __ATOMIC_ACQUIRE) != seen)
@@ -60,7 +58,7 @@ static int spin_until_changed_ul(const unsigned long *word, unsigned long seen)
 
 static int spin_until_zero(const int *word)
 {
-    long deadline = now_ns() + FC_POOL_SPIN_NS;
+    long deadline = now_ns() + __atomic_load_n(&poll_ns, __ATOMIC_RELAXED);
     for (;;) {
         for (int i = 0; i < 64; i++) {
             if (__atomic_load_n(word, __ATOMIC_ACQUIRE) == 0)
@@ -144,6 +142,8 @@ static int start_workers(int wanted)
 
 int fc_pool_threaded(void) { return 1; }
 
+void fc_pool_set_poll_ns(long ns) { __atomic_store_n(&poll_ns, ns > 0 ? ns : 0, __ATOMIC_RELAXED); }
+
 int fc_pool_run(int num_threads, fc_task_fn fn, void *arg)
 {
     if (num_threads > FC_POOL_MAX_THREADS)
@@ -188,6 +188,8 @@ int fc_pool_run(int num_threads, fc_task_fn fn, void *arg)
 #else /* serial build */
 
 int fc_pool_threaded(void) { return 0; }
+
+void fc_pool_set_poll_ns(long ns) { (void)ns; }
 
 int fc_pool_run(int num_threads, fc_task_fn fn, void *arg)
 {

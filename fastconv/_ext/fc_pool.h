@@ -5,9 +5,10 @@
  * returned. Work is handed out inside fn through an atomic counter
  * (fc_next_task), so the result never depends on which thread ran what.
  *
- * Idle workers spin for a short while (FC_POOL_SPIN_NS) to catch the next
- * kernel of a sequence, then sleep on a condition variable: they never hold
- * a core for long after the work is done. The pool touches no environment
+ * Idle workers, and a caller waiting for them, poll for a short while
+ * (fc_pool_set_poll_ns) to catch the next kernel of a sequence, then sleep on
+ * a condition variable: they never hold a core for long after the work is
+ * done. The pool touches no environment
  * variable and no other library's threads. After fork() the child starts
  * with an empty pool (its threads did not survive) and builds a new one.
  * A call made while another thread is using the pool runs on its caller
@@ -23,6 +24,10 @@ int fc_pool_run(int num_threads, fc_task_fn fn, void *arg);
 
 /* 1 when built with threads, 0 in a serial build. */
 int fc_pool_threaded(void);
+
+/* How long an idle thread polls for new work before it sleeps, in nanoseconds (0, the start: it sleeps at
+   once). The backend sets it at import from fastconv._threads.POLL_MICROSECONDS. */
+void fc_pool_set_poll_ns(long ns);
 
 /* The next task number of a counter shared by the threads of one run. */
 static inline long fc_next_task(long *counter)

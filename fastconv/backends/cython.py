@@ -9,9 +9,15 @@ a pad of the filter size or more) unfold a block of images at a time into a
 cache-sized buffer and multiply it with the filters there through SciPy's BLAS
 (``fastconv/_ext/_conv.pyx``); ``conv_engine("im2col")`` forces that path.
 
-Threading: every kernel splits its work over ``get_num_threads()`` threads of
-one pool (``fastconv/_ext/fc_pool.c``), whose idle threads poll briefly and then
-sleep; the GEMMs of the im2col path run inside it on a BLAS held to a single
+Output sizes are computed here (``fastconv._plan.output_size``) and passed to
+the extensions, which check them against the arrays they are given.
+
+Threading: every kernel splits its work over at most ``get_num_threads()``
+threads of one pool (``fastconv/_ext/fc_pool.c``), as many as
+``fastconv._threads.threads_for`` gives for its tasks and work (the
+convolutions through the plan's ``forward_threads`` and ``backward_threads``);
+idle threads poll for ``fastconv._threads.POLL_MICROSECONDS`` and then sleep;
+the GEMMs of the im2col path run inside it on a BLAS held to a single
 thread for the duration of the call (its previous setting is restored
 afterwards). Nothing process-wide is changed.
 
@@ -32,9 +38,11 @@ import contextlib
 import numpy as np
 
 from fastconv import _plan
-from fastconv._threads import get_num_threads
+from fastconv._checks import relu_mask
+from fastconv._threads import POLL_MICROSECONDS, get_num_threads, threads_for
 from fastconv.backends._blas import affine_backward, affine_forward  # noqa: F401  (part of the interface)
 from fastconv.backends._blas import single_threaded_blas as _single_threaded_blas
+from fastconv.backends._shared import PoolCache
 
 try:
     from fastconv._ext import _conv
@@ -55,18 +63,12 @@ GEMM_COLUMNS = 256
 # are still in cache when the GEMM reads them (0: whole images).
 TILE_BYTES = 1 << 17
 
-# Least work that earns a thread of its own, about 100 us: waking a sleeping
-# thread costs tens of microseconds on an idle machine, and milliseconds on a
-# busy one, where it has to wait for a core. Convolutions always have enough.
-# ReLU is bound by memory traffic: a second thread pays from a few MB on
-# (measured on the network's activations, float32 and float64).
-MIN_RELU_FORWARD_BYTES_PER_THREAD = 3 << 19
-MIN_RELU_BACKWARD_BYTES_PER_THREAD = 5 << 19
-MIN_POOL_CELLS_PER_THREAD = 1 << 17
-
 CONV_ENGINES = ("direct", "im2col")
 
 _THREADED = _parallel.threaded()
+_parallel.set_poll_ns(POLL_MICROSECONDS * 1000)
+
+
 _VARIANTS = tuple(v for v in _plan.VARIANTS if _direct.available(v))
 _variant = _VARIANTS[0]
 # The portable variant's 128-bit vectors lose to the BLAS GEMMs of the im2col path (2 to 3 times slower
@@ -141,32 +143,15 @@ class ConvCache:
         self.dw_groups = dw_groups
 
 
-class PoolCache:
-    """Where each pooling output took its maximum from (see ``_pool.pyx``)."""
-
-    __slots__ = ("source", "pool_h", "pool_w", "stride", "pad", "x_shape", "dtype", "out_hw")
-
-    def __init__(self, source, pool_h, pool_w, stride, pad, x_shape, dtype, out_hw):
-        self.source = source
-        self.pool_h = pool_h
-        self.pool_w = pool_w
-        self.stride = stride
-        self.pad = pad
-        self.x_shape = x_shape
-        self.dtype = dtype
-        self.out_hw = out_hw
-
-
-def _threads(work, least_per_thread=1):
-    """Threads for ``work`` units, each thread getting at least ``least_per_thread`` of them."""
-    if work < 2 * least_per_thread or not _THREADED:
-        return 1
-    return min(get_num_threads(), work // least_per_thread)
-
-
 def parallel_threads():
-    """Threads the kernels run on now: ``get_num_threads()``, or 1 in a build without threads."""
+    """Threads the kernels run on now: ``get_num_threads()``, or 1 in a build without threads (asked of the
+    pool, which starts its threads for it)."""
     return _parallel.team_size(get_num_threads())
+
+
+def _most_threads():
+    """The most threads a kernel may wake: ``get_num_threads()``, or 1 in a build without threads."""
+    return get_num_threads() if _THREADED else 1
 
 
 def _buffer(owner, name, size, dtype):
@@ -182,17 +167,20 @@ def im2col(x, filter_h, filter_w, stride, pad):
     out_h = _plan.output_size(H, filter_h, stride, pad)
     out_w = _plan.output_size(W, filter_w, stride, pad)
     col = np.empty((N * out_h * out_w, C * filter_h * filter_w), dtype=x.dtype)
-    threads = _threads(N)
+    threads = threads_for(N, col.size, "unfold", _most_threads())
     scratch = np.empty(threads * col.shape[1] * out_h * out_w, dtype=x.dtype)
-    _im2col.im2col(x, col, filter_h, filter_w, stride, pad, scratch, threads)
+    _im2col.im2col(x, col, filter_h, filter_w, stride, pad, out_h, out_w, scratch, threads)
     return col
 
 
 def col2im(col, x_shape, filter_h, filter_w, stride, pad):
+    N, C, H, W = x_shape
+    out_h = _plan.output_size(H, filter_h, stride, pad)
+    out_w = _plan.output_size(W, filter_w, stride, pad)
     x = np.empty(x_shape, dtype=col.dtype)
-    threads = _threads(x_shape[0])
-    scratch = np.empty(threads * col.size // x_shape[0], dtype=col.dtype)
-    _im2col.col2im(col, x, filter_h, filter_w, stride, pad, scratch, threads)
+    threads = threads_for(N, col.size, "unfold", _most_threads())
+    scratch = np.empty(threads * col.size // N, dtype=col.dtype)
+    _im2col.col2im(col, x, filter_h, filter_w, stride, pad, out_h, out_w, scratch, threads)
     return x
 
 
@@ -222,7 +210,7 @@ def conv_backward(dout, cache, W, relu_out=None, input_gradient=True):
     if cache.plan is not None:
         return _direct_backward(dout, cache, W, relu_out, input_gradient)
     if relu_out is not None:
-        dout = relu_backward(dout.copy(), relu_out <= 0)
+        dout = relu_backward(dout.copy(), relu_mask(relu_out))
     return _im2col_backward(dout, cache, W)  # dx always: it comes out of the same pass as dW
 
 
@@ -230,7 +218,8 @@ def conv_relu_pool_forward(x, W, b, stride, pad, pool_h, pool_w, pool_stride, po
     FN, C, FH, FW = W.shape
     if (_engine == "direct" and _plan.direct_supported(FH, FW, stride, pad)
             and (pool_h, pool_w, pool_stride, pool_pad) == (2, 2, 2, 0)):
-        return _direct_forward(x, W, b, stride, pad, workspace, True, False, pooled=True)
+        return _direct_forward(x, W, b, stride, pad, workspace, True, False,
+                               pool=(pool_h, pool_w, pool_stride, pool_pad))
     out, cache = conv_forward(x, W, b, stride, pad, workspace, True, False)  # pooled in a pass of its own
     return maxpool_forward(out, pool_h, pool_w, pool_stride, pool_pad, None)[0], cache
 
@@ -243,12 +232,14 @@ def _take_over(workspace, name, size, dtype):
     return buffer
 
 
-def _direct_forward(x, W, b, stride, pad, workspace, relu, for_backward, pooled=False):
-    """(out, cache); with ``pooled``, (out's 2 x 2 max pooling, cache), out itself never written."""
+def _direct_forward(x, W, b, stride, pad, workspace, relu, for_backward, pool=None):
+    """(out, cache); with ``pool`` ((pool_h, pool_w, stride, pad) = (2, 2, 2, 0)), (out's max pooling, cache),
+    out itself never written."""
     plan = _plan.conv_plan(x.shape, W.shape, stride, pad, x.dtype, _variant)
-    threads = plan.forward_threads(get_num_threads()) if _THREADED else 1
+    most = _most_threads()
+    threads = plan.forward_threads(most)
     # one scratch serves forward and backward
-    most_threads = max(threads, plan.backward_threads(get_num_threads()) if _THREADED else 1)
+    most_threads = max(threads, plan.backward_threads(most))
     scratch_stride = _scratch_stride(plan)
     scratch = _take_over(workspace, "scratch", most_threads * scratch_stride, x.dtype)
     if for_backward:
@@ -257,11 +248,16 @@ def _direct_forward(x, W, b, stride, pad, workspace, relu, for_backward, pooled=
         packed = getattr(workspace, "packed", None)
     bias = np.zeros(plan.forward.k_padded, dtype=x.dtype)
     bias[:plan.filters] = b
-    out = np.empty((plan.batch, plan.filters) + ((plan.out_h // 2, plan.out_w // 2) if pooled else
-                                                 (plan.out_h, plan.out_w)), dtype=x.dtype)
-    _direct.conv_forward(plan.forward, plan.batch, x.reshape(-1), packed if for_backward else None, _packed_weights(W, plan.forward.k_tile, False),
-                         bias, None if pooled else out.reshape(-1), scratch, scratch_stride,
-                         _direct.VARIANTS.index(plan.variant), threads, relu, out.reshape(-1) if pooled else None)
+    out_hw = (plan.out_h, plan.out_w)
+    if pool is not None:
+        pool_h, pool_w, pool_stride, pool_pad = pool
+        out_hw = (_plan.output_size(plan.out_h, pool_h, pool_stride, pool_pad),
+                  _plan.output_size(plan.out_w, pool_w, pool_stride, pool_pad))
+    out = np.empty((plan.batch, plan.filters) + out_hw, dtype=x.dtype)
+    _direct.conv_forward(plan.forward, plan.batch, x.reshape(-1), packed if for_backward else None,
+                         _packed_weights(W, plan.forward.k_tile, False), bias, None if pool else out.reshape(-1),
+                         scratch, scratch_stride, _direct.VARIANTS.index(plan.variant), threads, relu,
+                         out.reshape(-1) if pool else None)
     dw_groups = getattr(workspace, "dw_groups", None)
     cache = ConvCache(x.shape, x.dtype, (plan.filter_h, plan.filter_w), stride, pad, (plan.out_h, plan.out_w),
                       plan=plan, packed=packed,
@@ -287,7 +283,7 @@ def _direct_backward(dout, cache, W, relu_out, input_gradient):
     if cache.packed is None:
         raise ValueError("this cache's buffers were taken over by a later forward call (it was passed as its "
                          "workspace): run backward before reusing a cache")
-    threads = plan.backward_threads(get_num_threads()) if _THREADED else 1
+    threads = plan.backward_threads(_most_threads())
     cache.scratch = _buffer(cache, "scratch", threads * cache.scratch_stride, plan.dtype)
     cache.dw_groups = _buffer(cache, "dw_groups", plan.groups * plan.dw_group_elements, plan.dtype)
     db_groups = np.empty(plan.groups * plan.filters, dtype=np.float64)
@@ -302,8 +298,9 @@ def _direct_backward(dout, cache, W, relu_out, input_gradient):
         weights = _packed_weights(W, plan.backward_data.k_tile, True)
     _direct.conv_backward(plan.forward, plan.backward_data, plan.batch, plan.lanes, plan.groups,
                           plan.one_channel_data, plan.dt_rows, plan.dt_cols, channel_tiles,
-                          cache.packed, dout.reshape(-1), weights, zeros, None if dx is None else dx.reshape(-1), cache.dw_groups, db_groups, dW.reshape(-1), db,
-                          cache.scratch, cache.scratch_stride, _direct.VARIANTS.index(plan.variant), threads,
+                          cache.packed, dout.reshape(-1), weights, zeros, None if dx is None else dx.reshape(-1),
+                          cache.dw_groups, db_groups, dW.reshape(-1), db, cache.scratch, cache.scratch_stride,
+                          _direct.VARIANTS.index(plan.variant), threads,
                           None if relu_out is None else relu_out.reshape(-1))
     return dx, dW, db
 
@@ -324,19 +321,26 @@ def _im2col_forward(x, W, b, stride, pad, workspace, out_h, out_w):
     FN, C, FH, FW = W.shape
     N = x.shape[0]
     block = _images_per_gemm(N, out_h * out_w)
-    threads = _threads(-(-N // block))
+    lines = _tile_lines(block, C * FH * FW, out_h, out_w, x.itemsize)
+    most = _most_threads()
+    pieces = -(-N // block) * -(-out_h // lines)
+    threads = threads_for(pieces, N * FN * out_h * out_w, "conv", most)
     # sized for backward too, so that one allocation serves both
     per_thread = _conv.scratch_per_thread(C * FH * FW, FN, block, out_h * out_w)
-    most_threads = max(threads, _threads(min(N, _plan.DW_GROUPS)))
+    most_threads = max(threads, _im2col_backward_threads(N, FN, out_h, out_w, most))
     scratch = _take_over(workspace, "scratch", most_threads * per_thread, x.dtype)
     out = np.empty((N, FN, out_h, out_w), dtype=x.dtype)
     with _single_threaded_blas:
         _conv.conv_forward(x, W.reshape(FN, -1), b, out.reshape(N, FN, out_h * out_w), scratch,
-                           FH, FW, stride, pad, block, _tile_lines(block, C * FH * FW, out_h, out_w, x.itemsize),
-                           threads)
+                           FH, FW, stride, pad, out_h, out_w, block, lines, threads)
     cache = ConvCache(x.shape, x.dtype, (FH, FW), stride, pad, (out_h, out_w), x=x.copy(), scratch=scratch,
                       dw_groups=getattr(workspace, "dw_groups", None))
     return out, cache
+
+
+def _im2col_backward_threads(N, FN, out_h, out_w, most):
+    """Threads for the im2col path's backward: one task per group of images."""
+    return threads_for(min(N, _plan.DW_GROUPS), N * FN * out_h * out_w, "conv", most)
 
 
 def _im2col_backward(dout, cache, W):
@@ -346,7 +350,7 @@ def _im2col_backward(dout, cache, W):
     out_h, out_w = cache.out_hw
     block = _images_per_gemm(N, out_h * out_w)
     groups = min(N, _plan.DW_GROUPS)
-    threads = _threads(groups)
+    threads = _im2col_backward_threads(N, FN, out_h, out_w, _most_threads())
     per_thread = _conv.scratch_per_thread(C * FH * FW, FN, block, out_h * out_w)
     cache.scratch = _buffer(cache, "scratch", threads * per_thread, x.dtype)
     cache.dw_groups = _buffer(cache, "dw_groups", groups * W.size, x.dtype)
@@ -358,7 +362,7 @@ def _im2col_backward(dout, cache, W):
     with _single_threaded_blas:
         _conv.conv_backward(x, W.reshape(FN, -1), dout.reshape(N, FN, out_h * out_w),
                             dx, dW.reshape(FN, -1), db, dw_groups, db_groups,
-                            cache.scratch, FH, FW, cache.stride, cache.pad, block,
+                            cache.scratch, FH, FW, cache.stride, cache.pad, out_h, out_w, block,
                             _tile_lines(block, C * FH * FW, out_h, out_w, x.itemsize), threads)
     return dx, dW, db
 
@@ -368,27 +372,33 @@ def maxpool_forward(x, pool_h, pool_w, stride, pad, workspace):
     out_h = _plan.output_size(H, pool_h, stride, pad)
     out_w = _plan.output_size(W, pool_w, stride, pad)
     out = np.empty((N, C, out_h, out_w), dtype=x.dtype)
-    source = _buffer(workspace, "source", N * C * out_h * out_w, np.dtype(np.intc))
-    threads = _threads(x.size, MIN_POOL_CELLS_PER_THREAD)
-    _pool.maxpool_forward(x, out, source[:out.size], pool_h, pool_w, stride, pad, threads)
+    # the cache's source is y * W + x of each maximum in its plane, -1 where padding won (_pool.pyx)
+    source = _buffer(workspace, "source", out.size, np.dtype(np.intc))[:out.size]
+    _pool.maxpool_forward(x, out, source, pool_h, pool_w, stride, pad, _pool_threads(N * C, x.size))
     return out, PoolCache(source, pool_h, pool_w, stride, pad, x.shape, x.dtype, (out_h, out_w))
 
 
 def maxpool_backward(dout, cache):
     dx = np.empty(cache.x_shape, dtype=cache.dtype)
-    _pool.maxpool_backward(dout, cache.source[:dout.size], dx, _threads(dx.size, MIN_POOL_CELLS_PER_THREAD))
+    planes = cache.x_shape[0] * cache.x_shape[1]
+    _pool.maxpool_backward(dout, cache.source, dx, _pool_threads(planes, dx.size))
     return dx
+
+
+def _pool_threads(planes, cells):
+    """Threads for pooling ``planes`` planes of ``cells`` input cells in all (a task: a few planes)."""
+    return threads_for(-(-planes // _pool.TASK_PLANES), cells, "pool", _most_threads())
 
 
 def relu_forward(x):
     out = np.empty_like(x)
     mask = np.empty(x.shape, dtype=np.bool_)
-    threads = _threads(x.nbytes, MIN_RELU_FORWARD_BYTES_PER_THREAD)
+    threads = threads_for(-(-x.size // _relu.TASK_ELEMENTS), x.nbytes, "relu_forward", _most_threads())
     _relu.relu_forward(x.reshape(-1), out.reshape(-1), mask.reshape(-1).view(np.uint8), threads)
     return out, mask
 
 
 def relu_backward(dout, mask):
-    threads = _threads(dout.nbytes, MIN_RELU_BACKWARD_BYTES_PER_THREAD)
+    threads = threads_for(-(-dout.size // _relu.TASK_ELEMENTS), dout.nbytes, "relu_backward", _most_threads())
     _relu.relu_backward(dout.reshape(-1), mask.reshape(-1).view(np.uint8), threads)
     return dout
