@@ -9,8 +9,8 @@ import pytest
 from threadpoolctl import threadpool_info
 
 import fastconv
-from fastconv import _threads, info, kernels
-from fastconv._ext import _im2col, _parallel, _pool
+from fastconv import _plan, _threads, info, kernels
+from fastconv._ext import _direct, _im2col, _parallel, _pool
 from fastconv.backends import reference
 from fastconv.layers import Convolution, Pooling
 from fastconv.models import DeepConvNet
@@ -235,6 +235,37 @@ def test_chapter8_network_gradient_matches_reference(cython_backend, dtype):
     assert grads.keys() == expected.keys()
     for key in grads:
         assert_close_to_reference(grads[key], expected[key])
+
+
+def test_compiled_variants_are_those_of_the_plan_in_its_order(cython_backend):
+    # dconv.h's list of variants (its enum) against _plan.VARIANTS, and what each is compiled with
+    assert _direct.VARIANTS == _plan.VARIANTS
+    for name in _plan.VARIANTS:
+        assert _direct.compiled_variant(name) in (None, (_plan.VECTOR_BYTES[name], _plan.REGISTERS[name]))
+    assert cython_backend.available_variants() == tuple(v for v in _plan.VARIANTS if _direct.available(v))
+
+
+@pytest.mark.parametrize("registers", sorted(_plan.FORWARD_TILES))
+def test_compiled_tiles_are_the_plans(registers):
+    # dconv_tiles.h is what is compiled, the plan what is asked for: the same tiles in the same order
+    assert _direct.tiles("forward", registers) == _plan.FORWARD_TILES[registers]
+    assert _direct.tiles("pixel", registers) == _plan.PIXEL_TILES[registers]
+    channel_tiles = _direct.tiles("channel", registers)
+    assert tuple(count for count, _, _ in channel_tiles) == _plan.CHANNEL_TILES[registers]
+    paired = {count for count, _, is_paired in channel_tiles if is_paired}
+    # every channel tile a plan that pairs blocks of output channels can cut is compiled paired
+    wanted = set()
+    for variant in _plan.VARIANTS:
+        if _plan.REGISTERS[variant] != registers:
+            continue
+        for dtype in (np.float32, np.float64):
+            lanes = _plan.LANES[variant][np.dtype(dtype)]
+            for channels in range(1, 40):
+                plan = _plan.conv_plan((2, channels, 6, 6), (3 * lanes, channels, 3, 3), 1, 1, dtype, variant)
+                if plan.pair_blocks:
+                    wanted |= {count for _, count in plan.channel_tiles}
+    assert paired == wanted
+    assert all(count <= _plan.PAIR_CHANNELS for count in paired)
 
 
 @pytest.mark.parametrize("geometry", [(3, 3, 2, 1), (2, 2, 1, 1), (3, 3, 1, 1), (2, 2, 2, 0), (4, 4, 3, 2)])

@@ -1,9 +1,11 @@
 /* Direct convolution kernels: the jobs they run and the variants they come in.
  *
- * The layouts, tiles and thread split are decided by fastconv/_plan.py; these
- * structs carry its numbers. Each variant (instruction set) is compiled from
- * dconv_impl.h in a file of its own (dconv_avx512.c, dconv_avx2.c,
- * dconv_generic.c) and chosen at run time by fc_dconv_functions.
+ * The layouts, tiles, pairing of output-channel blocks, buffer sizes and thread
+ * split are decided by fastconv/_plan.py; these structs carry its numbers. Each
+ * variant (instruction set) is compiled, through dconv_variant.h, from
+ * dconv_vector.h, dconv_forward.h and dconv_backward.h with the tiles of
+ * dconv_tiles.h, in a file of its own (dconv_avx512.c, dconv_avx2.c,
+ * dconv_generic.c), and chosen at run time by fc_dconv_functions.
  */
 #ifndef FASTCONV_DCONV_H
 #define FASTCONV_DCONV_H
@@ -27,6 +29,23 @@ static inline void fc_restore_fp(unsigned saved) { _mm_setcsr(saved); }
 static inline unsigned fc_flush_subnormals(void) { return 0; }
 static inline void fc_restore_fp(unsigned saved) { (void)saved; }
 #endif
+
+/* A kernel TASK_body(arg, thread) as the thread pool runs it, named TASK: subnormals flushed meanwhile. */
+#define FC_FLUSHING_TASK(TASK)                                                                       \
+    static void FC_NAME(TASK)(void *arg, int thread)                                                 \
+    {                                                                                                \
+        unsigned fp = fc_flush_subnormals();                                                         \
+        FC_NAME(TASK##_body)(arg, thread);                                                           \
+        fc_restore_fp(fp);                                                                           \
+    }
+
+/* The ReLU's rule, on a value or (GCC/Clang vector extensions) a vector of values y: the ReLU is off (its
+   output and its gradient are zero) where y <= 0; a NaN keeps it on, as the book's mask x <= 0 does. */
+#define fc_relu_off(y) ((y) <= (__typeof__(y)){0})
+
+/* Each thread's part of a kernel's scratch starts this many bytes late at most, to begin on a boundary
+   of this many bytes. */
+#define FC_SCRATCH_ALIGNMENT 64
 
 /* One run of the forward tile (see TilePass in _plan.py). */
 typedef struct {
@@ -55,8 +74,9 @@ typedef struct {
     void *scratch;          /* per thread: scratch_stride elements, aligned inside */
     long scratch_stride;
     int relu;               /* 1: out = max(convolution, 0), a ReLU fused into the output */
-    void *pooled;           /* NULL, or (N, K, out_h / 2, out_w / 2): out max-pooled over 2 x 2 windows with
+    void *pooled;           /* NULL, or (N, K, pooled_h, pooled_w): out max-pooled over 2 x 2 windows with
                                stride 2; out is then NULL (each image's output stays in thread scratch) */
+    int pooled_h, pooled_w;
     long next;              /* task counter */
 } fc_forward_job;
 
@@ -70,6 +90,9 @@ typedef struct {
     long dt_block;
     const int *channel_tiles; /* (first, count) pairs */
     int n_channel_tiles;
+    int pair_blocks;        /* 1: two blocks of lanes output channels through each channel tile at once */
+    long transposed, grid, planes, masked; /* elements of each part of a thread's scratch (the plan's
+                               backward_buffers), laid out in this order */
     const void *packed;     /* forward's padded planes */
     const void *dout;       /* (N, K, out_h, out_w) */
     const void *relu_out;   /* NULL, or a fused forward's output: dout is then the ReLU's, masked by it */
@@ -86,18 +109,36 @@ typedef struct {
 } fc_backward_job;
 
 typedef struct {
+    int vector_bytes;       /* bytes of one vector */
+    int registers;          /* vector registers the tiles may fill: the tiles of dconv_tiles.h it has */
     fc_task_fn forward;     /* fc_forward_job: one task per image */
     fc_task_fn backward;    /* fc_backward_job: one task per image group */
     fc_task_fn sum_groups;  /* fc_backward_job: dW from the groups, one task per (lane block, channel) */
     int (*has_tile)(int channel_lanes, int k_tile, int vectors); /* whether that forward tile is compiled */
+    int (*has_weights_tile)(int channels, int paired); /* whether that backward-weights tile is compiled */
 } fc_dconv_functions_t;
 
-enum { FC_AVX512 = 0, FC_AVX2 = 1, FC_GENERIC = 2, FC_VARIANTS = 3 };
+/* The variants, best first, as X(ID, name): the enum FC_<ID> (FC_AVX512 = 0, ...) and the name of each,
+   in the order of fastconv._plan.VARIANTS (the backend checks it at import); fc_dconv_<name> gives the
+   variant's kernels (dconv_<name>.c). */
+#define FC_VARIANT_LIST(X) X(AVX512, avx512) X(AVX2, avx2) X(GENERIC, generic)
+#define FC_VARIANT_ENUM(ID, name) FC_##ID,
+enum { FC_VARIANT_LIST(FC_VARIANT_ENUM) FC_VARIANTS };
+#undef FC_VARIANT_ENUM
+
+/* The name of a variant ("avx512", ...), or NULL for a number that is none. */
+const char *fc_dconv_variant_name(int variant);
 
 /* 1 when the CPU (and OS) run the variant and it was compiled in. */
 int fc_dconv_available(int variant);
 
 /* The kernels of a variant for float32 (is_double = 0) or float64; NULL when not compiled in. */
 const fc_dconv_functions_t *fc_dconv_functions(int variant, int is_double);
+
+/* The tiles of dconv_tiles.h: kind FC_FORWARD_TILES, FC_PIXEL_TILES or FC_CHANNEL_TILES, for this many
+   registers. Returns the number of tiles (0 for a list that does not exist) and, when i is below it,
+   puts tile i's numbers in entry (the X-macro's arguments; the third is 0 for the forward lists). */
+enum { FC_FORWARD_TILES = 0, FC_PIXEL_TILES = 1, FC_CHANNEL_TILES = 2 };
+int fc_dconv_tiles(int kind, int registers, int i, int entry[3]);
 
 #endif

@@ -1,9 +1,18 @@
-/* Which direct-convolution variant this CPU runs. */
+/* Which direct-convolution variant this CPU runs, and the tiles the variants are compiled for. */
 #include "dconv.h"
+#include "dconv_tiles.h"
 
-const fc_dconv_functions_t *fc_dconv_avx512(int is_double);
-const fc_dconv_functions_t *fc_dconv_avx2(int is_double);
-const fc_dconv_functions_t *fc_dconv_generic(int is_double);
+#define FC_DECLARE(ID, name) const fc_dconv_functions_t *fc_dconv_##name(int is_double);
+FC_VARIANT_LIST(FC_DECLARE)
+#undef FC_DECLARE
+
+const char *fc_dconv_variant_name(int variant)
+{
+#define FC_NAME_OF(ID, name) #name,
+    static const char *const names[FC_VARIANTS] = {FC_VARIANT_LIST(FC_NAME_OF)};
+#undef FC_NAME_OF
+    return variant >= 0 && variant < FC_VARIANTS ? names[variant] : 0;
+}
 
 static int cpu_runs(int variant)
 {
@@ -24,9 +33,9 @@ static int cpu_runs(int variant)
 const fc_dconv_functions_t *fc_dconv_functions(int variant, int is_double)
 {
     switch (variant) {
-    case FC_AVX512: return fc_dconv_avx512(is_double);
-    case FC_AVX2: return fc_dconv_avx2(is_double);
-    case FC_GENERIC: return fc_dconv_generic(is_double);
+#define FC_CASE(ID, name) case FC_##ID: return fc_dconv_##name(is_double);
+    FC_VARIANT_LIST(FC_CASE)
+#undef FC_CASE
     default: return 0;
     }
 }
@@ -34,4 +43,35 @@ const fc_dconv_functions_t *fc_dconv_functions(int variant, int is_double)
 int fc_dconv_available(int variant)
 {
     return variant >= 0 && variant < FC_VARIANTS && cpu_runs(variant) && fc_dconv_functions(variant, 0) != 0;
+}
+
+#define FC_ENTRY2(a, b) {a, b, 0},
+#define FC_ENTRY3(a, b, c) {a, b, c},
+static const int forward_32[][3] = {FC_FORWARD_TILES_32(FC_ENTRY2)};
+static const int forward_16[][3] = {FC_FORWARD_TILES_16(FC_ENTRY2)};
+static const int pixel_32[][3] = {FC_PIXEL_TILES_32(FC_ENTRY2)};
+static const int pixel_16[][3] = {FC_PIXEL_TILES_16(FC_ENTRY2)};
+static const int channel_32[][3] = {FC_CHANNEL_TILES_32(FC_ENTRY3)};
+static const int channel_16[][3] = {FC_CHANNEL_TILES_16(FC_ENTRY3)};
+#define FC_LIST(kind, registers, table) {kind, registers, (int)(sizeof table / sizeof table[0]), table}
+static const struct {
+    int kind, registers, count;
+    const int (*tiles)[3];
+} tile_lists[] = {
+    FC_LIST(FC_FORWARD_TILES, 32, forward_32), FC_LIST(FC_FORWARD_TILES, 16, forward_16),
+    FC_LIST(FC_PIXEL_TILES, 32, pixel_32), FC_LIST(FC_PIXEL_TILES, 16, pixel_16),
+    FC_LIST(FC_CHANNEL_TILES, 32, channel_32), FC_LIST(FC_CHANNEL_TILES, 16, channel_16),
+};
+
+int fc_dconv_tiles(int kind, int registers, int i, int entry[3])
+{
+    for (unsigned l = 0; l < sizeof tile_lists / sizeof tile_lists[0]; l++) {
+        if (tile_lists[l].kind != kind || tile_lists[l].registers != registers)
+            continue;
+        if (i >= 0 && i < tile_lists[l].count)
+            for (int j = 0; j < 3; j++)
+                entry[j] = tile_lists[l].tiles[i][j];
+        return tile_lists[l].count;
+    }
+    return 0;
 }

@@ -1,13 +1,17 @@
 """The compiled backend: Cython and C kernels on fastconv's own thread pool.
 
-Convolutions run as direct convolutions (``fastconv/_ext/dconv_impl.h``):
-register-tiled kernels over padded image planes, NCHW in and out, cut into
-work by the plan of ``fastconv/_plan.py`` and compiled for several
-instruction sets, of which the best one this CPU runs is chosen at import
-(``simd_variant()``). Geometries the direct kernels do not cover (stride > 1,
-a pad of the filter size or more) unfold a block of images at a time into a
-cache-sized buffer and multiply it with the filters there through SciPy's BLAS
-(``fastconv/_ext/_conv.pyx``); ``conv_engine("im2col")`` forces that path.
+Convolutions run as direct convolutions (``fastconv/_ext/dconv_forward.h``,
+``dconv_backward.h``): register-tiled kernels over padded image planes, NCHW
+in and out, cut into work by the plan of ``fastconv/_plan.py`` (tiles, pairing
+of output-channel blocks, buffer sizes, threads), which this module hands to
+``fastconv/_ext/_direct.pyx`` whole. They are compiled for several instruction
+sets, of which the best one this CPU runs is chosen at import
+(``simd_variant()``), once the compiled variants are checked against
+``_plan.VARIANTS``, ``VECTOR_BYTES`` and ``REGISTERS``. Geometries the direct
+kernels do not cover (stride > 1, a pad of the filter size or more) unfold a
+block of images at a time into a cache-sized buffer and multiply it with the
+filters there through SciPy's BLAS (``fastconv/_ext/_conv.pyx``);
+``conv_engine("im2col")`` forces that path.
 
 Output sizes are computed here (``fastconv._plan.output_size``) and passed to
 the extensions, which check them against the arrays they are given.
@@ -69,15 +73,31 @@ _THREADED = _parallel.threaded()
 _parallel.set_poll_ns(POLL_MICROSECONDS * 1000)
 
 
-_VARIANTS = tuple(v for v in _plan.VARIANTS if _direct.available(v))
-_variant = _VARIANTS[0]
+def _compiled_variants():
+    """The variants of ``_plan.VARIANTS`` this CPU runs, once the compiled ones are checked against the plan
+    (the order of ``dconv.h``'s list, vector bytes, registers)."""
+    if _direct.VARIANTS != _plan.VARIANTS:
+        raise ImportError(f"the direct-convolution kernels are compiled for the variants {_direct.VARIANTS}, "
+                          f"fastconv._plan has {_plan.VARIANTS}: rebuild the extensions")
+    for name in _plan.VARIANTS:
+        compiled = _direct.compiled_variant(name)
+        expected = (_plan.VECTOR_BYTES[name], _plan.REGISTERS[name])
+        if compiled is not None and compiled != expected:
+            raise ImportError(f"the {name} kernels are compiled for (vector bytes, registers) {compiled}, "
+                              f"fastconv._plan has {expected}: rebuild the extensions")
+    return tuple(name for name in _plan.VARIANTS if _direct.available(name))
+
+
+_VARIANTS = _compiled_variants()
+_variant = _VARIANTS[0] if _VARIANTS else None  # None: built without the direct kernels
 # The portable variant's 128-bit vectors lose to the BLAS GEMMs of the im2col path (2 to 3 times slower
 # with SSE2 on the network's layers), so on such CPUs im2col is the default.
-_engine = "im2col" if _variant == "generic" else "direct"
+_engine = "im2col" if _variant in ("generic", None) else "direct"
 
 
 def simd_variant():
-    """The instruction set of the direct convolution kernels in use ("avx512", "avx2" or "generic")."""
+    """The instruction set of the direct convolution kernels in use ("avx512", "avx2" or "generic"; None in a
+    build without them)."""
     return _variant
 
 
@@ -184,6 +204,11 @@ def col2im(col, x_shape, filter_h, filter_w, stride, pad):
     return x
 
 
+def _direct_applies(filter_h, filter_w, stride, pad):
+    """Whether this geometry runs on the direct kernels now (the engine, the build and the plan agree)."""
+    return _engine == "direct" and _variant is not None and _plan.direct_supported(filter_h, filter_w, stride, pad)
+
+
 def conv_forward(x, W, b, stride, pad, workspace, relu=False, for_backward=True):
     FN, C, FH, FW = W.shape
     N, _, H, Wd = x.shape
@@ -192,7 +217,7 @@ def conv_forward(x, W, b, stride, pad, workspace, relu=False, for_backward=True)
     if N == 0 or FN == 0 or C == 0:
         return (np.zeros((N, FN, out_h, out_w), dtype=x.dtype),
                 ConvCache(x.shape, x.dtype, (FH, FW), stride, pad, (out_h, out_w), x=x.copy()))
-    if _engine == "direct" and _plan.direct_supported(FH, FW, stride, pad):
+    if _direct_applies(FH, FW, stride, pad):
         return _direct_forward(x, W, b, stride, pad, workspace, relu, for_backward)
     out, cache = _im2col_forward(x, W, b, stride, pad, workspace, out_h, out_w)
     if relu:  # a pass of its own on this path
@@ -216,8 +241,7 @@ def conv_backward(dout, cache, W, relu_out=None, input_gradient=True):
 
 def conv_relu_pool_forward(x, W, b, stride, pad, pool_h, pool_w, pool_stride, pool_pad, workspace):
     FN, C, FH, FW = W.shape
-    if (_engine == "direct" and _plan.direct_supported(FH, FW, stride, pad)
-            and (pool_h, pool_w, pool_stride, pool_pad) == (2, 2, 2, 0)):
+    if _direct_applies(FH, FW, stride, pad) and (pool_h, pool_w, pool_stride, pool_pad) == (2, 2, 2, 0):
         return _direct_forward(x, W, b, stride, pad, workspace, True, False,
                                pool=(pool_h, pool_w, pool_stride, pool_pad))
     out, cache = conv_forward(x, W, b, stride, pad, workspace, True, False)  # pooled in a pass of its own
@@ -254,10 +278,10 @@ def _direct_forward(x, W, b, stride, pad, workspace, relu, for_backward, pool=No
         out_hw = (_plan.output_size(plan.out_h, pool_h, pool_stride, pool_pad),
                   _plan.output_size(plan.out_w, pool_w, pool_stride, pool_pad))
     out = np.empty((plan.batch, plan.filters) + out_hw, dtype=x.dtype)
-    _direct.conv_forward(plan.forward, plan.batch, x.reshape(-1), packed if for_backward else None,
-                         _packed_weights(W, plan.forward.k_tile, False), bias, None if pool else out.reshape(-1),
-                         scratch, scratch_stride, _direct.VARIANTS.index(plan.variant), threads, relu,
-                         out.reshape(-1) if pool else None)
+    _direct.conv_forward(plan, x.reshape(-1), packed if for_backward else None,
+                         _packed_weights(W, plan.forward.k_tile, False), bias,
+                         None if pool else out.reshape(-1), scratch, scratch_stride, threads, relu,
+                         out.reshape(-1) if pool else None, *(out_hw if pool else (0, 0)))
     dw_groups = getattr(workspace, "dw_groups", None)
     cache = ConvCache(x.shape, x.dtype, (plan.filter_h, plan.filter_w), stride, pad, (plan.out_h, plan.out_w),
                       plan=plan, packed=packed,
@@ -296,11 +320,9 @@ def _direct_backward(dout, cache, W, relu_out, input_gradient):
         weights = _packed_weights(W, plan.lanes, False)
     else:
         weights = _packed_weights(W, plan.backward_data.k_tile, True)
-    _direct.conv_backward(plan.forward, plan.backward_data, plan.batch, plan.lanes, plan.groups,
-                          plan.one_channel_data, plan.dt_rows, plan.dt_cols, channel_tiles,
-                          cache.packed, dout.reshape(-1), weights, zeros, None if dx is None else dx.reshape(-1),
-                          cache.dw_groups, db_groups, dW.reshape(-1), db, cache.scratch, cache.scratch_stride,
-                          _direct.VARIANTS.index(plan.variant), threads,
+    _direct.conv_backward(plan, channel_tiles, cache.packed, dout.reshape(-1),
+                          weights, zeros, None if dx is None else dx.reshape(-1), cache.dw_groups, db_groups,
+                          dW.reshape(-1), db, cache.scratch, cache.scratch_stride, threads,
                           None if relu_out is None else relu_out.reshape(-1))
     return dx, dW, db
 
