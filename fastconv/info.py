@@ -16,7 +16,12 @@ def _version(dist):
         return "not installed"
 
 
+NOT_BUILT = "none: the compiled extensions are not built"
+
+
 def _cython():
+    if _build_check.skipped_reason() is not None:
+        return NOT_BUILT
     try:
         from fastconv._ext import _buildinfo
     except ImportError:
@@ -25,6 +30,8 @@ def _cython():
 
 
 def _pool():
+    if _build_check.skipped_reason() is not None:
+        return NOT_BUILT
     try:
         from fastconv._ext import _parallel
     except ImportError as exc:
@@ -33,11 +40,16 @@ def _pool():
 
 
 def _simd():
+    if _build_check.skipped_reason() is not None:
+        return NOT_BUILT
     try:
         from fastconv.backends import cython
     except ImportError as exc:
         return f"unknown (the cython backend does not import: {exc})"
-    return f"{cython.simd_variant()} for direct convolutions (this CPU runs: {', '.join(cython.available_variants())})"
+    variants = cython.available_variants()
+    if not variants:
+        return "none: the direct convolution kernels are not built (im2col only)"
+    return f"{cython.simd_variant()} for direct convolutions (this CPU runs: {', '.join(variants)})"
 
 
 def _blas():
@@ -53,6 +65,7 @@ def _blas():
 def collect():
     """The facts ``info`` prints, as a dict (also used by the benchmarks)."""
     status = _registry.backend_status()
+    default, why = _registry.default_backend()
     return {
         "fastconv": fastconv.__version__,
         "python": sys.version.split()[0],
@@ -67,6 +80,9 @@ def collect():
         "num_threads": _threads.get_num_threads(),
         "backends": status,
         "active_backend": _registry.get_backend(),
+        "default_backend": default,
+        "default_reason": why,
+        "not_built": _build_check.skipped_reason(),
         "build_problem": _build_check.diagnosis(),
     }
 
@@ -76,7 +92,7 @@ def format_info(facts):
         f"fastconv {facts['fastconv']}",
         f"python   {facts['python']} on {facts['platform']}",
         f"numpy    {facts['numpy']}",
-        f"cython   {facts['cython']} (compiled with)",
+        f"cython   {facts['cython']}" + (" (compiled with)" if facts["cython"][:1].isdigit() else ""),
         f"numba    {facts['numba']}",
         f"pool     {facts['pool']}",
         f"simd     {facts['simd']}",
@@ -84,11 +100,20 @@ def format_info(facts):
         f"threads  {facts['num_threads']} (CPUs available: {facts['cpus']}; set FASTCONV_NUM_THREADS to change)",
         "backends:",
     ]
+    not_built = facts.get("not_built")
     for name, state in facts["backends"].items():
         mark = "*" if name == facts["active_backend"] else " "
-        lines.append(f"  {mark} {name:<10} {'available' if state == 'ok' else 'UNAVAILABLE: ' + state}")
+        if state == "ok":
+            state = "available"
+        elif name == "cython" and not_built is not None:
+            state = f"NOT BUILT: {not_built} (install a C compiler and reinstall fastconv to build it)"
+        else:
+            state = "UNAVAILABLE: " + state
+        lines.append(f"  {mark} {name:<10} {state}")
+    if facts.get("default_backend"):
+        lines.append(f"default: {facts['default_backend']} ({facts['default_reason']})")
     lines.append(f"active backend: {facts['active_backend']} (set FASTCONV_BACKEND or fastconv.set_backend to change)")
-    if facts.get("build_problem"):
+    if facts.get("build_problem") and not_built is None:
         lines = ["WARNING: " + facts["build_problem"].replace("\n", "\n         "), ""] + lines
     return "\n".join(lines)
 

@@ -27,7 +27,10 @@ def test_reference_is_always_available():
 
 
 def test_known_backends_are_listed_fastest_first():
-    assert fastconv.known_backends()[:3] == ["cython", "numba", "reference"]
+    fastest_first = ["cython", "numba", "reference"]
+    if _registry.cython_shortfall(_registry.cython_build_facts()) is not None:  # numba, where cython is not whole
+        fastest_first = ["numba", "cython", "reference"]
+    assert fastconv.known_backends()[:3] == fastest_first
 
 
 def test_set_backend_and_get_backend():
@@ -218,3 +221,90 @@ def test_a_required_backend_that_does_not_import_is_reported(broken_backend, mon
     missing = unavailable_required_backends()
     assert sorted(missing) == ["broken", "fortran"]
     assert "import of fastconv_test_broken_backend halted" in missing["broken"]
+
+
+# The default follows what was built: the facts of ``cython_build_facts`` for each build that leaves the
+# cython backend short of its fastest (the build options named), and for the whole build.
+WHOLE_CYTHON = {"imports": True, "not_built": None, "variants": ("avx512", "avx2", "generic"), "threaded": True}
+SHORT_CYTHON = {
+    # FASTCONV_NO_DIRECT_KERNELS=1, or a compiler other than GCC and Clang (MSVC)
+    "no-direct": (dict(WHOLE_CYTHON, variants=()), "the cython backend is built without its direct kernels"),
+    # FASTCONV_SERIAL_BUILD=1, or no POSIX threads (Windows)
+    "serial": (dict(WHOLE_CYTHON, threaded=False), "the cython backend is built without threads"),
+    # ARM64 (NEON), or an x86-64 CPU without AVX2
+    "portable": (dict(WHOLE_CYTHON, variants=("generic",)), "this CPU runs only the cython backend's portable kernels"),
+    # no C compiler at install time (setup.py's build record)
+    "not-built": ({"imports": False, "not_built": "no compiler", "variants": (), "threaded": False},
+                  "the cython backend is not built"),
+    "broken": ({"imports": False, "not_built": None, "variants": (), "threaded": False},
+               "the cython backend does not import"),
+}
+
+
+@pytest.fixture
+def built_as(monkeypatch):
+    """Make the registry see the cython build ``facts`` and choose its default anew; returns the setter."""
+    monkeypatch.delenv("FASTCONV_BACKEND", raising=False)
+    monkeypatch.setattr(_registry, "_current", None)
+
+    def use(facts):
+        monkeypatch.setattr(_registry, "_cython_facts", facts)
+        monkeypatch.setattr(_registry, "_current", None)
+    return use
+
+
+@pytest.mark.parametrize("build", SHORT_CYTHON)
+def test_the_default_is_numba_where_the_cython_build_is_not_its_fastest(build, built_as):
+    if "numba" not in fastconv.available_backends():
+        pytest.skip("the numba backend does not import here")
+    facts, why = SHORT_CYTHON[build]
+    assert _registry.cython_shortfall(facts) == why
+    assert _registry.default_order(facts) == ["numba", "cython", "reference"]
+    built_as(facts)
+    assert _registry.default_backend() == ("numba", why)
+    assert fastconv.get_backend() == "numba"
+    assert fastconv.known_backends()[:2] == ["numba", "cython"]
+
+
+def test_the_default_is_cython_where_it_is_built_whole(built_as):
+    assert _registry.cython_shortfall(WHOLE_CYTHON) is None
+    assert _registry.default_order(WHOLE_CYTHON) == ["cython", "numba", "reference"]
+    if "cython" not in fastconv.available_backends():
+        pytest.skip("the cython backend does not import here")
+    built_as(WHOLE_CYTHON)
+    why = "the fastest as built here: direct kernels for avx512, with threads"
+    assert _registry.default_backend() == ("cython", why)
+    assert fastconv.get_backend() == "cython"
+
+
+def test_a_short_cython_build_is_still_chosen_when_numba_does_not_import(built_as, monkeypatch):
+    if "cython" not in fastconv.available_backends():
+        pytest.skip("the cython backend does not import here")
+    built_as(SHORT_CYTHON["serial"][0])
+    monkeypatch.delitem(_registry._loaded, "numba", raising=False)
+    monkeypatch.setitem(_registry._failed, "numba", "ImportError: no numba today")
+    with pytest.warns(RuntimeWarning, match="fastconv backend 'numba' failed to import"):
+        assert _registry.default_backend() == ("cython", "numba did not import")
+
+
+def test_an_explicit_choice_wins_over_the_build(built_as, monkeypatch):
+    built_as(SHORT_CYTHON["serial"][0])
+    monkeypatch.setenv("FASTCONV_BACKEND", "reference")
+    assert _registry.default_backend() == ("reference", "set by FASTCONV_BACKEND")
+    assert fastconv.get_backend() == "reference"
+    monkeypatch.delenv("FASTCONV_BACKEND")
+    fastconv.set_backend("reference")
+    assert fastconv.get_backend() == "reference"
+
+
+def test_registered_backends_keep_their_place_in_the_default_order(monkeypatch):
+    monkeypatch.setattr(_registry, "_MODULES", dict(_registry._MODULES))
+    monkeypatch.setattr(_registry, "_PREFERENCE", list(_registry._PREFERENCE))
+    fastconv.register_backend("mine", "fastconv.backends.reference")
+    fastconv.register_backend("first", "fastconv.backends.reference", 0)
+    serial = SHORT_CYTHON["serial"][0]
+    assert _registry.default_order(WHOLE_CYTHON) == ["first", "cython", "numba", "mine", "reference"]
+    assert _registry.default_order(serial) == ["first", "numba", "cython", "mine", "reference"]
+    assert _registry.default_reason("first", serial, []) == "first in the order of preference"
+    for name in ("mine", "first"):
+        _registry._loaded.pop(name, None)

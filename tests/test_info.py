@@ -78,3 +78,18 @@ def test_a_built_package_has_no_build_problem():
 
     assert _build_check.missing_extensions() == [] and _build_check.diagnosis() is None
     assert "WARNING" not in info.format_info(info.collect())
+
+
+def test_info_says_which_backend_is_the_default_and_why():
+    code = "import fastconv, fastconv.info; fastconv.info.main(); print(fastconv.get_backend())"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            cwd=os.path.dirname(__file__),
+                            env={k: v for k, v in os.environ.items() if k != "FASTCONV_BACKEND"})
+    assert result.returncode == 0, result.stderr
+    *lines, active = result.stdout.splitlines()
+    default = next(line for line in lines if line.startswith("default: "))
+    assert default.startswith(f"default: {active} (") and default.endswith(")")
+    if active == "cython":
+        assert "the fastest as built here: direct kernels for" in default
+    facts = info.collect()
+    assert f"default: {facts['default_backend']} ({facts['default_reason']})" in info.format_info(facts)

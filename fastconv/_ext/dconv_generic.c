@@ -3,7 +3,7 @@
 #include <string.h>
 #include "dconv.h"
 
-#if defined(__GNUC__)
+#if defined(__GNUC__) && !defined(FASTCONV_NO_DIRECT_KERNELS)
 #define FC_VARIANT generic
 #define FC_VECTOR_BYTES 16
 #define FC_REGS 16
