@@ -1,8 +1,10 @@
-"""Data augmentation: exact identity and shifts, hand-checked rotation and scaling, random batches."""
+"""Data augmentation: exact identity and shifts, hand-checked rotation and scaling, random batches; elastic
+distortions and cut-out."""
 import numpy as np
 import pytest
 
-from fastconv.app.augment import RandomAffine, affine_transform
+from fastconv.app.augment import (Compose, RandomAffine, RandomCutout, RandomElastic, affine_transform, cutout,
+                                  elastic_transform)
 
 
 def hand_made_digit():
@@ -144,3 +146,111 @@ def test_random_draws_come_from_the_given_generator():
     x = blobs(10, np.random.default_rng(6))
     assert np.array_equal(RandomAffine(rng=11)(x), RandomAffine(rng=np.random.default_rng(11))(x))
     assert not np.array_equal(RandomAffine(rng=11)(x), RandomAffine(rng=12)(x))
+
+
+# -- elastic distortions -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_elastic_distortion_keeps_shape_and_dtype(layout, dtype):
+    x = blobs(6, np.random.default_rng(20)).astype(dtype).reshape((6,) + layout)
+    out = RandomElastic(alpha=36, sigma=6, rng=1)(x)
+    assert out.shape == x.shape and out.dtype == x.dtype and not np.array_equal(out, x)
+    assert np.isfinite(out).all() and out.min() >= 0 and out.max() <= 1 + 1e-6  # bilinear: within the input's range
+
+
+def test_zero_displacement_is_the_identity_and_a_whole_pixel_one_a_shift():
+    x = blobs(4, np.random.default_rng(21))
+    assert np.array_equal(elastic_transform(x, 0.0, 0.0), x)
+    # every output pixel reads one pixel to its left: the digits move right, as a shift of (0, 1) does
+    assert np.array_equal(elastic_transform(x, 0.0, -1.0), affine_transform(x, shift=(0, 1)))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_elastic_distortion_of_strength_zero_is_the_identity_and_draws_nothing(dtype):
+    x = blobs(5, np.random.default_rng(22)).astype(dtype)
+    rng = np.random.default_rng(3)
+    state = rng.bit_generator.state
+    out = RandomElastic(alpha=0, sigma=6, rng=rng)(x)
+    assert out.dtype == x.dtype and np.array_equal(out, x) and out is not x
+    assert rng.bit_generator.state == state
+
+
+def test_elastic_distortions_are_repeatable_under_a_seed():
+    x = blobs(8, np.random.default_rng(23))
+    assert np.array_equal(RandomElastic(rng=5)(x), RandomElastic(rng=np.random.default_rng(5))(x))
+    assert not np.array_equal(RandomElastic(rng=5)(x), RandomElastic(rng=6)(x))
+
+
+def test_elastic_fields_are_smoothed_noise_scaled_by_alpha():
+    dy, dx = RandomElastic(alpha=10, sigma=4, rng=7).draw(200, (28, 28))
+    assert dy.shape == dx.shape == (200, 28, 28)
+    big_dy, _ = RandomElastic(alpha=20, sigma=4, rng=7).draw(200, (28, 28))
+    assert np.allclose(big_dy, 2 * dy)  # the same noise, twice the size
+    # smoothing: neighbouring pixels move nearly together, unlike the raw uniform noise
+    neighbours = np.corrcoef(dy[:, :, :-1].ravel(), dy[:, :, 1:].ravel())[0, 1]
+    assert neighbours > 0.9
+    rough, _ = RandomElastic(alpha=10, sigma=0.5, rng=7).draw(200, (28, 28))
+    assert np.corrcoef(rough[:, :, :-1].ravel(), rough[:, :, 1:].ravel())[0, 1] < neighbours
+
+
+def test_elastic_settings_that_make_no_sense_are_refused():
+    for alpha, sigma in ((-1, 6), (36, 0), (np.inf, 6)):
+        with pytest.raises(ValueError, match="sigma"):
+            RandomElastic(alpha, sigma)
+
+
+# -- cut-out -----------------------------------------------------------------------------------------
+
+
+def test_cutout_zeros_the_part_of_the_square_inside_the_image():
+    ones = np.ones((3, 28, 28))
+    out = cutout(ones, top=[5, -3, 24], left=[5, 10, 25], size=[8, 8, 0])
+    expected = np.ones((3, 28, 28))
+    expected[0, 5:13, 5:13] = 0
+    expected[1, 0:5, 10:18] = 0  # rows -3..4: only 5 of them inside
+    assert np.array_equal(out, expected) and np.array_equal(ones, np.ones((3, 28, 28)))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cutout_keeps_shape_and_dtype_and_cuts_each_image_with_probability_p(layout, dtype):
+    x = np.ones((400,) + layout, dtype=dtype)
+    out = RandomCutout(size=6, p=0.5, rng=8)(x)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    zeros = (out.reshape(400, -1) == 0).sum(axis=1)
+    assert zeros.max() == 36 and set(np.unique(zeros)) <= set(range(0, 37))
+    assert 0.4 < np.mean(zeros > 0) < 0.6
+    always = RandomCutout(size=6, p=1.0, rng=8)(x)
+    assert ((always.reshape(400, -1) == 0).sum(axis=1) > 0).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cutout_of_size_or_probability_zero_is_the_identity_and_draws_nothing(dtype):
+    x = blobs(5, np.random.default_rng(24)).astype(dtype)
+    for size, p in ((0, 0.5), (8, 0.0)):
+        rng = np.random.default_rng(3)
+        state = rng.bit_generator.state
+        out = RandomCutout(size=size, p=p, rng=rng)(x)
+        assert out.dtype == x.dtype and np.array_equal(out, x) and out is not x
+        assert rng.bit_generator.state == state
+
+
+def test_cutout_is_repeatable_under_a_seed():
+    x = blobs(50, np.random.default_rng(25))
+    assert np.array_equal(RandomCutout(rng=9)(x), RandomCutout(rng=np.random.default_rng(9))(x))
+    assert not np.array_equal(RandomCutout(rng=9)(x), RandomCutout(rng=10)(x))
+    with pytest.raises(ValueError, match="size"):
+        RandomCutout(size=-1)
+    with pytest.raises(ValueError, match="size"):
+        RandomCutout(size=4, p=1.5)
+
+
+def test_compose_applies_its_steps_in_order_from_one_generator():
+    x = blobs(10, np.random.default_rng(26))
+    rng = np.random.default_rng(12)
+    steps = [RandomAffine(rng=rng), RandomElastic(rng=rng), RandomCutout(p=1.0, rng=rng)]
+    out = Compose(steps)(x)
+    again = np.random.default_rng(12)
+    expected = RandomCutout(p=1.0, rng=again)(RandomElastic(rng=again)(RandomAffine(rng=again)(x)))
+    assert np.array_equal(out, expected)
+

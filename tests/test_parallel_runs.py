@@ -247,20 +247,23 @@ def test_a_sweep_trains_every_combination_and_ranks_them(synthetic_dir, tmp_path
     out = tmp_path / "sweep"
     small = options(epochs=1, batch_size=10, limit_train=20, limit_test=10, eval_train_size=10)
     assert main(["sweep", "--quiet", "--data-dir", str(synthetic_dir), "--out", str(out), "--jobs", "1",
-                 "--lr", "0.001", "0.0005", *small]) == 0
+                 "--lr", "0.001", "0.0005", "--validation", "5", *small]) == 0
     printed = capsys.readouterr().out
     assert read_json(out / "sweep.json")["grid"]["lr"] == [0.001, 0.0005]
-    accuracy = {}
+    assert read_json(out / "sweep.json")["shared"]["validation"] == 5
+    accuracy, validation = {}, {}
     for name, lr in (("lr=0.001", 0.001), ("lr=0.0005", 0.0005)):
         for file in ("config.json", "data.json", "params.npz", "history.json", "curves.png"):
             assert (out / name / file).is_file(), (name, file)
         assert read_json(out / name / "config.json")["lr"] == lr
-        accuracy[name] = read_json(out / name / "history.json")["test_acc"]
+        history = read_json(out / name / "history.json")
+        accuracy[name], validation[name] = history["test_acc"], history["val_acc"]
     summary = read_json(out / "summary.json")
+    assert {row["name"]: row["val_acc"] for row in summary["runs"]} == validation
     assert [row["name"] for row in summary["runs"]] == sorted(accuracy, key=lambda name: -accuracy[name])
     assert [row["test_acc"] for row in summary["runs"]] == sorted(accuracy.values(), reverse=True)
     assert "over_seeds" not in summary  # one seed
-    assert printed.splitlines()[0].startswith("sweep of 2 runs (2 lr) on 20 images; 1 model at a time")
+    assert printed.splitlines()[0].startswith("sweep of 2 runs (2 lr) on 15 images; 1 model at a time")
     assert "rank  test acc" in printed and f"summary: {out / 'summary.json'}" in printed
 
 

@@ -12,10 +12,12 @@ import pytest
 
 import fastconv
 from fastconv import datasets
-from fastconv.app import training
+from fastconv.app import runs, training
 from fastconv.app._interrupts import deferred_interrupts
+from fastconv.app.augment import RandomAffine, RandomElastic
 from fastconv.app.cli import main
 from fastconv.app.schedules import Constant, CosineDecay, StepDecay, make_schedule
+from fastconv.app.settings import make_augmenter, split_validation
 from fastconv.app.training import PHASES, TrainConfig, Training
 from fastconv.datasets import write_idx
 from fastconv.functions import softmax
@@ -132,10 +134,26 @@ def test_best_recipe_and_overrides():
     assert (config.epochs, config.dtype, config.optimizer) == (3, "float32", "adam")
 
 
+def test_elastic_recipe_is_best_with_elastic_distortions_and_longer():
+    config, best = TrainConfig.from_recipe("elastic"), TrainConfig.from_recipe("best")
+    assert 30 <= config.epochs <= 40 and config.lr_schedule == "cosine" and config.augment
+    assert config.elastic_alpha > 0 and config.elastic_sigma > 0 and config.cutout == 0 and config.validation is None
+    assert (config.optimizer, config.lr, config.lr_min, config.batch_size) == (best.optimizer, best.lr, best.lr_min,
+                                                                               best.batch_size)
+    for recipe in ("book", "best"):  # without the augmentations that came after them, and without a split
+        older = TrainConfig.from_recipe(recipe)
+        assert (older.elastic_alpha, older.cutout, older.augment_strength, older.validation) == (0, 0, None, None)
+
+
 @pytest.mark.parametrize("setting, message", [
     ({"epochs": 0}, "epochs"), ({"batch_size": -1}, "batch_size"), ({"optimizer": "lbfgs"}, "optimizer"),
     ({"lr": 0.0}, "lr"), ({"lr_min": 0.1}, "lr_min"), ({"dtype": "float16"}, "dtype"),
     ({"lr_schedule": "linear"}, "schedule"), ({"limit_train": 0}, "limit_train"), ({"ensemble": 0}, "ensemble"),
+    ({"validation": 0}, "validation"), ({"validation": 100, "limit_train": 100}, "validation"),
+    ({"validation": 60000}, "validation"), ({"elastic_alpha": -1.0}, "elastic"), ({"elastic_sigma": 0.0}, "elastic"),
+    ({"cutout": -2}, "cut-out"), ({"cutout_prob": 1.5}, "cut-out"), ({"augment_strength": []}, "augment_strength"),
+    ({"augment_strength": [1.0, -0.5]}, "augment_strength"),
+    ({"augment": True, "augment_strength": [20.0]}, "strength"),
 ])
 def test_settings_that_make_no_sense_are_refused(setting, message):
     with pytest.raises(ValueError, match=message):
@@ -207,6 +225,128 @@ def test_deferred_interrupts_hold_ctrl_c_until_the_block_ends():
             done.append("rest of the block")
     assert done == ["rest of the block"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# -- validation split and augmentation ---------------------------------------------------------------
+
+
+def test_the_validation_split_is_the_last_training_images_whatever_the_seed():
+    (x, t), test = small_data(n_train=30, n_test=5)
+    config = TrainConfig.from_recipe("book", epochs=1, batch_size=10, dtype="float32", validation=8,
+                                     eval_train_size=5)
+    (x_train, t_train), _, (x_val, t_val) = split_validation(((x, t), test), config)
+    assert np.array_equal(x_train, x[:22]) and np.array_equal(t_train, t[:22])
+    assert np.array_equal(x_val, x[22:]) and np.array_equal(t_val, t[22:])
+    assert not {bytes(image) for image in x_train} & {bytes(image) for image in x_val}
+    for seed in (0, 1):
+        visited = []
+        run = Training(config, seed=seed, data=((x, t), test), log=quiet)
+        run.run(on_step=lambda run: visited.append(run.order))
+        assert np.array_equal(run.x_val, x[22:]) and np.array_equal(run.x_train, x[:22])
+        assert sorted(visited[0].tolist()) == list(range(22))  # no held-out image is trained on
+    assert split_validation(((x, t), test), TrainConfig.from_recipe("book"))[2] is None
+
+
+def test_load_data_holds_out_the_last_of_the_training_images_used(synthetic_dir):
+    config = TrainConfig.from_recipe("book", limit_train=50, validation=10, limit_test=5)
+    ((x_train, t_train), (x_test, _), (x_val, t_val)), _ = runs.load_data(config, synthetic_dir, download=False)
+    (x_all, t_all), _ = datasets.load_mnist(flatten=False, data_dir=synthetic_dir)
+    assert np.array_equal(x_train, x_all[:40]) and np.array_equal(t_train, t_all[:40]) and x_test.shape[0] == 5
+    assert np.array_equal(x_val, x_all[40:50]) and np.array_equal(t_val, t_all[40:50])
+
+
+def test_each_epoch_records_validation_accuracy_and_loss():
+    config = TrainConfig.from_recipe("book", epochs=2, batch_size=10, dtype="float32", validation=10,
+                                     eval_train_size=5)
+    lines = []
+    run = Training(config, seed=0, data=small_data(n_train=30, n_test=5), log=lines.append).run()
+    assert len(run.history["step_loss"]) == 4  # 20 training images
+    for record, line in zip(run.history["epochs"], lines):
+        assert 0 <= record["val_acc"] <= 1 and record["val_loss"] > 0 and "val acc" in line
+    assert record["val_acc"] == np.mean(run.val_proba.argmax(axis=1) == run.t_val)
+    picked = run.val_proba[np.arange(10), run.t_val]
+    assert record["val_loss"] == pytest.approx(-np.mean(np.log(picked + 1e-7)))
+    lines.clear()
+    plain = Training(TrainConfig.from_recipe("book", epochs=1, batch_size=10, dtype="float32", eval_train_size=5),
+                     seed=0, data=small_data(n_train=30, n_test=5), log=lines.append).run()
+    assert "val_acc" not in plain.history["epochs"][0] and "val acc" not in lines[0] and plain.val_proba is None
+
+
+def test_the_augmenter_is_what_the_settings_ask_for():
+    rng = np.random.default_rng(0)
+    assert make_augmenter(TrainConfig.from_recipe("book"), rng) is None
+    best = make_augmenter(TrainConfig.from_recipe("best"), rng)
+    assert type(best) is RandomAffine and (best.shift, best.rotation, best.scale) == (2.0, 10.0, (0.9, 1.1))
+    doubled = make_augmenter(TrainConfig.from_recipe("best"), rng, strength=2.0)
+    assert (doubled.shift, doubled.rotation) == (4.0, 20.0) and doubled.scale == pytest.approx((0.8, 1.2))
+    every = make_augmenter(TrainConfig.from_recipe("elastic", cutout=6, cutout_prob=0.25), rng, strength=0.5)
+    assert [type(step).__name__ for step in every.steps] == ["RandomAffine", "RandomElastic", "RandomCutout"]
+    assert (every.steps[1].alpha, every.steps[1].sigma, every.steps[2].size, every.steps[2].p) == (18, 6, 3, 0.25)
+    assert all(step.rng is rng for step in every.steps)
+    assert type(make_augmenter(TrainConfig.from_recipe("book", elastic_alpha=8.0), rng)) is RandomElastic
+
+
+def test_without_the_newer_augmentations_a_run_draws_the_random_numbers_it_always_drew():
+    config = TrainConfig.from_recipe("best", epochs=1, batch_size=10, dtype="float32", eval_train_size=5)
+    run = Training(config, seed=7, data=small_data(n_train=20, n_test=5), log=quiet).run()
+    replay = np.random.default_rng(7)
+    replay.permutation(20)
+    for _ in range(2):
+        RandomAffine(2.0, 10.0, (0.9, 1.1), replay).draw(10)
+    assert run.rng.bit_generator.state == replay.bit_generator.state
+
+
+def test_each_model_of_an_ensemble_gets_its_augmentation_strength(monkeypatch):
+    fed = []
+    original = DeepConvNet.loss
+
+    def spy(self, x, t):
+        fed.append(np.array(x))
+        return original(self, x, t)
+
+    monkeypatch.setattr(DeepConvNet, "loss", spy)
+    (x_train, t_train), test = small_data(n_train=10, n_test=5)
+    config = TrainConfig.from_recipe("best", epochs=1, batch_size=10, dtype="float32", seed=4, ensemble=3,
+                                     augment_strength=[0.0, 1.0], eval_train_size=5)
+    for member, seed in enumerate((4, 5, 6)):  # strengths 0, 1, then 0 again
+        fed.clear()
+        run = Training(config, seed=seed, data=((x_train, t_train), test), log=quiet).run()
+        assert run.history["augment_strength"] == [0.0, 1.0, 0.0][member]
+        as_given = sorted(map(bytes, fed[0])) == sorted(map(bytes, x_train))
+        assert as_given == (member != 1)
+
+
+def test_an_ensemble_records_each_members_validation_accuracy_and_its_own(synthetic_dir, tmp_path):
+    config = TrainConfig.from_recipe("best", epochs=1, batch_size=10, dtype="float32", limit_train=25, limit_test=5,
+                                     validation=5, eval_train_size=5, ensemble=2, augment_strength=[0.5, 2.0],
+                                     elastic_alpha=8.0, cutout=4)
+    out = tmp_path / "ensemble"
+    summary = runs.run(config, out, data_dir=synthetic_dir, download=False, progress=False, log=quiet)
+    (x_all, t_all), _ = datasets.load_mnist(flatten=False, data_dir=synthetic_dir)
+    x_val, t_val = x_all[20:25], t_all[20:25]
+    probabilities = []
+    for k, member in enumerate(summary["members"]):
+        network = DeepConvNet(dtype=np.float32)
+        network.load_params(out / f"member-{k + 1}" / "params.npz")
+        probabilities.append(softmax(network.predict(x_val)))
+        assert member["val_acc"] == np.mean(probabilities[-1].argmax(axis=1) == t_val)
+        assert member["augment_strength"] == [0.5, 2.0][k]
+        history = read_json(out / f"member-{k + 1}" / "history.json")
+        assert history["val_images"] == 5 and history["val_acc"] == member["val_acc"]
+    assert summary["val_images"] == 5
+    assert summary["val_acc"] == np.mean(np.mean(probabilities, axis=0).argmax(axis=1) == t_val)
+    assert read_json(out / "history.json")["val_acc"] == summary["val_acc"]
+
+
+def test_a_finished_model_recorded_before_the_newer_settings_still_counts_as_trained(tmp_path):
+    config = TrainConfig.from_recipe("best", epochs=1)
+    newer = ("elastic_alpha", "elastic_sigma", "cutout", "cutout_prob", "augment_strength", "validation")
+    older = {k: v for k, v in config.to_dict().items() if k not in newer}
+    (tmp_path / "history.json").write_text(json.dumps({"completed": True, "seed": 0, "config": older}))
+    (tmp_path / "params.npz").write_bytes(b"")
+    assert runs.finished_history(tmp_path, config, 0)["config"] == older
+    with pytest.raises(runs.RunError, match="other settings"):
+        runs.finished_history(tmp_path, TrainConfig.from_recipe("best", epochs=1, elastic_alpha=8.0), 0)
 
 
 # -- checkpoints and resume --------------------------------------------------------------------------
@@ -309,6 +449,18 @@ def test_resume_restores_every_optimizers_state(tmp_path, reference, optimizer):
     assert_same_run(finished, uninterrupted)
 
 
+def test_resume_with_a_validation_split_and_every_augmentation_continues_exactly(tmp_path, reference):
+    config = TrainConfig.from_recipe("elastic", epochs=2, batch_size=5, dtype="float32", eval_train_size=5,
+                                     validation=5, cutout=6, cutout_prob=0.7)
+    data = resumable_data(n_train=20)  # 15 to train on: three steps an epoch
+    uninterrupted = Training(config, seed=3, data=data, log=quiet).run()
+    (epoch, step), finished = interrupted_then_resumed(tmp_path, config, data, interrupt_after_step(4))
+    assert (epoch, step) == (1, 1)
+    assert_same_run(finished, uninterrupted)
+    assert [r["val_acc"] for r in finished.history["epochs"]] == [r["val_acc"] for r in uninterrupted.history["epochs"]]
+    assert np.array_equal(finished.val_proba, uninterrupted.val_proba)
+
+
 def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path, reference):
     data = resumable_data(n_train=10)
     first = Training(resumable_config(), seed=3, data=data, checkpoint_path=tmp_path / "c.npz", log=quiet)
@@ -396,9 +548,32 @@ def test_the_resume_command_repeats_where_and_how_the_run_ran():
     assert resume_command("sweep", args.out, args) == "fastconv sweep --resume --out runs/s --dask tcp://h:8786"
 
 
+def test_train_with_a_validation_split_and_the_newer_augmentations(synthetic_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(*tiny(synthetic_dir, out, "--epochs", 1, "--validation", 5, "--elastic-alpha", 8, "--elastic-sigma", 3,
+                       "--cutout", 4, "--cutout-prob", 0.25, "--augment-strength", 0.5)) == 0
+    printed = capsys.readouterr().out
+    config = read_json(out / "config.json")
+    assert (config["validation"], config["elastic_alpha"], config["elastic_sigma"]) == (5, 8.0, 3.0)
+    assert (config["cutout"], config["cutout_prob"], config["augment_strength"]) == (4, 0.25, [0.5])
+    history = read_json(out / "history.json")
+    assert history["val_images"] == 5 and history["val_acc"] == history["epochs"][0]["val_acc"]
+    assert len(history["step_loss"]) == 2 and history["augment_strength"] == 0.5  # 15 images to train on
+    assert "validating on the 5 after them" in printed and "val acc" in printed
+    assert "validation accuracy:" in printed and "elastic (alpha 8, sigma 3) + cut-out 4 px (p 0.25)" in printed
+    # the held-out images are training images 15..19, scored by the saved parameters
+    (x_all, t_all), _ = datasets.load_mnist(flatten=False, data_dir=synthetic_dir)
+    network = DeepConvNet(dtype=np.float32)
+    network.load_params(out / "params.npz")
+    with fastconv.use_backend("reference"):
+        predicted = network.predict(x_all[15:20]).argmax(axis=1)
+    assert history["val_acc"] == np.mean(predicted == t_all[15:20])
+
+
 @pytest.mark.parametrize("args", [
     ["--epochs", "0"], ["--optimizer", "lbfgs"], ["--lr-schedule", "linear"], ["--dtype", "float16"],
-    ["--backend", "no-such-backend"], ["--epochs", "two"], ["--bogus"],
+    ["--backend", "no-such-backend"], ["--epochs", "two"], ["--bogus"], ["--validation", "0"],
+    ["--validation", "60000"], ["--elastic-sigma", "0"], ["--cutout-prob", "2"], ["--augment-strength", "-1"],
 ])
 def test_bad_arguments_exit_2(tmp_path, args, capsys):
     assert train("--out", tmp_path / "run", *args) == 2

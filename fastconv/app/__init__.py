@@ -6,7 +6,8 @@ tqdm); the layers, kernels and the book-named modules do not.
 - ``cli``: the ``fastconv`` command line (``train``, ``sweep``)
 - ``exits``: the commands' exit codes, which error gets which, and the command that continues a run
 - ``runs``: a run's output folder (settings, data source, results, figures)
-- ``training``: the interruptible, resumable training loop and its settings
+- ``settings``: a run's settings, the recipes, its augmentation and validation split
+- ``training``: the interruptible, resumable training loop
 - ``checkpoint``: a run's whole state in one ``.npz`` file
 - ``schedules``, ``augment``: learning-rate decay and data augmentation
 - ``parallel``, ``executors``, ``progress``: models trained as tasks in worker processes or on Dask

@@ -12,13 +12,14 @@ from fastconv.app.exits import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USA
 
 # TrainConfig settings that have a command-line option; None means "not given".
 _TRAIN_SETTINGS = ("recipe", "epochs", "batch_size", "optimizer", "lr", "lr_schedule", "lr_min", "augment",
-                   "dtype", "seed", "ensemble", "limit_train", "limit_test", "eval_train_size")
+                   "elastic_alpha", "elastic_sigma", "cutout", "cutout_prob", "augment_strength", "dtype", "seed",
+                   "ensemble", "limit_train", "limit_test", "validation", "eval_train_size")
 
 
 def _add_train_parser(commands):
     from fastconv.app.parallel import add_parallel_arguments
     from fastconv.app.schedules import SCHEDULES
-    from fastconv.app.training import RECIPES
+    from fastconv.app.settings import RECIPES
     from fastconv.optimizer import OPTIMIZERS
 
     train = commands.add_parser(
@@ -37,12 +38,27 @@ def _add_train_parser(commands):
     train.add_argument("--lr-min", type=float, help="final learning rate of the cosine schedule (default lr/100)")
     train.add_argument("--augment", action=argparse.BooleanOptionalAction,
                        help="random shifts (+-2 px), rotations (+-10 deg) and scaling (0.9-1.1) of training images")
+    train.add_argument("--elastic-alpha", type=float, metavar="ALPHA",
+                       help="elastic distortions of training images (Simard et al. 2003): random displacement fields "
+                            "smoothed by a Gaussian of --elastic-sigma, times ALPHA (default 0: none)")
+    train.add_argument("--elastic-sigma", type=float, metavar="SIGMA",
+                       help="smoothness of the elastic distortions in pixels (default 6)")
+    train.add_argument("--cutout", type=int, metavar="SIZE",
+                       help="cut-out: zero a random SIZE x SIZE square of a training image (default 0: none)")
+    train.add_argument("--cutout-prob", type=float, metavar="P",
+                       help="probability that a training image gets a cut-out square (default 0.5)")
+    train.add_argument("--augment-strength", type=float, nargs="+", metavar="S",
+                       help="scale the augmentation of ensemble model K by the K-th value, starting over after the "
+                            "last (e.g. 0.5 1 1.5; default 1)")
     train.add_argument("--dtype", choices=("float64", "float32"), help="float64 (default, the book's) or float32")
     train.add_argument("--seed", type=int, help="seed of the weights, dropout, shuffling and augmentation (default 0)")
     train.add_argument("--ensemble", type=int, metavar="N",
                        help="train N models (seeds seed..seed+N-1) and average their softmax outputs")
     train.add_argument("--limit-train", type=int, metavar="N", help="use only the first N training images")
     train.add_argument("--limit-test", type=int, metavar="N", help="use only the first N test images")
+    train.add_argument("--validation", type=int, metavar="N",
+                       help="hold out the last N of the training images used (after --limit-train) and score them "
+                            "after each epoch; the same images whatever the seed")
     train.add_argument("--eval-train-size", type=int, metavar="N",
                        help="training images scored after each epoch (default 10000)")
     train.add_argument("--backend", help="kernel backend (default: the fastest available; see `fastconv info`)")
@@ -60,8 +76,8 @@ def _add_train_parser(commands):
 
 def _add_sweep_parser(commands):
     from fastconv.app.parallel import add_parallel_arguments
+    from fastconv.app.settings import RECIPES
     from fastconv.app.sweep import GRID_SETTINGS
-    from fastconv.app.training import RECIPES
 
     sweep = commands.add_parser(
         "sweep", help="train every combination of several settings (a grid) as independent runs",
@@ -72,7 +88,7 @@ def _add_sweep_parser(commands):
     for name, (kind, text) in GRID_SETTINGS.items():
         sweep.add_argument(f"--{name.replace('_', '-')}", type=kind, nargs="+", metavar="V", help=text)
     sweep.add_argument("--augment", action=argparse.BooleanOptionalAction, help="augmentation in every run")
-    for name in ("limit_train", "limit_test", "eval_train_size"):
+    for name in ("limit_train", "limit_test", "validation", "eval_train_size"):
         sweep.add_argument(f"--{name.replace('_', '-')}", type=int, metavar="N", help="as for fastconv train")
     sweep.add_argument("--backend", help="kernel backend (default: the fastest available)")
     sweep.add_argument("--data-dir", help="folder with the four MNIST .gz files")
@@ -129,7 +145,7 @@ def train_command(args):
     from fastconv.app import runs
     from fastconv.app.checkpoint import CheckpointError
     from fastconv.app.parallel import parallel_training
-    from fastconv.app.training import TrainConfig
+    from fastconv.app.settings import TrainConfig
 
     given = {name: getattr(args, name) for name in _TRAIN_SETTINGS if getattr(args, name) is not None}
     out = args.out or time.strftime("runs/train-%Y%m%d-%H%M%S")

@@ -34,7 +34,8 @@ from fastconv.app._interrupts import deferred_interrupts
 from fastconv.app.checkpoint import remove_temporaries
 from fastconv.app.progress import RunProgress
 from fastconv.app.runs import CHECKPOINT, load_data, member_outcome, write_member
-from fastconv.app.training import TrainConfig, Training, steps_per_epoch
+from fastconv.app.settings import TrainConfig, steps_per_epoch
+from fastconv.app.training import Training
 
 __all__ = ["MemberTask", "MemberStopped", "train_member", "run_tasks", "ParallelTraining"]
 
@@ -76,9 +77,9 @@ _ONE_MODEL_PER_PROCESS = threading.Lock()
 def _shared_folder(task):
     """The model's folder when this process sees the run's own folder (its config.json), else None."""
     try:
-        with open(Path(task.run_folder) / "config.json") as f:
-            visible = json.load(f) == task.config
-    except (OSError, ValueError):
+        with open(Path(task.run_folder) / "config.json") as f:  # (settings added since it was written: defaults)
+            visible = TrainConfig.from_dict(json.load(f)) == TrainConfig.from_dict(task.config)
+    except (OSError, ValueError, TypeError):
         return None
     folder = Path(task.folder)
     return folder if visible and folder.is_dir() else None
@@ -87,7 +88,8 @@ def _shared_folder(task):
 def train_member(task):
     """Train the model of ``task`` (continuing its checkpoint if the run's folder is visible here).
 
-    Returns ``{"params", "history", "test_proba"}``. Raises
+    Returns ``{"params", "history", "test_proba", "val_proba"}`` (``val_proba``
+    None without a validation split). Raises
     ``MemberStopped`` when the run asks its models to stop.
     """
 
@@ -131,7 +133,7 @@ def train_member(task):
                 where = f"its checkpoint is {checkpoint}" if checkpoint is not None else "no checkpoint is kept"
                 raise MemberStopped(f"model {task.key} stopped on request; {where}") from None
             params, history = member_outcome(training, data)
-    return {"params": params, "history": history, "test_proba": training.test_proba}
+    return {"params": params, "history": history, "test_proba": training.test_proba, "val_proba": training.val_proba}
 
 
 def _is_lost_worker(exc):
@@ -229,7 +231,9 @@ class ParallelTraining:
         self.close()
 
     def train(self, config, source, data, members, out, log=print):
-        """Train ensemble members ``[(folder, seed), ...]`` of the run in ``out``; return [(None, history, proba)].
+        """Train ensemble members ``[(folder, seed), ...]`` of the run in ``out``.
+
+        Returns ``[(None, history, test softmax, validation softmax)]``.
 
         Each member's folder is written as soon as it finishes.
         """
@@ -237,8 +241,8 @@ class ParallelTraining:
         return self.train_models(source, data, jobs, log)
 
     def train_models(self, source, data, models, log=print):
-        """Train ``[(name, folder, config, seed, run_folder), ...]``; return [(None, history, proba)] in order."""
-        (x_train, _), _ = data
+        """Train ``[(name, folder, config, seed, run_folder), ...]``; return what ``train`` does, in order."""
+        x_train, _ = data[0]
         backend = fastconv.get_backend()
         tasks = []
         for key, (_, folder, config, seed, run_folder) in enumerate(models):
@@ -262,7 +266,7 @@ class ParallelTraining:
             _, folder, config, seed, _ = models[task.key]
             with deferred_interrupts():  # a model's folder is written whole
                 write_member(Path(folder), config, seed, data, result["params"], result["history"])
-                results[task.key] = (None, result["history"], result["test_proba"])
+                results[task.key] = (None, result["history"], result["test_proba"], result["val_proba"])
             display.done(task.key, f"test accuracy {100 * result['history']['test_acc']:.2f} %")
             if self.on_event is not None:
                 self.on_event({"key": task.key, "kind": "done"})

@@ -20,7 +20,10 @@ def _figure(width, height):
 
 
 def plot_learning_curves(history, file, title=None):
-    """Loss per step (raw and smoothed) and train/test accuracy per epoch, side by side, under ``title``."""
+    """Loss per step (raw and smoothed) and train/validation/test accuracy per epoch, side by side, under ``title``.
+
+    The validation curve is drawn for the epochs whose records hold ``val_acc``.
+    """
     from matplotlib.ticker import MaxNLocator
 
     figure = _figure(11, 4)
@@ -39,6 +42,10 @@ def plot_learning_curves(history, file, title=None):
     records = history["epochs"]
     epochs = [r["epoch"] for r in records]
     accuracy_axes.plot(epochs, [100 * r["train_acc"] for r in records], "o-", label="train")
+    validated = [r for r in records if "val_acc" in r]
+    if validated:
+        accuracy_axes.plot([r["epoch"] for r in validated], [100 * r["val_acc"] for r in validated], "^-",
+                           label="validation")
     accuracy_axes.plot(epochs, [100 * r["test_acc"] for r in records], "s-", label="test")
     accuracy_axes.set(xlabel="epoch", ylabel="accuracy (%)")
     accuracy_axes.xaxis.set_major_locator(MaxNLocator(integer=True))

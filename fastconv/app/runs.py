@@ -12,7 +12,8 @@ Layout of ``out/`` for one model::
 
 With ``--ensemble N`` each member trains in ``out/member-K/`` (its own
 params, history, curves and checkpoint) and ``out/history.json`` holds the
-members' and the ensemble's test accuracy.
+members' and the ensemble's test accuracy (and validation accuracy, with a
+validation split).
 
 A run is never overwritten or mixed with another: a new run needs a folder
 that does not exist or is empty (``overwrite=True`` first deletes the files
@@ -24,6 +25,7 @@ import hashlib
 import json
 import os
 import re
+import textwrap
 import time
 from pathlib import Path
 
@@ -32,7 +34,8 @@ import numpy as np
 import fastconv
 from fastconv.app.checkpoint import remove_temporaries, write_atomically
 from fastconv.app.plots import plot_learning_curves, plot_misclassified
-from fastconv.app.training import LOSS_NOTE, TrainConfig, Training, describe, predict_proba
+from fastconv.app.settings import TrainConfig, describe, split_validation
+from fastconv.app.training import LOSS_NOTE, Training, predict_proba
 from fastconv.datasets import find_mnist, load_mnist, locate_mnist, mnist_file_paths
 from fastconv.models import DeepConvNet
 
@@ -67,14 +70,17 @@ def _sha256(path):
 
 
 def load_data(config, data_dir=None, download=True, recorded=None):
-    """MNIST cut to the config's limits, and a record of where it came from.
+    """MNIST cut to the config's limits and split as it says, and a record of where it came from.
 
-    Returns ``(((x_train, t_train), (x_test, t_test)), source)``: images
-    (N, 1, 28, 28) float32, class labels, and ``source`` = ``{"folder",
-    "sha256": {file name: digest}}``. With ``recorded`` (the source of an
-    earlier start of the run) the files must be the same: without
-    ``data_dir`` they are looked for in the recorded folder first, and
-    other files are refused with ``RunError``.
+    Returns ``(((x_train, t_train), (x_test, t_test), validation), source)``:
+    images (N, 1, 28, 28) float32, class labels; ``validation`` is
+    ``(x_val, t_val)``, the last ``config.validation`` of the first
+    ``config.limit_train`` training images (which ``x_train`` then leaves
+    out), or None; ``source`` = ``{"folder", "sha256": {file name:
+    digest}}``. With ``recorded`` (the source of an earlier start of the
+    run) the files must be the same: without ``data_dir`` they are looked
+    for in the recorded folder first, and other files are refused with
+    ``RunError``.
     """
     if recorded is not None and data_dir is None and find_mnist(recorded["folder"]) is not None:
         data_dir = recorded["folder"]
@@ -91,7 +97,7 @@ def load_data(config, data_dir=None, download=True, recorded=None):
                                                       download=False)
     data = ((x_train[:config.limit_train], t_train[:config.limit_train]),
             (x_test[:config.limit_test], t_test[:config.limit_test]))
-    return data, source
+    return split_validation(data, config), source
 
 
 # -- the folder --------------------------------------------------------------------------------------
@@ -242,6 +248,10 @@ def _same_training(history, config, seed):
     trained = history.get("config")
     if trained is None:  # written before histories held their settings
         return True
+    try:  # with the settings added since it was written at their defaults
+        trained = TrainConfig.from_dict(trained).to_dict()
+    except (TypeError, ValueError):
+        return False
     ignore = ("ensemble", "seed")  # members are single runs with their own seeds
     return ({k: v for k, v in trained.items() if k not in ignore}
             == {k: v for k, v in config.to_dict().items() if k not in ignore})
@@ -264,12 +274,13 @@ def finished_history(folder, config, seed):
 
 
 def _title(config, seed, train_images, test_acc, test_images):
+    settings = textwrap.fill(describe(config, train_images), width=140, break_on_hyphens=False)  # the figure's width
     return (f"DeepConvNet on {train_images} MNIST images, seed {seed}: {100 * test_acc:.2f} % on {test_images} "
-            f"test images\n{describe(config, train_images)}")
+            f"test images\n{settings}")
 
 
 def _train_member(folder, config, seed, data, resume, progress, log, on_step):
-    """Train (or continue) one model in ``folder``; return (network, history, test softmax)."""
+    """Train (or continue) one model in ``folder``; return (network, history, test softmax, validation softmax)."""
     folder.mkdir(parents=True, exist_ok=True)
     checkpoint = folder / CHECKPOINT
     if resume and checkpoint.is_file():
@@ -280,15 +291,18 @@ def _train_member(folder, config, seed, data, resume, progress, log, on_step):
     training.run(on_step=on_step)
     params, history = member_outcome(training, data)
     write_member(folder, config, seed, data, params, history)
-    return training.network, history, training.test_proba
+    return training.network, history, training.test_proba, training.val_proba
 
 
 def member_outcome(training, data):
     """The parameters and the final history of a finished ``Training`` on ``data``."""
-    config, (_, (x_test, _)) = training.config, data
-    test_acc = training.history["epochs"][-1]["test_acc"]
-    history = dict(training.history, completed=True, config=config.to_dict(), test_acc=test_acc,
-                   test_images=int(x_test.shape[0]), dtype=config.dtype, backend=fastconv.get_backend(),
+    config, (_, (x_test, _), validation) = training.config, split_validation(data, training.config)
+    last = training.history["epochs"][-1]
+    scores = {"test_acc": last["test_acc"], "test_images": int(x_test.shape[0])}
+    if validation is not None:
+        scores.update(val_acc=last["val_acc"], val_images=int(validation[0].shape[0]))
+    history = dict(training.history, completed=True, config=config.to_dict(), **scores, dtype=config.dtype,
+                   backend=fastconv.get_backend(),
                    training_seconds=sum(r["total_seconds"] for r in training.history["epochs"]))
     params = {key: np.asarray(value) for key, value in training.network.params.items()}
     return params, history
@@ -296,7 +310,7 @@ def member_outcome(training, data):
 
 def write_member(folder, config, seed, data, params, history):
     """Write a finished model's parameters, curves and history to ``folder``; drop its checkpoint."""
-    (x_train, _), (x_test, _) = data
+    (x_train, _), (x_test, _), _ = split_validation(data, config)
     write_atomically(folder / PARAMS, lambda f: np.savez(f, **params))
     title = _title(config, seed, x_train.shape[0], history["test_acc"], x_test.shape[0])
     write_atomically(folder / CURVES, lambda f: plot_learning_curves(history, f, title=title))
@@ -304,10 +318,11 @@ def write_member(folder, config, seed, data, params, history):
     (folder / CHECKPOINT).unlink(missing_ok=True)
 
 
-def _load_member(folder, history, config, x_test):
+def _load_member(folder, history, config, x_test, validation):
     network = DeepConvNet(dtype=np.dtype(config.dtype))
     network.load_params(folder / PARAMS)
-    return network, history, predict_proba(network, x_test)
+    val_proba = None if validation is None else predict_proba(network, validation[0])
+    return network, history, predict_proba(network, x_test), val_proba
 
 
 def run(config, out, *, resume=False, overwrite=False, data_dir=None, download=True, progress=True, log=print,
@@ -344,8 +359,9 @@ def run(config, out, *, resume=False, overwrite=False, data_dir=None, download=T
 
 
 def _run(out, config, data, source, resume, progress, log, on_step, started, parallel=None):
-    (x_train, _), (x_test, t_test) = data
-    log(f"training DeepConvNet on {x_train.shape[0]} images from {source['folder']}, testing on "
+    (x_train, _), (x_test, t_test), validation = data
+    held_out = "" if validation is None else f", validating on the {validation[0].shape[0]} after them"
+    log(f"training DeepConvNet on {x_train.shape[0]} images from {source['folder']}{held_out}, testing on "
         f"{x_test.shape[0]}; backend {fastconv.get_backend()}; {describe(config, x_train.shape[0])}, seed "
         f"{config.seed}" + (f", ensemble of {config.ensemble}" if config.ensemble > 1 else "")
         + (f"; {parallel.description}" if parallel is not None else ""))
@@ -354,14 +370,14 @@ def _run(out, config, data, source, resume, progress, log, on_step, started, par
         log("numba backend: its kernels compile during the first steps (about 15 s; the machine code is "
             "cached for later runs)")
 
-    members, waiting = [], []
+    members, waiting = [], []  # members: (network, history, test softmax, validation softmax)
     for k, folder in enumerate(_member_dirs(out, config)):
         seed = config.seed + k
         done = finished_history(folder, config, seed) if resume else None
         if config.ensemble > 1:
             log(f"member {k + 1}/{config.ensemble} (seed {seed})" + (": already trained" if done else ""))
         if done:
-            members.append(_load_member(folder, done, config, x_test))
+            members.append(_load_member(folder, done, config, x_test, validation))
         elif parallel is not None:
             members.append(None)
             waiting.append((k, folder, seed))
@@ -372,7 +388,7 @@ def _run(out, config, data, source, resume, progress, log, on_step, started, par
         for (k, _, _), member in zip(waiting, trained):
             members[k] = member
 
-    probabilities = np.mean([proba for _, _, proba in members], axis=0)
+    probabilities = np.mean([member[2] for member in members], axis=0)
     predicted = probabilities.argmax(axis=1)
     test_acc = float(np.mean(predicted == t_test))
     write_atomically(out / MISCLASSIFIED, lambda f: plot_misclassified(x_test, t_test, predicted, f))
@@ -384,20 +400,44 @@ def _run(out, config, data, source, resume, progress, log, on_step, started, par
     files += [out / MISCLASSIFIED]
     if config.ensemble > 1:
         files.append(out / HISTORY)
-        member_accs = [float(np.mean(proba.argmax(axis=1) == t_test)) for _, _, proba in members]
-        summary = {"config": config.to_dict(), "backend": fastconv.get_backend(), "test_images": int(t_test.size),
-                   "members": [{"seed": config.seed + k, "folder": str(folder), "test_acc": acc}
-                               for k, (folder, acc) in enumerate(zip(_member_dirs(out, config), member_accs))],
-                   "test_acc": test_acc, "wall_time_s": wall, "files": [str(f) for f in files]}
+        summary = _ensemble_summary(out, config, members, t_test, validation)
+        summary.update(wall_time_s=wall, files=[str(f) for f in files])
         write_json(out / HISTORY, summary)
-        for k, acc in enumerate(member_accs):
-            log(f"member {k + 1} (seed {config.seed + k}) test accuracy: {100 * acc:.2f} %")
+        for k, member in enumerate(summary["members"]):
+            log(f"member {k + 1} (seed {config.seed + k}) test accuracy: {100 * member['test_acc']:.2f} %"
+                + (f", validation accuracy: {100 * member['val_acc']:.2f} %" if validation is not None else ""))
         log(f"ensemble of {config.ensemble} (mean of softmax outputs) test accuracy: "
-            f"{100 * test_acc:.2f} % on {t_test.size} test images")
+            f"{100 * test_acc:.2f} % on {t_test.size} test images"
+            + (f"; validation accuracy: {100 * summary['val_acc']:.2f} % on {summary['val_images']} images"
+               if validation is not None else ""))
     else:
         summary = dict(members[0][1], config=config.to_dict(), wall_time_s=wall, files=[str(f) for f in files])
         write_json(out / HISTORY, summary)
+        if validation is not None:
+            log(f"validation accuracy: {100 * summary['val_acc']:.2f} % on {summary['val_images']} images")
         log(f"test accuracy: {100 * test_acc:.2f} % on {t_test.size} test images")
     log(f"wall time: {wall:.1f} s")
     log("files written:\n" + "\n".join(f"  {f}" for f in files))
+    return summary
+
+
+def _accuracy(probabilities, labels):
+    return float(np.mean(probabilities.argmax(axis=1) == labels))
+
+
+def _ensemble_summary(out, config, members, t_test, validation):
+    """The ensemble's history: each member's accuracies (and augmentation strength) and the ensemble's."""
+    rows = []
+    for k, (folder, (_, history, test_proba, val_proba)) in enumerate(zip(_member_dirs(out, config), members)):
+        row = {"seed": config.seed + k, "folder": str(folder), "test_acc": _accuracy(test_proba, t_test)}
+        if validation is not None:
+            row["val_acc"] = _accuracy(val_proba, validation[1])
+        if "augment_strength" in history:
+            row["augment_strength"] = history["augment_strength"]
+        rows.append(row)
+    summary = {"config": config.to_dict(), "backend": fastconv.get_backend(), "test_images": int(t_test.size),
+               "members": rows, "test_acc": _accuracy(np.mean([m[2] for m in members], axis=0), t_test)}
+    if validation is not None:
+        summary.update(val_images=int(validation[1].size),
+                       val_acc=_accuracy(np.mean([m[3] for m in members], axis=0), validation[1]))
     return summary

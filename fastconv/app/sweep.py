@@ -33,9 +33,12 @@ GRID_SETTINGS = {
     "lr_min": (float, "final learning rate of the cosine schedule"),
     "dtype": (str, "float64 or float32"),
     "seed": (int, "seeds (one run per seed: their spread is the noise of a setting)"),
+    "elastic_alpha": (float, "size of the elastic distortions (0: none)"),
+    "elastic_sigma": (float, "smoothness of the elastic distortions (pixels)"),
+    "cutout": (int, "side of the square cut out of the training images (0: none)"),
 }
 # Settings shared by all runs of a sweep.
-SHARED_SETTINGS = ("recipe", "augment", "limit_train", "limit_test", "eval_train_size")
+SHARED_SETTINGS = ("recipe", "augment", "limit_train", "limit_test", "validation", "eval_train_size")
 SWEEP, SUMMARY = "sweep.json", "summary.json"
 
 
@@ -66,7 +69,7 @@ def grid_runs(shared, grid):
 
     Raises ``ValueError`` for a grid or settings that make no sense.
     """
-    from fastconv.app.training import TrainConfig
+    from fastconv.app.settings import TrainConfig
 
     varied = _varied(grid)
     fixed = {name: values[0] for name, values in grid.items() if len(values) == 1}
@@ -111,9 +114,12 @@ def format_table(document):
 
 
 def _row(name, setting, history):
-    return {"name": name, "setting": setting, "test_acc": history["test_acc"],
-            "train_loss": history["epochs"][-1]["train_loss"], "train_acc": history["epochs"][-1]["train_acc"],
-            "training_seconds": history["training_seconds"], "test_images": history["test_images"]}
+    row = {"name": name, "setting": setting, "test_acc": history["test_acc"],
+           "train_loss": history["epochs"][-1]["train_loss"], "train_acc": history["epochs"][-1]["train_acc"],
+           "training_seconds": history["training_seconds"], "test_images": history["test_images"]}
+    if "val_acc" in history:
+        row.update(val_acc=history["val_acc"], val_images=history["val_images"])
+    return row
 
 
 def saved_sweep(out):
@@ -130,8 +136,8 @@ def saved_sweep(out):
 def run_sweep(shared, grid, out, parallel, *, resume=False, data_dir=None, download=True, log=print):
     """Train every combination of ``grid`` with the ``shared`` settings on ``parallel``; return the summary.
 
-    ``shared``: recipe, augment, limit_train, limit_test, eval_train_size
-    (None: the recipe's). ``grid``: {setting: [values]} of ``GRID_SETTINGS``.
+    ``shared``: recipe, augment, limit_train, limit_test, validation,
+    eval_train_size (None: the recipe's). ``grid``: {setting: [values]} of ``GRID_SETTINGS``.
     With ``resume`` both come from ``out/sweep.json``.
     """
     from fastconv.app import runs
@@ -170,7 +176,7 @@ def run_sweep(shared, grid, out, parallel, *, resume=False, data_dir=None, downl
             runs.write_json(folder / runs.CONFIG, config.to_dict())
             runs.write_json(folder / runs.DATA, source)
         waiting.append((name, folder, config, config.seed, folder))
-    for (name, *_), (_, history, _) in zip(waiting, parallel.train_models(source, data, waiting, log)):
+    for (name, *_), (_, history, *_) in zip(waiting, parallel.train_models(source, data, waiting, log)):
         histories[name] = history
 
     document = summarize([_row(name, setting, histories[name]) for name, setting, _ in models], grid)

@@ -8,35 +8,24 @@ keeps the point to continue from current after every step, so Ctrl-C or a
 ``Training.resume`` takes exactly the steps the uninterrupted run would
 have taken.
 """
-import dataclasses
 import math
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
 from fastconv.app._interrupts import deferred_interrupts
-from fastconv.app.augment import RandomAffine
 from fastconv.app.checkpoint import CheckpointError, capture_rng, load_checkpoint, restore_state, save_checkpoint
-from fastconv.app.schedules import SCHEDULES, make_schedule
-from fastconv.functions import softmax
+from fastconv.app.schedules import make_schedule
+from fastconv.app.settings import (RECIPES, TrainConfig, describe, make_augmenter, member_strength,  # noqa: F401
+                                   split_validation, steps_per_epoch)
+from fastconv.functions import cross_entropy_error, softmax
 from fastconv.models import DeepConvNet
 from fastconv.optimizer import OPTIMIZERS
 
+# TrainConfig, RECIPES, describe and steps_per_epoch live in ``settings``; they are named here too.
 __all__ = ["TrainConfig", "RECIPES", "Training", "TrainingDiverged", "predict_proba", "describe", "steps_per_epoch",
            "PHASES", "LOSS_NOTE"]
-
-# Training recipes; options given explicitly override them.
-RECIPES = {
-    # The book's chapter-8 run (train_deepnet.py).
-    "book": {"epochs": 20, "batch_size": 100, "optimizer": "adam", "lr": 0.001,
-             "lr_schedule": "none", "lr_min": None, "augment": False},
-    # The book's network and optimizer, trained longer on shifted, rotated and
-    # scaled digits with the learning rate decayed to 1/100.
-    "best": {"epochs": 30, "batch_size": 100, "optimizer": "adam", "lr": 0.001,
-             "lr_schedule": "cosine", "lr_min": 1e-5, "augment": True},
-}
 
 # Where the time of an epoch goes; recorded per epoch in the history.
 PHASES = ("data", "augment", "forward", "backward", "update", "evaluate")
@@ -48,76 +37,6 @@ LOSS_NOTE = ("the training loss is measured as trained, with dropout on; the boo
 
 class TrainingDiverged(ArithmeticError):
     """The training loss became NaN or infinite: the parameters are no longer usable."""
-
-
-def steps_per_epoch(train_images, batch_size):
-    """Updates per epoch: every image once, the last batch possibly smaller."""
-    return math.ceil(train_images / batch_size)
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Everything that determines what a training run computes."""
-
-    recipe: str = "book"
-    epochs: int = 20
-    batch_size: int = 100
-    optimizer: str = "adam"
-    lr: float = 0.001
-    lr_schedule: str = "none"
-    lr_min: Optional[float] = None  # cosine schedule's final rate; None: lr / 100
-    augment: bool = False
-    shift: float = 2.0  # augmentation: largest shift (pixels),
-    rotation: float = 10.0  # largest rotation (degrees),
-    scale_min: float = 0.9  # and zoom range
-    scale_max: float = 1.1
-    dtype: str = "float64"
-    seed: int = 0
-    ensemble: int = 1
-    limit_train: Optional[int] = None  # use only the first N training images
-    limit_test: Optional[int] = None  # use only the first N test images
-    eval_train_size: int = 10000  # training images scored after each epoch
-
-    @classmethod
-    def from_recipe(cls, recipe="book", **overrides):
-        """The recipe's settings, then ``overrides`` (None values are ignored)."""
-        if recipe not in RECIPES:
-            raise ValueError(f"unknown recipe {recipe!r}; choose one of {sorted(RECIPES)}")
-        values = dict(RECIPES[recipe], recipe=recipe)
-        values.update({key: value for key, value in overrides.items() if value is not None})
-        return cls(**values).validated()
-
-    def validated(self):
-        """Return self, or raise ``ValueError`` naming the first setting that makes no sense."""
-        positive = ["epochs", "batch_size", "ensemble", "eval_train_size"]
-        positive += [name for name in ("limit_train", "limit_test") if getattr(self, name) is not None]
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        lr_min_ok = self.lr_min is None or (math.isfinite(self.lr_min) and 0 <= self.lr_min <= self.lr)
-        if not (math.isfinite(self.lr) and self.lr > 0) or not lr_min_ok:
-            raise ValueError(f"need a finite lr > 0 and 0 <= lr_min <= lr, got lr={self.lr}, lr_min={self.lr_min}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {sorted(OPTIMIZERS)}")
-        if self.lr_schedule not in SCHEDULES:
-            raise ValueError(f"unknown learning-rate schedule {self.lr_schedule!r}; choose one of {SCHEDULES}")
-        if self.dtype not in ("float32", "float64"):
-            raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
-        if self.shift < 0 or self.rotation < 0 or not 0 < self.scale_min <= self.scale_max:
-            raise ValueError("augmentation needs shift >= 0, rotation >= 0 and 0 < scale_min <= scale_max")
-        return self
-
-    def to_dict(self):
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values):
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown training settings {unknown}")
-        return cls(**values).validated()
 
 
 def predict_proba(network, x, batch_size=100, on_batch=None):
@@ -133,15 +52,6 @@ def predict_proba(network, x, batch_size=100, on_batch=None):
     return np.concatenate(chunks)
 
 
-def describe(config, train_images):
-    """The training settings in words (all but the seed), as a run's log and figures say them."""
-    schedule = make_schedule(config.lr_schedule, config.lr,
-                             config.epochs * steps_per_epoch(train_images, config.batch_size), config.lr_min)
-    epochs = f"{config.epochs} epoch" + ("s" if config.epochs != 1 else "")
-    return (f"recipe {config.recipe}: {epochs}, batch {config.batch_size}, {config.optimizer} "
-            f"{schedule.describe()}, augmentation {'on' if config.augment else 'off'}, {config.dtype}")
-
-
 def _fresh_epoch_totals():
     return {"seconds": {phase: 0.0 for phase in PHASES}, "train_seconds": 0.0, "loss_sum": 0.0, "images": 0}
 
@@ -149,14 +59,21 @@ def _fresh_epoch_totals():
 class Training:
     """Train one ``DeepConvNet`` on ``(x_train, t_train)``, scoring it on ``(x_test, t_test)``.
 
+    ``data`` is ``((x_train, t_train), (x_test, t_test))``; with
+    ``config.validation`` the last images of the training part are held out
+    and scored after every epoch (``settings.split_validation``; data
+    already split in three parts is used as it is).
     ``seed`` seeds ``np.random`` before the network is built (so its
     initial weights are the book's for that seed; dropout draws from it too)
     and a separate ``numpy.random.Generator`` for shuffling and augmentation.
+    Model K of an ensemble (seed ``config.seed + K - 1``) gets augmentation
+    strength K of ``config.augment_strength``.
     Images are (N, 1, 28, 28) floats, labels class indices.
     """
 
     def __init__(self, config, seed, data, checkpoint_path=None, progress=False, log=print):
-        (self.x_train, self.t_train), (self.x_test, self.t_test) = data
+        (self.x_train, self.t_train), (self.x_test, self.t_test), validation = split_validation(data, config)
+        self.x_val, self.t_val = validation if validation is not None else (None, None)
         self.config = config
         self.seed = int(seed)
         self.checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
@@ -167,9 +84,8 @@ class Training:
         self.network = DeepConvNet(dtype=np.dtype(config.dtype))
         self.optimizer = OPTIMIZERS[config.optimizer](lr=config.lr)
         self.rng = np.random.default_rng(self.seed)
-        self.augmenter = None
-        if config.augment:
-            self.augmenter = RandomAffine(config.shift, config.rotation, (config.scale_min, config.scale_max), self.rng)
+        self.augment_strength = member_strength(config, self.seed - config.seed)
+        self.augmenter = make_augmenter(config, self.rng, self.augment_strength)
         self.steps_per_epoch = steps_per_epoch(self.x_train.shape[0], config.batch_size)
         self.schedule = make_schedule(config.lr_schedule, config.lr, config.epochs * self.steps_per_epoch,
                                       config.lr_min)
@@ -181,7 +97,10 @@ class Training:
         self.rng_state = capture_rng(self.rng)
         self.totals = _fresh_epoch_totals()
         self.history = {"seed": self.seed, "steps_per_epoch": self.steps_per_epoch, "epochs": [], "step_loss": []}
+        if config.augment_strength:
+            self.history["augment_strength"] = self.augment_strength
         self.test_proba = None  # softmax outputs on the test set after the last evaluation
+        self.val_proba = None  # and on the validation images
 
     @property
     def finished(self):
@@ -210,6 +129,8 @@ class Training:
             raise
         if self.test_proba is None:  # resumed after the last epoch was scored
             self.test_proba = predict_proba(self.network, self.x_test)
+        if self.val_proba is None and self.x_val is not None:
+            self.val_proba = predict_proba(self.network, self.x_val)
         return self
 
     def _train_epoch(self, on_step):
@@ -270,7 +191,8 @@ class Training:
         return tqdm(leave=False, disable=not self.progress, **kwargs)
 
     def _evaluated_images(self):
-        return min(self.config.eval_train_size, self.x_train.shape[0]) + self.x_test.shape[0]
+        validation = 0 if self.x_val is None else self.x_val.shape[0]
+        return min(self.config.eval_train_size, self.x_train.shape[0]) + validation + self.x_test.shape[0]
 
     def seconds_left(self):
         """An estimate of the time the rest of the run takes: its steps and its evaluations.
@@ -301,6 +223,7 @@ class Training:
                                                                           "evaluating")
         try:
             train_pred = predict_proba(self.network, self.x_train[:n_eval], on_batch=bar.update).argmax(axis=1)
+            val_proba = None if self.x_val is None else predict_proba(self.network, self.x_val, on_batch=bar.update)
             test_proba = predict_proba(self.network, self.x_test, on_batch=bar.update)
         finally:
             bar.close()
@@ -313,6 +236,8 @@ class Training:
             "lr": self.optimizer.lr,
             "train_loss": totals["loss_sum"] / max(totals["images"], 1),
             "train_acc": float(np.mean(train_pred == self.t_train[:n_eval])),
+            **({} if val_proba is None else {"val_loss": float(cross_entropy_error(val_proba, self.t_val)),
+                                             "val_acc": float(np.mean(val_proba.argmax(axis=1) == self.t_val))}),
             "test_acc": float(np.mean(test_proba.argmax(axis=1) == self.t_test)),
             "images_per_s": totals["images"] / totals["train_seconds"] if totals["train_seconds"] else None,
             "seconds": seconds,
@@ -321,6 +246,7 @@ class Training:
         with deferred_interrupts():
             self.history["epochs"].append(record)
             self.test_proba = test_proba
+            self.val_proba = val_proba
             self.epoch += 1
             self.step = 0
             self.order = None
@@ -371,7 +297,8 @@ def format_epoch(record, epochs):
     seconds = record["seconds"]
     split = ", ".join(f"{phase} {seconds[phase]:.1f}" for phase in PHASES if phase != "augment" or seconds[phase] > 0)
     rate = "" if record["images_per_s"] is None else f"{record['images_per_s']:.0f} img/s  "
+    validation = f"val acc {100 * record['val_acc']:.2f} %  " if "val_acc" in record else ""
     return (f"epoch {record['epoch']:>3}/{epochs}  loss {record['train_loss']:.4f}  "
-            f"train acc {100 * record['train_acc']:.2f} %  test acc {100 * record['test_acc']:.2f} %  "
+            f"train acc {100 * record['train_acc']:.2f} %  {validation}test acc {100 * record['test_acc']:.2f} %  "
             f"lr {record['lr']:.2e}  {rate}"
             f"time {record['total_seconds']:.1f} s ({split})")
