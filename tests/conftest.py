@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import fastconv
-from fastconv import _build_check, _plan
+from fastconv import _build_check, _plan, _registry
 from fastconv._checks import output_size
 
 BACKENDS = fastconv.available_backends()
@@ -126,13 +126,13 @@ def geometry_id(geometry):
 
 def host_variant(name):
     """The instruction-set variant backend ``name`` runs on this CPU."""
-    return fastconv.backend_module(name).simd_variant()
+    return _registry.backend_module(name).simd_variant()
 
 
 @contextlib.contextmanager
 def forced_variant(name, variant):
     """Backend ``name`` active, its direct kernels forced to ``variant`` (skips where this CPU lacks it)."""
-    module = fastconv.backend_module(name)
+    module = _registry.backend_module(name)
     if variant not in module.available_variants():
         pytest.skip(f"this CPU does not run the {name} backend's {variant} kernels")
     with fastconv.use_backend(name), module._force_variant(variant):

@@ -9,12 +9,16 @@ import pytest
 from threadpoolctl import threadpool_info
 
 import fastconv
-from fastconv import _plan, _threads, info, kernels
-from fastconv._ext import _direct, _im2col, _parallel, _pool
-from fastconv.backends import reference
-from fastconv.layers import Convolution, Pooling
-from fastconv.models import DeepConvNet
-from conftest import assert_close_to_reference
+from fastconv import _build_check, _plan, _threads, info, kernels
+
+if _build_check.skipped_reason() is not None:  # installed without its extensions, on purpose or for want of a compiler
+    pytest.skip(f"the cython backend is not built: {_build_check.skipped_reason()}", allow_module_level=True)
+
+from fastconv._ext import _direct, _im2col, _parallel, _pool  # noqa: E402
+from fastconv.backends import reference  # noqa: E402
+from fastconv.layers import Convolution, Pooling  # noqa: E402
+from fastconv.models import DeepConvNet  # noqa: E402
+from conftest import assert_close_to_reference  # noqa: E402
 
 
 @pytest.fixture
@@ -293,3 +297,142 @@ def test_the_extensions_refuse_sizes_that_do_not_match_their_arrays():
         _pool.maxpool_forward(x, np.empty((2, 3, 4, 3)), np.empty(2 * 3 * 4 * 3, dtype=np.intc), 2, 2, 2, 0, 1)
     with pytest.raises(ValueError):
         _pool.maxpool_forward(x, np.empty((2, 3, 3, 3)), np.empty(7, dtype=np.intc), 2, 2, 2, 0, 1)
+
+
+# --------------------------------------------------------------------------- its two convolution engines
+
+def integer_problem(rng, dtype, shape=(2, 5, 9, 6), filters=7, fh=3, fw=2):
+    """Integers whose every partial sum is exact in float32: both engines must give the same bits."""
+    x = rng.integers(-4, 5, shape).astype(dtype)
+    w = rng.integers(-1, 2, (filters, shape[1], fh, fw)).astype(dtype)
+    return x, w, rng.integers(-4, 5, filters).astype(dtype)
+
+
+@pytest.mark.parametrize("variant", _plan.VARIANTS)
+def test_direct_and_im2col_engines_agree(cython_backend, variant, dtype, rng):
+    if variant not in cython_backend.available_variants():
+        pytest.skip(f"this CPU does not run the {variant} kernels")
+    x, w, b = integer_problem(rng, dtype, (2, 32, 14, 14), 32, 3, 3)
+    dout = rng.integers(-4, 5, (2, 32, 16, 16)).astype(dtype)
+    results = []
+    for engine in cython_backend.CONV_ENGINES:
+        with cython_backend._force_variant(variant), cython_backend.conv_engine(engine):
+            out, cache = kernels.conv_forward(x, w, b, 1, 2)
+            results.append((out,) + tuple(kernels.conv_backward(dout, cache, w)))
+    for one, two in zip(*results):
+        np.testing.assert_array_equal(one, two)
+
+
+@pytest.mark.parametrize("engine", ["direct", "im2col"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_changing_x_after_forward_does_not_change_the_gradients(cython_backend, engine, stride, dtype, rng):
+    x, w, b = integer_problem(rng, dtype)
+    with cython_backend.conv_engine(engine):
+        out, cache = kernels.conv_forward(x, w, b, stride, 1)
+        dout = rng.integers(-4, 5, out.shape).astype(dtype)
+        _, expected_dw, _ = reference.conv_backward(dout, reference.conv_forward(x, w, b, stride, 1, None)[1], w)
+        x[...] = 7  # the caller reuses its input buffer
+        dx, dW, db = kernels.conv_backward(dout, cache, w)
+    np.testing.assert_array_equal(dW, expected_dw)
+
+
+def test_a_cache_whose_buffers_were_taken_over_refuses_backward(cython_backend, rng):
+    x, w, b = integer_problem(rng, np.float64)
+    with cython_backend.conv_engine("direct"):
+        out, first = cython_backend.conv_forward(x, w, b, 1, 1, None)
+        cython_backend.conv_forward(x, w, b, 1, 1, first)
+        with pytest.raises(ValueError, match="taken over"):
+            cython_backend.conv_backward(np.ones_like(out), first, w)
+
+
+@pytest.mark.parametrize("engine", ["direct", "im2col"])
+def test_an_empty_batch_gives_empty_outputs_and_zero_gradients(cython_backend, engine, dtype):
+    x = np.zeros((0, 3, 6, 6), dtype=dtype)
+    w = np.ones((4, 3, 3, 3), dtype=dtype)
+    with cython_backend.conv_engine(engine):
+        out, cache = cython_backend.conv_forward(x, w, np.ones(4, dtype=dtype), 1, 1, None)
+        assert out.shape == (0, 4, 6, 6) and out.dtype == dtype
+        dx, dW, db = cython_backend.conv_backward(out, cache, w)
+    assert dx.shape == x.shape
+    np.testing.assert_array_equal(dW, np.zeros_like(w))
+    np.testing.assert_array_equal(db, np.zeros(4, dtype=dtype))
+
+
+@pytest.mark.parametrize("geometry", [(2, 5, 7, 9, 6, 3, 2, 1), (1, 3, 5, 5, 5, 1, 1, 0), (2, 20, 3, 6, 8, 5, 3, 2),
+                                      (5, 17, 33, 4, 4, 2, 2, 0)])
+def test_weights_packed_in_c_match_the_plan(cython_backend, geometry, dtype, rng):
+    N, C, K, H, W, FH, FW, pad = geometry
+    w = rng.standard_normal((K, C, FH, FW)).astype(dtype)
+    plan = _plan.conv_plan((N, C, H, W), w.shape, 1, pad, dtype, cython_backend.simd_variant())
+    for tile_pass, backward_data, expected in [(plan.forward, False, _plan.pack_forward_weights(plan, w)),
+                                               (plan.backward_data, True, _plan.pack_backward_data_weights(plan, w))]:
+        np.testing.assert_array_equal(cython_backend._packed_weights(w, tile_pass.k_tile, backward_data),
+                                      expected.reshape(-1))
+
+
+def test_info_names_the_variant_in_use(cython_backend):
+    for variant in cython_backend.available_variants():
+        with cython_backend._force_variant(variant):
+            assert info.collect()["simd"].split()[0] == variant == cython_backend.simd_variant()
+
+
+def test_forcing_a_variant_the_cpu_lacks_is_an_error(cython_backend):
+    with pytest.raises(ValueError):
+        with cython_backend._force_variant("no-such-variant"):
+            pass
+
+
+def run_python(code, timeout=120):
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    env = dict(os.environ, FASTCONV_BACKEND="cython", FASTCONV_NUM_THREADS="2")
+    # run from the tests' folder: the repository root would put the unbuilt source tree first on the path
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=os.path.dirname(__file__))
+
+
+def test_a_child_forked_after_kernels_ran_runs_them_too(cython_backend):
+    # a hang fails the test through the timeouts instead of blocking it
+    result = run_python("""
+        import multiprocessing as mp
+        import numpy as np
+        from fastconv import kernels
+
+        def work():
+            x = np.ones((20, 8, 20, 20))
+            out, cache = kernels.conv_forward(x, np.ones((16, 8, 3, 3)), np.zeros(16), 1, 1)
+            kernels.conv_backward(out, cache, np.ones((16, 8, 3, 3)))
+            kernels.maxpool_forward(kernels.relu_forward(x)[0], 2, 2, 2, 0)
+
+        work()
+        outcomes = []
+        for _ in range(6):  # several children: a race in the child's new pool shows up in some
+            child = mp.get_context("fork").Process(target=work)
+            child.start()
+            child.join(60)
+            hung = child.is_alive()
+            if hung:
+                child.kill()
+            outcomes.append("hung" if hung else f"exit {child.exitcode}")
+            work()
+        print(" ".join(sorted(set(outcomes))))
+    """)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "exit 0", result.stdout + result.stderr
+
+
+def test_importing_and_running_kernels_changes_no_environment_variable(cython_backend):
+    result = run_python("""
+        import os
+        before = dict(os.environ)
+        import numpy as np
+        import fastconv
+        from fastconv import kernels
+        out, cache = kernels.conv_forward(np.ones((4, 3, 8, 8)), np.ones((2, 3, 3, 3)), np.zeros(2), 1, 1)
+        kernels.conv_backward(out, cache, np.ones((2, 3, 3, 3)))
+        print(sorted(set(os.environ.items()) ^ set(before.items())))
+    """)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -94,6 +94,9 @@ _variant = _VARIANTS[0] if _VARIANTS else None  # None: built without the direct
 # with SSE2 on the network's layers), so on such CPUs im2col is the default.
 _engine = "im2col" if _variant in ("generic", None) else "direct"
 
+# The direct kernels read subnormal numbers as zero on their own threads (see docs/cython.md).
+FLUSHES_SUBNORMALS = True
+
 
 def simd_variant():
     """The instruction set of the direct convolution kernels in use ("avx512", "avx2" or "generic"; None in a
@@ -108,15 +111,17 @@ def available_variants():
 
 @contextlib.contextmanager
 def _force_variant(name):
-    """Run the direct kernels of variant ``name`` inside the block (for tests and benchmarks)."""
-    global _variant
+    """Run the direct kernels of variant ``name`` inside the block (for tests and benchmarks): the direct
+    engine, with that variant's kernels, wherever the direct kernels apply."""
+    global _variant, _engine
     if name not in _VARIANTS:
         raise ValueError(f"variant {name!r} is not available on this CPU (available: {', '.join(_VARIANTS)})")
-    previous, _variant = _variant, name
+    previous = _variant, _engine
+    _variant, _engine = name, "direct"
     try:
         yield name
     finally:
-        _variant = previous
+        _variant, _engine = previous
 
 
 @contextlib.contextmanager
