@@ -202,10 +202,11 @@ def _pixels_to_nchw(T, K_tile, k0, conv_w, out, n, relu, pooled):
 
 @_kernel
 def convolve_images_pixels(src, mask, weights, bias, out, counter, image_step, image_size, border_h, border_w, filter_h,
-                           filter_w, in_h, in_w, grid_tiles, offsets, c_chunk, k_vectors, pixels, lanes, relu, pooled,
-                           planes, T):
+                           filter_w, in_h, in_w, grid_tiles, offsets, out_w, c_chunk, k_vectors, pixels, lanes, relu,
+                           pooled, planes, T):
     """``convolve_images`` with the channels-in-lanes tile: a block's results go to the thread's ``T``
-    (pixels, channels) and are transposed into out[n]."""
+    (pixels, channels) and are transposed into out[n]. ``offsets``: ``pixel_offsets``; ``out_w``: the
+    convolution's output width (which a pooled ``out`` does not show)."""
     N, C, H, W = src.shape
     K = out.shape[1]
     fh, fw = len(filter_h), len(filter_w)
@@ -219,7 +220,7 @@ def convolve_images_pixels(src, mask, weights, bias, out, counter, image_step, i
         for kb in range((K + K_tile - 1) // K_tile):
             _pixel_pass(planes, start, C, in_h * in_w, in_w, weights, bias, kb, fh, fw, grid_tiles, offsets, T,
                         c_chunk, k_vectors, pixels, lanes)
-            _pixels_to_nchw(T, K_tile, kb * K_tile, in_w - fw + 1, out, n, relu, pooled)
+            _pixels_to_nchw(T, K_tile, kb * K_tile, out_w, out, n, relu, pooled)
         n = take_next(counter)
     restore_fp(fp)
 

@@ -29,6 +29,8 @@ import threading
 import numpy as np
 from numba import config, types
 
+from fastconv._checks import relu_mask as _relu_off_py  # the rule in Python: the stand-in of relu_off
+
 try:
     import llvmlite.binding as _llvm
     from llvmlite import ir
@@ -121,8 +123,9 @@ def _tile_shape(tile_type):
 # --------------------------------------------------------------------------- the ReLU's mask rule
 
 def _relu_off_ir(builder, y):
-    """Where a ReLU's output (or input) ``y`` (a float or a vector of floats) zeroes the gradient: y <= 0.
-    The comparison is ordered, so a NaN y counts as on, as in the book's mask ``x <= 0``."""
+    """Where a ReLU's output (or input) ``y`` (a float or a vector of floats) zeroes the gradient: y <= 0,
+    ``fastconv._checks.relu_mask``'s rule. The comparison is ordered, so a NaN y counts as on, as in the
+    book's mask ``x <= 0``."""
     return builder.fcmp_ordered("<=", y, ir.Constant(y.type, None))
 
 
@@ -406,10 +409,6 @@ def _restore_fp(typingctx, saved):
 
 
 # --------------------------------------------------------------------------- NumPy stand-ins
-
-def _relu_off_py(y):
-    return y <= 0  # a NaN y gives False, as the ordered comparison does
-
 
 def _relu_gated_py(value, y):
     return 0 if _relu_off_py(y) else value

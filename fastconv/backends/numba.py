@@ -228,8 +228,8 @@ def _pass_kernel(plan, tile_pass, relu, pooled=False):
     geometry = (token(plan.filter_h), token(plan.filter_w), tile_pass.in_h, tile_pass.in_w, tile_pass.grid_tiles)
     if tile_pass.channel_lanes:
         return _forward.convolve_images_pixels, geometry + (
-            _forward.pixel_offsets(tile_pass), tile_pass.c_chunk, token(tile_pass.k_tile // plan.lanes),
-            token(tile_pass.vectors), token(plan.lanes), relu, pooled)
+            _forward.pixel_offsets(tile_pass), tile_pass.out_w, tile_pass.c_chunk,
+            token(tile_pass.k_tile // plan.lanes), token(tile_pass.vectors), token(plan.lanes), relu, pooled)
     return _forward.convolve_images, geometry + (
         token(tile_pass.k_tile), token(tile_pass.vectors), token(plan.lanes), relu, pooled)
 
@@ -250,7 +250,7 @@ def conv_forward(x, W, b, stride, pad, workspace, relu=False, for_backward=True,
     bias = np.zeros(fwd.k_padded, dtype=x.dtype)
     bias[:plan.filters] = b
     weights = _plan.pack_forward_weights(plan, W).reshape(-1)
-    out_hw = (plan.out_h // 2, plan.out_w // 2) if pooled else (plan.out_h, plan.out_w)
+    out_hw = (_out_size(plan.out_h, 2, 2, 0), _out_size(plan.out_w, 2, 2, 0)) if pooled else (plan.out_h, plan.out_w)
     out = np.empty((plan.batch, plan.filters) + out_hw, dtype=x.dtype)
     threads = plan.forward_threads()
     kernel, arguments = _pass_kernel(plan, fwd, relu, pooled)
@@ -292,7 +292,7 @@ def conv_backward(dout, cache, W, relu_out=None, input_gradient=True):
     weights_t = _plan.pack_backward_data_weights(plan, W).reshape(-1) if input_gradient else _NO_MASK[plan.dtype]
     zeros = np.zeros(bd.k_padded, dtype=plan.dtype)
     fused_dx = input_gradient and not bd.channel_lanes
-    borders = (plan.filter_h - 1 - plan.pad, plan.filter_w - 1 - plan.pad)
+    borders = (bd.border_h, bd.border_w)
     bd_kernel, bd_arguments = _pass_kernel(plan, bd, False) if input_gradient else (None, ())
     # the grid pass's geometry (up to its lanes); None: the kernel is compiled without its dx part
     dx_pass = borders + bd_arguments[:7] if fused_dx else None
