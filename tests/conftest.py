@@ -24,6 +24,32 @@ def pytest_configure(config):
         pytest.exit(f"fastconv is not built here.\n{problem}", returncode=pytest.ExitCode.USAGE_ERROR)
 
 
+# numba compiles its direct kernels anew for each geometry whose tiles differ (several seconds each): in the
+# default set it runs the direct kernels on these geometries (N, C, K, H, W, FH, FW, stride, pad) only, the
+# chapter-8 network's first layer and a paired layer, besides the network itself; its other direct
+# geometries and forced tiles run in the slow set (every test that takes a ``geometry`` or ``tile_kind``)
+NUMBA_GEOMETRIES = [(3, 1, 16, 28, 28, 3, 3, 1, 1), (3, 16, 32, 14, 14, 3, 3, 1, 1)]
+
+
+def _direct_geometry(geometry):
+    N, C, K, H, W, FH, FW, stride, pad = geometry
+    return stride == 1 and pad < min(FH, FW)
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m picks the tests to run
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        backend = params.get("backend", params.get("fast_backend", (params.get("fast") or (None,))[0]))
+        if backend != "numba":
+            continue
+        geometry = params.get("geometry")
+        new_geometry = (isinstance(geometry, tuple) and len(geometry) == 9 and _direct_geometry(geometry)
+                        and geometry not in NUMBA_GEOMETRIES)
+        if new_geometry or params.get("tile_kind") == "pixels":
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_report_header(config):
     status = fastconv.backend_status()
     return "fastconv backends: " + ", ".join(f"{k}={'ok' if v == 'ok' else 'UNAVAILABLE (' + v + ')'}" for k, v in status.items())

@@ -7,10 +7,12 @@ data: within ``conftest.tolerance`` of the reference run in float64.
 
 The default set runs every kernel (forward, fused ReLU, inference pooled in
 the kernel, backward-data, backward-weights) on each fast backend, on the
-host's variant, with both tile kinds and dtypes, on ``REPRESENTATIVE``
-geometries; the cython backend also runs every compiled tile of the host's
-variant by forcing each one. The ``slow`` set runs the whole product: every
-variant on every geometry, random geometries, and every numba tile.
+host's variant, in both dtypes, on ``REPRESENTATIVE`` geometries with both
+tile kinds (numba, which compiles each new geometry, on
+``conftest.NUMBA_GEOMETRIES`` with the plan's tiles); the cython backend also
+runs every compiled tile of the host's variant by forcing each one. The
+``slow`` set runs the whole product: every variant on every geometry, random
+geometries, and every numba tile.
 """
 import concurrent.futures
 import contextlib
@@ -23,13 +25,11 @@ from fastconv import _plan, _registry, _threads, kernels
 from fastconv._checks import output_size
 from fastconv.backends import reference
 
-from conftest import (FAST_BACKENDS, assert_close_to_reference, assert_subnormals_count_as_zero, conv_problem,
+from conftest import (FAST_BACKENDS, NUMBA_GEOMETRIES, assert_close_to_reference, assert_subnormals_count_as_zero, conv_problem,
                       conv_relu_reference, forced_variant, geometry_id, host_variant)
 
 # (N, C, K, H, W, FH, FW, stride, pad), stride 1: the geometries the direct kernels take
-REPRESENTATIVE = [
-    (3, 1, 16, 28, 28, 3, 3, 1, 1),  # the network's first layer: one input channel
-    (3, 16, 32, 14, 14, 3, 3, 1, 1),  # a network layer: two blocks of filters in float32 with AVX-512
+REPRESENTATIVE = NUMBA_GEOMETRIES + [  # the network's first layer (one input channel), a paired layer
     (2, 17, 20, 5, 9, 3, 2, 1, 0),  # non-square filters, channels past a whole tile, no pad
     (2, 3, 4, 6, 5, 5, 5, 1, 4),  # the largest pad the direct kernels take
     (2, 1, 20, 9, 8, 5, 5, 1, 2),  # one input channel: 25 taps in more than one tile; two blocks of filters
@@ -76,7 +76,8 @@ def cases(geometries, slow_geometries=()):
     for name in FAST_BACKENDS:
         for variant in _plan.VARIANTS:
             for geometry in list(geometries) + list(slow_geometries):
-                slow = variant != host_variant(name) or geometry in slow_geometries
+                slow = (variant != host_variant(name) or geometry in slow_geometries
+                        or (name == "numba" and geometry not in NUMBA_GEOMETRIES))
                 params.append(pytest.param((name, variant), geometry, id=f"{name}-{variant}-{geometry_id(geometry)}",
                                            marks=[pytest.mark.slow] if slow else []))
     return params
@@ -223,7 +224,7 @@ def channel_tile_cases():
     for name in FAST_BACKENDS:
         for variant in _plan.VARIANTS:
             for channels in sorted(set(_plan.CHANNEL_TILES[_plan.REGISTERS[variant]]) | {1, 23}):
-                slow = variant != host_variant(name) or (name != "cython" and channels not in (1, 23))
+                slow = variant != host_variant(name) or name != "cython"  # numba: tested on its geometries
                 params.append(pytest.param((name, variant), channels, id=f"{name}-{variant}-C{channels}",
                                            marks=[pytest.mark.slow] if slow else []))
     return params
@@ -241,8 +242,7 @@ def test_every_backward_weights_tile_equals_reference_bit_for_bit(fast, channels
 # --------------------------------------------------------------------------- threads, subnormals, buffers
 
 @pytest.mark.parametrize("name", FAST_BACKENDS)
-@pytest.mark.parametrize("geometry", [REPRESENTATIVE[0], REPRESENTATIVE[1], (37, 5, 6, 11, 11, 3, 3, 1, 1)],
-                         ids=geometry_id)
+@pytest.mark.parametrize("geometry", NUMBA_GEOMETRIES + [(37, 5, 6, 11, 11, 3, 3, 1, 1)], ids=geometry_id)
 def test_one_two_and_three_threads_give_identical_bits(name, geometry, dtype, monkeypatch):
     monkeypatch.setitem(_threads.LEAST_WORK, "conv", 1)  # a thread for any work
     runs = []
@@ -267,7 +267,7 @@ def test_subnormal_numbers_count_as_zero_in_the_kernels_only(name, dtype):
 
 @pytest.mark.parametrize("name", FAST_BACKENDS)
 def test_backward_does_not_read_the_callers_input(name, rng):
-    x, w, b, stride, pad, dout = integer_problem(rng, REPRESENTATIVE[2], np.float64)
+    x, w, b, stride, pad, dout = integer_problem(rng, NUMBA_GEOMETRIES[1], np.float64)
     expected = reference_run(x, w, b, stride, pad, dout)
     with fastconv.use_backend(name):
         _, cache = kernels.conv_forward(x, w, b, stride, pad)
@@ -281,7 +281,7 @@ def test_backward_does_not_read_the_callers_input(name, rng):
 def test_kernels_called_from_several_threads_at_once_give_the_same_bits(name, monkeypatch):
     monkeypatch.setenv("FASTCONV_NUM_THREADS", "2")
     rng = np.random.default_rng(3)
-    problems = [integer_problem(rng, g, np.float32) for g in REPRESENTATIVE[:3]]
+    problems = [integer_problem(rng, g, np.float32) for g in NUMBA_GEOMETRIES]
 
     def run(problem):
         with fastconv.use_backend(name):
