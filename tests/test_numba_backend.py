@@ -143,12 +143,19 @@ def assert_conv_matches_reference(x, Wt, b, dout, stride, pad):
     return cache
 
 
-@pytest.mark.parametrize("geometry", GEOMETRIES, ids=IDS)
+def direct_in_the_slow_set(geometries):
+    """The geometries as params, those of the direct kernels but the first in the slow set: each compiles
+    them anew, and ``test_direct_kernels.py`` tests them in the default set on the network's geometries."""
+    return [pytest.param(g, id=i, marks=[pytest.mark.slow] if n and g[6] == 1 and g[7] < min(g[4:6]) else [])
+            for n, (g, i) in enumerate(zip(GEOMETRIES, IDS))]
+
+
+@pytest.mark.parametrize("geometry", direct_in_the_slow_set(GEOMETRIES))
 def test_convolution_in_one_piece(geometry, dtype, rng, numba_backend):
     assert_conv_matches_reference(*conv_case(geometry, dtype, rng))
 
 
-@pytest.mark.parametrize("geometry", GEOMETRIES, ids=IDS)
+@pytest.mark.parametrize("geometry", direct_in_the_slow_set(GEOMETRIES))
 def test_convolution_cut_into_groups_and_threads(geometry, dtype, rng, numba_backend, many_small_pieces):
     x, Wt, b, dout, stride, pad = conv_case(geometry, dtype, rng)
     x, dout = np.concatenate([x] * 3), np.concatenate([dout] * 3)  # several images per group
@@ -543,6 +550,7 @@ def test_kernels_work_uncached_when_no_cache_directory_is_writable(read_only_ins
     assert result.stderr.count("will be compiled in every process") == 1
 
 
+@pytest.mark.slow
 def test_compiled_kernels_stay_inside_their_arrays(tmp_path):
     """With Numba's bounds checking on, every kernel runs the awkward geometries without an IndexError."""
     # compiles every kernel cold for three instruction sets, two dtypes and many tile shapes: 8-9 minutes on
