@@ -1,8 +1,8 @@
 """Build the Cython extensions of fastconv.
 
 Every extension is declared once in EXTENSIONS. The kernels run on a small
-thread pool of their own (``fastconv/_ext/fc_pool.c``, POSIX threads), probed
-by compiling a tiny program; without threads (or with
+thread pool of their own (``fastconv/_ext/fc_pool.c``): POSIX threads, probed
+by compiling a tiny program, or Win32 threads on Windows; without threads (or with
 ``FASTCONV_SERIAL_BUILD=1``) the extensions are built serial and the build
 still succeeds. The direct-convolution kernels are compiled once per
 instruction set through target pragmas in their own sources and chosen at run
@@ -105,9 +105,12 @@ def check_compiler(compiler):
 
 
 def thread_flags(compiler):
-    """Return (compile_args, link_args) for POSIX threads, or None if they do not build."""
-    if flag(SERIAL_VARIABLE) or sys.platform == "win32":
+    """Return (compile_args, link_args) for the pool's threads, or None if they do not build: Win32 threads
+    on Windows (with any compiler; nothing to add), else POSIX threads."""
+    if flag(SERIAL_VARIABLE):
         return None
+    if sys.platform == "win32":
+        return [], []
     with tempfile.TemporaryDirectory() as tmp:
         source = os.path.join(tmp, "threads_probe.c")
         with open(source, "w") as f:
@@ -160,7 +163,7 @@ class BuildExtWithThreads(build_ext):
             print("fastconv: building without the direct-convolution kernels")
         self._rebuild_if_mode_changed(("serial" if flags is None else "threads") + ("-nodirect" if no_direct else ""))
         for ext in self.extensions:
-            if sys.platform != "win32":
+            if self.compiler.compiler_type != "msvc":  # GCC or Clang, on Windows too (MinGW-w64)
                 # -ffp-contract=fast: a * b + c in the kernels becomes one fused multiply-add
                 ext.extra_compile_args = list(ext.extra_compile_args) + ["-O3", "-ffp-contract=fast"]
             if flags is not None:

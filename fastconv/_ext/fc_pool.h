@@ -1,4 +1,5 @@
-/* A small thread pool for the compiled kernels (pthreads; serial where unavailable).
+/* A small thread pool for the compiled kernels (POSIX threads, or Win32 threads on Windows; serial
+ * where neither is built).
  *
  * fc_pool_run(n, fn, arg) calls fn(arg, t) once for each t in [0, n): t = 0 on
  * the calling thread, the others on pool workers, and returns when all have
@@ -30,10 +31,15 @@ int fc_pool_threaded(void);
 void fc_pool_set_poll_ns(long ns);
 
 /* The next task number of a counter shared by the threads of one run. */
+#if !defined(__GNUC__) && !defined(__clang__) && defined(_MSC_VER)
+#include <intrin.h>
+#endif
 static inline long fc_next_task(long *counter)
 {
-#if defined(__GNUC__)
+#if defined(__GNUC__) || defined(__clang__)
     return __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED);
+#elif defined(_MSC_VER)
+    return _InterlockedExchangeAdd((volatile long *)counter, 1);
 #else
     return (*counter)++; /* serial builds only */
 #endif
