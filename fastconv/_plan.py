@@ -67,7 +67,8 @@ Variants
 --------
 ``VARIANTS`` are the instruction sets the kernels are compiled for, best first;
 ``LANES[variant][dtype]`` the elements of one vector register,
-``REGISTERS[variant]`` how many vector registers the tiles may fill.
+``REGISTERS[variant]`` how many vector registers the tiles may fill (for "generic", 32 on
+AArch64 and 16 elsewhere, as the portable kernels are compiled).
 ``FORWARD_TILES[registers]`` and ``CHANNEL_TILES[registers]`` list the register
 tiles compiled for that many registers; the plan picks the forward tile with the
 least padded work times ``TILE_COST``.
@@ -78,6 +79,9 @@ Public names (stable): ``VARIANTS``, ``VECTOR_BYTES``, ``LANES``, ``REGISTERS``,
 ``pack_forward_weights``, ``pack_backward_data_weights``.
 """
 import functools
+import platform
+import sys
+import sysconfig
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -93,7 +97,18 @@ VECTOR_BYTES = {"avx512": 64, "avx2": 32, "generic": 16}
 LANES = {variant: {np.dtype(np.float32): size // 4, np.dtype(np.float64): size // 8}
          for variant, size in VECTOR_BYTES.items()}
 
-REGISTERS = {"avx512": 32, "avx2": 16, "generic": 16}
+
+def _portable_registers(machine, pointer_bits):
+    """The vector registers of the portable variant on ``machine``: 32 on 64-bit ARM (AArch64's NEON), 16
+    elsewhere (x86-64's SSE2, 32-bit ARM), as ``dconv_generic.c`` chooses them (``__aarch64__``)."""
+    return 32 if pointer_bits == 64 and machine.lower() in ("aarch64", "arm64") else 16
+
+
+# The machine this Python runs as; on Windows sysconfig's platform ("win-amd64", "win-arm64"), because there
+# platform.machine() names the processor even to an x86-64 Python emulated on ARM64.
+_MACHINE = sysconfig.get_platform().rsplit("-", 1)[-1] if sys.platform == "win32" else platform.machine()
+
+REGISTERS = {"avx512": 32, "avx2": 16, "generic": _portable_registers(_MACHINE, 64 if sys.maxsize > 2 ** 32 else 32)}
 
 # (output channels, vectors of grid positions): accumulators + input vectors + one broadcast fit the registers
 FORWARD_TILES = {32: ((16, 1), (12, 2), (8, 3), (8, 2), (6, 4), (4, 6), (1, 12)),

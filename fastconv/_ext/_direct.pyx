@@ -19,18 +19,18 @@ cdef extern from "dconv.h":
     ctypedef struct fc_tile_pass:
         int in_channels, out_channels, src_h, src_w, border_h, border_w, in_h, in_w, out_h, out_w
         int filter_h, filter_w, k_tile, vectors, k_blocks, grid_tiles, channel_lanes, c_chunk
-        long in_plane, image_stride, grid_stride
+        Py_ssize_t in_plane, image_stride, grid_stride
 
     ctypedef struct fc_forward_job:
         fc_tile_pass pass_ "pass"
-        long batch
+        Py_ssize_t batch
         const void *x
         void *packed
         const void *weights
         const void *bias
         void *out
         void *scratch
-        long scratch_stride
+        Py_ssize_t scratch_stride
         int relu
         void *pooled
         int pooled_h, pooled_w
@@ -39,14 +39,14 @@ cdef extern from "dconv.h":
     ctypedef struct fc_backward_job:
         fc_tile_pass forward
         fc_tile_pass data
-        long batch
+        Py_ssize_t batch
         int lanes, w_blocks, groups
         int one_channel, dt_cols
-        long dt_block
+        Py_ssize_t dt_block
         const int *channel_tiles
         int n_channel_tiles
         int pair_blocks
-        long transposed, grid, planes, masked
+        Py_ssize_t transposed, grid, planes, masked
         const void *packed
         const void *dout
         const void *relu_out
@@ -54,11 +54,11 @@ cdef extern from "dconv.h":
         const void *zeros
         void *dx
         void *dw_groups
-        long dw_group_elements
+        Py_ssize_t dw_group_elements
         double *db_groups
         void *dw
         void *scratch
-        long scratch_stride
+        Py_ssize_t scratch_stride
         long next
 
     ctypedef struct fc_dconv_functions_t:
@@ -142,7 +142,7 @@ cdef fc_tile_pass _tile_pass(object p, int filter_h, int filter_w, int lanes,
     if not fns.has_tile(t.channel_lanes, t.k_tile, t.vectors):
         raise ValueError(f"no tile of {t.k_tile} channels x {t.vectors} is compiled for this variant")
     # the planes hold the sources and every tap of every output; the blocks cover the output channels
-    if (t.border_h + t.src_h > t.in_h or t.border_w + t.src_w > t.in_w or t.in_plane < <long>t.in_h * t.in_w
+    if (t.border_h + t.src_h > t.in_h or t.border_w + t.src_w > t.in_w or t.in_plane < <Py_ssize_t>t.in_h * t.in_w
             or t.out_h + t.filter_h - 1 > t.in_h or t.out_w + t.filter_w - 1 > t.in_w
             or t.k_blocks * t.k_tile < t.out_channels):
         raise ValueError("the pass's planes do not hold its sources and its outputs' taps")

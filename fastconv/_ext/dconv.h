@@ -10,31 +10,48 @@
 #ifndef FASTCONV_DCONV_H
 #define FASTCONV_DCONV_H
 
+#include <stddef.h>
+#include <stdint.h>
 #include "fc_pool.h"
 
+/* Subnormal numbers read and computed as zero on the calling thread, until fc_restore_fp(the returned
+   state). Late in training, gradients hold many subnormal floats, and every multiply-add on one takes a
+   slow microcode path (backward ran twice as long). The state is per thread and restored: code outside
+   the kernels never sees it. On x86 these are the MXCSR's DAZ and FTZ bits; on AArch64 the FPCR's FZ bit
+   (24), which flushes both the inputs and the results of single and double precision operations. */
 #if defined(__x86_64__) || defined(__i386__)
 #include <xmmintrin.h>
-/* Subnormal numbers read and computed as zero (DAZ and FTZ) on the calling thread, until
-   fc_restore_fp(the returned state). Late in training, gradients hold many subnormal floats,
-   and every multiply-add on one takes a slow microcode path (backward ran twice as long).
-   The state is per thread and restored: code outside the kernels never sees it. */
-static inline unsigned fc_flush_subnormals(void)
+typedef unsigned fc_fp_state;
+static inline fc_fp_state fc_flush_subnormals(void)
 {
     unsigned saved = _mm_getcsr();
     _mm_setcsr(saved | 0x8040);
     return saved;
 }
-static inline void fc_restore_fp(unsigned saved) { _mm_setcsr(saved); }
+static inline void fc_restore_fp(fc_fp_state saved) { _mm_setcsr(saved); }
+#elif defined(__aarch64__) && (defined(__GNUC__) || defined(__clang__))
+typedef uint64_t fc_fp_state;
+#define FC_FPCR_FZ ((uint64_t)1 << 24)
+/* the "memory" clobbers keep the kernel's loads, and so its arithmetic, between the two */
+static inline fc_fp_state fc_flush_subnormals(void)
+{
+    uint64_t saved;
+    __asm__ __volatile__("mrs %0, fpcr" : "=r"(saved) : : "memory");
+    __asm__ __volatile__("msr fpcr, %0" : : "r"(saved | FC_FPCR_FZ) : "memory");
+    return saved;
+}
+static inline void fc_restore_fp(fc_fp_state saved) { __asm__ __volatile__("msr fpcr, %0" : : "r"(saved) : "memory"); }
 #else
-static inline unsigned fc_flush_subnormals(void) { return 0; }
-static inline void fc_restore_fp(unsigned saved) { (void)saved; }
+typedef unsigned fc_fp_state;
+static inline fc_fp_state fc_flush_subnormals(void) { return 0; }
+static inline void fc_restore_fp(fc_fp_state saved) { (void)saved; }
 #endif
 
 /* A kernel TASK_body(arg, thread) as the thread pool runs it, named TASK: subnormals flushed meanwhile. */
 #define FC_FLUSHING_TASK(TASK)                                                                       \
     static void FC_NAME(TASK)(void *arg, int thread)                                                 \
     {                                                                                                \
-        unsigned fp = fc_flush_subnormals();                                                         \
+        fc_fp_state fp = fc_flush_subnormals();                                                      \
         FC_NAME(TASK##_body)(arg, thread);                                                           \
         fc_restore_fp(fp);                                                                           \
     }
@@ -57,14 +74,14 @@ typedef struct {
     int k_tile, vectors, k_blocks, grid_tiles;
     int channel_lanes;                    /* 1: output channels in the lanes, vectors = pixels per tile */
     int c_chunk;                          /* channels-in-lanes tile: input channels per pass over the pixels */
-    long in_plane;                        /* in_h * in_w */
-    long image_stride;                    /* padded planes of one image and the tail that may be read */
-    long grid_stride;                     /* grid positions per output channel (grid_padded) */
+    ptrdiff_t in_plane;                   /* in_h * in_w */
+    ptrdiff_t image_stride;               /* padded planes of one image and the tail that may be read */
+    ptrdiff_t grid_stride;                /* grid positions per output channel (grid_padded) */
 } fc_tile_pass;
 
 typedef struct {
     fc_tile_pass pass;
-    long batch;
+    ptrdiff_t batch;
     const void *x;          /* (N, C, H, W) */
     void *packed;           /* (N, image_stride): padded planes, kept for backward; NULL: none kept, each
                                image's planes go to the thread's scratch after its grid */
@@ -72,7 +89,7 @@ typedef struct {
     const void *bias;       /* (k_blocks * k_tile,) */
     void *out;              /* (N, K, out_h, out_w) */
     void *scratch;          /* per thread: scratch_stride elements, aligned inside */
-    long scratch_stride;
+    ptrdiff_t scratch_stride;
     int relu;               /* 1: out = max(convolution, 0), a ReLU fused into the output */
     void *pooled;           /* NULL, or (N, K, pooled_h, pooled_w): out max-pooled over 2 x 2 windows with
                                stride 2; out is then NULL (each image's output stays in thread scratch) */
@@ -83,15 +100,15 @@ typedef struct {
 typedef struct {
     fc_tile_pass forward;   /* geometry of the packed input */
     fc_tile_pass data;      /* the backward-data pass */
-    long batch;
+    ptrdiff_t batch;
     int lanes, w_blocks, groups;
     int one_channel;        /* a single input channel: dx from dout vectors (dx_one_channel), not the tile */
     int dt_cols;            /* one channel: columns of the zero-bordered dout, and elements per block */
-    long dt_block;
+    ptrdiff_t dt_block;
     const int *channel_tiles; /* (first, count) pairs */
     int n_channel_tiles;
     int pair_blocks;        /* 1: two blocks of lanes output channels through each channel tile at once */
-    long transposed, grid, planes, masked; /* elements of each part of a thread's scratch (the plan's
+    ptrdiff_t transposed, grid, planes, masked; /* elements of each part of a thread's scratch (the plan's
                                backward_buffers), laid out in this order */
     const void *packed;     /* forward's padded planes */
     const void *dout;       /* (N, K, out_h, out_w) */
@@ -100,11 +117,11 @@ typedef struct {
     const void *zeros;      /* data.k_blocks * data.k_tile zeros: the bias of the backward-data pass */
     void *dx;               /* (N, C, H, W) */
     void *dw_groups;        /* (groups, dw_group_elements) */
-    long dw_group_elements;
+    ptrdiff_t dw_group_elements;
     double *db_groups;      /* (groups, K) */
     void *dw;               /* (K, C, FH, FW) */
     void *scratch;
-    long scratch_stride;
+    ptrdiff_t scratch_stride;
     long next;
 } fc_backward_job;
 

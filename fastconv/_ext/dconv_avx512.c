@@ -2,7 +2,7 @@
 #include <string.h>
 #include "dconv.h"
 
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(FASTCONV_NO_DIRECT_KERNELS)
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && !defined(FASTCONV_NO_DIRECT_KERNELS)
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx512f,avx2,fma"))), apply_to = function)
 #else

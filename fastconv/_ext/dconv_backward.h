@@ -11,8 +11,8 @@
    With few channels, U interleaved partial sums (pixel ow goes to sum ow % U) keep enough
    independent multiply-adds in flight; they are added in order at the end. */
 #define FC_WEIGHTS_TILE(CT, U)                                                                       \
-    static void FC_NAME(dw_##CT)(const FC_T *x, long plane, int in_w, const FC_T *dT, int out_h,     \
-                                 int out_w, FC_T *acc_mem, long cstride)                             \
+    static void FC_NAME(dw_##CT)(const FC_T *x, ptrdiff_t plane, int in_w, const FC_T *dT,           \
+                                 int out_h, int out_w, FC_T *acc_mem, ptrdiff_t cstride)             \
     {                                                                                                \
         VEC acc[U][CT];                                                                              \
         _Pragma("GCC unroll 16") for (int i = 0; i < CT; i++) {                                      \
@@ -21,17 +21,17 @@
         }                                                                                            \
         const int whole = out_w - out_w % U;                                                         \
         for (int oh = 0; oh < out_h; oh++) {                                                         \
-            const FC_T *xr = x + (long)oh * in_w;                                                    \
-            const FC_T *dr = dT + (long)oh * out_w * FC_V;                                           \
+            const FC_T *xr = x + (ptrdiff_t)oh * in_w;                                               \
+            const FC_T *dr = dT + (ptrdiff_t)oh * out_w * FC_V;                                      \
             for (int ow = 0; ow < whole; ow += U) {                                                  \
                 _Pragma("GCC unroll 8") for (int u = 0; u < U; u++) {                                \
-                    VEC d = FC_NAME(load)(dr + (long)(ow + u) * FC_V);                               \
+                    VEC d = FC_NAME(load)(dr + (ptrdiff_t)(ow + u) * FC_V);                          \
                     _Pragma("GCC unroll 16") for (int i = 0; i < CT; i++)                            \
                         acc[u][i] += d * xr[i * plane + ow + u];                                     \
                 }                                                                                    \
             }                                                                                        \
             for (int ow = whole; ow < out_w; ow++) {                                                 \
-                VEC d = FC_NAME(load)(dr + (long)ow * FC_V);                                         \
+                VEC d = FC_NAME(load)(dr + (ptrdiff_t)ow * FC_V);                                    \
                 _Pragma("GCC unroll 16") for (int i = 0; i < CT; i++)                                \
                     acc[ow % U][i] += d * xr[i * plane + ow];                                        \
             }                                                                                        \
@@ -48,8 +48,9 @@
    Every accumulator adds the same products in the same order, into the same U partial sums, as
    FC_WEIGHTS_TILE(CT, U) does. */
 #define FC_WEIGHTS_PAIR_TILE(CT, U)                                                                  \
-    static void FC_NAME(dw_pair_##CT)(const FC_T *x, long plane, int in_w, const FC_T *dT, long dt_stride, \
-                                      int out_h, int out_w, FC_T *acc_mem, long cstride, long kstride) \
+    static void FC_NAME(dw_pair_##CT)(const FC_T *x, ptrdiff_t plane, int in_w, const FC_T *dT,      \
+                                      ptrdiff_t dt_stride, int out_h, int out_w, FC_T *acc_mem,      \
+                                      ptrdiff_t cstride, ptrdiff_t kstride)                          \
     {                                                                                                \
         VEC a0[U][CT], a1[U][CT];                                                                    \
         _Pragma("GCC unroll 16") for (int i = 0; i < CT; i++) {                                      \
@@ -59,12 +60,12 @@
         }                                                                                            \
         const int whole = out_w - out_w % U;                                                         \
         for (int oh = 0; oh < out_h; oh++) {                                                         \
-            const FC_T *xr = x + (long)oh * in_w;                                                    \
-            const FC_T *dr = dT + (long)oh * out_w * FC_V;                                           \
+            const FC_T *xr = x + (ptrdiff_t)oh * in_w;                                               \
+            const FC_T *dr = dT + (ptrdiff_t)oh * out_w * FC_V;                                      \
             for (int ow = 0; ow < whole; ow += U) {                                                  \
                 _Pragma("GCC unroll 8") for (int u = 0; u < U; u++) {                                \
-                    VEC d0 = FC_NAME(load)(dr + (long)(ow + u) * FC_V);                              \
-                    VEC d1 = FC_NAME(load)(dr + dt_stride + (long)(ow + u) * FC_V);                  \
+                    VEC d0 = FC_NAME(load)(dr + (ptrdiff_t)(ow + u) * FC_V);                         \
+                    VEC d1 = FC_NAME(load)(dr + dt_stride + (ptrdiff_t)(ow + u) * FC_V);             \
                     _Pragma("GCC unroll 16") for (int i = 0; i < CT; i++) {                          \
                         FC_T v = xr[i * plane + ow + u];                                             \
                         a0[u][i] += d0 * v;                                                          \
@@ -73,8 +74,8 @@
                 }                                                                                    \
             }                                                                                        \
             for (int ow = whole; ow < out_w; ow++) {                                                 \
-                VEC d0 = FC_NAME(load)(dr + (long)ow * FC_V);                                        \
-                VEC d1 = FC_NAME(load)(dr + dt_stride + (long)ow * FC_V);                            \
+                VEC d0 = FC_NAME(load)(dr + (ptrdiff_t)ow * FC_V);                                   \
+                VEC d1 = FC_NAME(load)(dr + dt_stride + (ptrdiff_t)ow * FC_V);                       \
                 _Pragma("GCC unroll 16") for (int i = 0; i < CT; i++) {                              \
                     FC_T v = xr[i * plane + ow];                                                     \
                     a0[ow % U][i] += d0 * v;                                                         \
@@ -106,11 +107,11 @@ static void FC_NAME(dw_one_channel)(const FC_T *x, int in_w, const FC_T *dT, int
         VEC acc[9];
         _Pragma("GCC unroll 9") for (int t = 0; t < 9; t++) acc[t] = FC_NAME(load)(acc_mem + t * FC_V);
         for (int oh = 0; oh < out_h; oh++) {
-            const FC_T *xr = x + (long)oh * in_w;
-            const FC_T *dr = dT + (long)oh * dt_cols * FC_V;
+            const FC_T *xr = x + (ptrdiff_t)oh * in_w;
+            const FC_T *dr = dT + (ptrdiff_t)oh * dt_cols * FC_V;
             VEC row = (VEC){0};
             for (int ow = 0; ow < out_w; ow++) {
-                VEC d = FC_NAME(load)(dr + (long)ow * FC_V);
+                VEC d = FC_NAME(load)(dr + (ptrdiff_t)ow * FC_V);
                 row += d;
                 _Pragma("GCC unroll 3") for (int kh = 0; kh < 3; kh++)
                     _Pragma("GCC unroll 3") for (int kw = 0; kw < 3; kw++)
@@ -125,14 +126,15 @@ static void FC_NAME(dw_one_channel)(const FC_T *x, int in_w, const FC_T *dT, int
                 VEC acc = FC_NAME(load)(acc_mem + (kh * fw + kw) * FC_V);
                 for (int oh = 0; oh < out_h; oh++)
                     for (int ow = 0; ow < out_w; ow++)
-                        acc += FC_NAME(load)(dT + ((long)oh * dt_cols + ow) * FC_V) * x[(long)(oh + kh) * in_w + ow + kw];
+                        acc += FC_NAME(load)(dT + ((ptrdiff_t)oh * dt_cols + ow) * FC_V)
+                               * x[(ptrdiff_t)(oh + kh) * in_w + ow + kw];
                 FC_NAME(store)(acc_mem + (kh * fw + kw) * FC_V, acc);
             }
         }
         for (int oh = 0; oh < out_h; oh++) {
             VEC row = (VEC){0};
             for (int ow = 0; ow < out_w; ow++)
-                row += FC_NAME(load)(dT + ((long)oh * dt_cols + ow) * FC_V);
+                row += FC_NAME(load)(dT + ((ptrdiff_t)oh * dt_cols + ow) * FC_V);
             total += __builtin_convertvector(row, FC_NAME(dvec));
         }
     }
@@ -144,7 +146,7 @@ static void FC_NAME(dw_one_channel)(const FC_T *x, int in_w, const FC_T *dT, int
    border of FH - 1 - pad rows and FW - 1 - pad columns (dTp, blocks of dt_block elements), and the
    weights as (block, FH, FW, lane) vectors: each dx value is a sum over taps of dout vectors times
    weight vectors, whose lanes are added FC_V values at a time. */
-static void FC_NAME(dx_one_channel)(const FC_T *dTp, long dt_block, int dt_cols, int w_blocks, const FC_T *wv,
+static void FC_NAME(dx_one_channel)(const FC_T *dTp, ptrdiff_t dt_block, int dt_cols, int w_blocks, const FC_T *wv,
                                     int fh, int fw, int H, int W, FC_T *dx)
 {
     for (int ih = 0; ih < H; ih++) {
@@ -154,21 +156,22 @@ static void FC_NAME(dx_one_channel)(const FC_T *dTp, long dt_block, int dt_cols,
             for (int kb = 0; kb < w_blocks; kb++) {
                 for (int kh = 0; kh < fh; kh++) {
                     for (int kw = 0; kw < fw; kw++) {
-                        VEC w = FC_NAME(load)(wv + ((long)(kb * fh + kh) * fw + kw) * FC_V);
+                        VEC w = FC_NAME(load)(wv + ((ptrdiff_t)(kb * fh + kh) * fw + kw) * FC_V);
                         const FC_T *src = dTp + kb * dt_block
-                                          + ((long)(ih + fh - 1 - kh) * dt_cols + iw0 + fw - 1 - kw) * FC_V;
+                                          + ((ptrdiff_t)(ih + fh - 1 - kh) * dt_cols + iw0 + fw - 1 - kw) * FC_V;
                         _Pragma("GCC unroll 16") for (int j = 0; j < FC_V; j++)
-                            acc[j] += FC_NAME(load)(src + (long)j * FC_V) * w;
+                            acc[j] += FC_NAME(load)(src + (ptrdiff_t)j * FC_V) * w;
                     }
                 }
             }
-            FC_NAME(lane_sums)(acc, dx + (long)ih * W + iw0, W - iw0 < FC_V ? W - iw0 : FC_V);
+            FC_NAME(lane_sums)(acc, dx + (ptrdiff_t)ih * W + iw0, W - iw0 < FC_V ? W - iw0 : FC_V);
         }
     }
 }
 
-typedef void (*FC_NAME(dw_fn))(const FC_T *, long, int, const FC_T *, int, int, FC_T *, long);
-typedef void (*FC_NAME(dw_pair_fn))(const FC_T *, long, int, const FC_T *, long, int, int, FC_T *, long, long);
+typedef void (*FC_NAME(dw_fn))(const FC_T *, ptrdiff_t, int, const FC_T *, int, int, FC_T *, ptrdiff_t);
+typedef void (*FC_NAME(dw_pair_fn))(const FC_T *, ptrdiff_t, int, const FC_T *, ptrdiff_t, int, int, FC_T *, ptrdiff_t,
+                                    ptrdiff_t);
 
 #define FC_SINGLE(CT, U, PAIRED) FC_WEIGHTS_TILE(CT, U)
 #define FC_PAIR(CT, U, PAIRED) FC_WHEN(PAIRED, FC_WEIGHTS_PAIR_TILE)(CT, U)
@@ -209,24 +212,24 @@ static int FC_NAME(dw_blocks)(const fc_backward_job *job, const FC_T *x, const F
 {
     const fc_tile_pass *f = &job->forward;
     const int C = f->in_channels, FH = f->filter_h, FW = f->filter_w;
-    const long taps = (long)FH * FW, pixels = (long)f->out_h * f->out_w;
+    const ptrdiff_t taps = (ptrdiff_t)FH * FW, pixels = (ptrdiff_t)f->out_h * f->out_w;
     const int pair = job->pair_blocks && kb + 1 < job->w_blocks;
-    const FC_T *dTk = dT + (long)kb * pixels * FC_V;
+    const FC_T *dTk = dT + (ptrdiff_t)kb * pixels * FC_V;
     for (int t = 0; t < job->n_channel_tiles; t++) {
         int c0 = job->channel_tiles[2 * t], count = job->channel_tiles[2 * t + 1];
         const FC_T *xc = x + c0 * f->in_plane;
-        FC_T *acc = dw + ((long)kb * C + c0) * taps * FC_V;
+        FC_T *acc = dw + ((ptrdiff_t)kb * C + c0) * taps * FC_V;
         if (pair) {
             FC_NAME(dw_pair_fn) tile = FC_NAME(weights_pair_tile)(count);
             for (int kh = 0; kh < FH; kh++)
                 for (int kw = 0; kw < FW; kw++)
-                    tile(xc + (long)kh * f->in_w + kw, f->in_plane, f->in_w, dTk, pixels * FC_V, f->out_h, f->out_w,
-                         acc + (kh * FW + kw) * FC_V, taps * FC_V, (long)C * taps * FC_V);
+                    tile(xc + (ptrdiff_t)kh * f->in_w + kw, f->in_plane, f->in_w, dTk, pixels * FC_V, f->out_h,
+                         f->out_w, acc + (kh * FW + kw) * FC_V, taps * FC_V, (ptrdiff_t)C * taps * FC_V);
         } else {
             FC_NAME(dw_fn) tile = FC_NAME(weights_tile)(count);
             for (int kh = 0; kh < FH; kh++)
                 for (int kw = 0; kw < FW; kw++)
-                    tile(xc + (long)kh * f->in_w + kw, f->in_plane, f->in_w, dTk, f->out_h, f->out_w,
+                    tile(xc + (ptrdiff_t)kh * f->in_w + kw, f->in_plane, f->in_w, dTk, f->out_h, f->out_w,
                          acc + (kh * FW + kw) * FC_V, taps * FC_V);
         }
     }
@@ -242,14 +245,14 @@ static void FC_NAME(backward_one_channel)(const fc_backward_job *job, const FC_T
     const fc_tile_pass *f = &job->forward;
     const int K = f->out_channels, FH = f->filter_h, FW = f->filter_w;
     const int out_h = f->out_h, out_w = f->out_w, pixels = out_h * out_w;
-    const long interior = ((long)(FH - 1 - f->border_h) * job->dt_cols + FW - 1 - f->border_w) * FC_V;
+    const ptrdiff_t interior = ((ptrdiff_t)(FH - 1 - f->border_h) * job->dt_cols + FW - 1 - f->border_w) * FC_V;
     for (int kb = 0; kb < job->w_blocks; kb++) {
         int count = K - kb * FC_V < FC_V ? K - kb * FC_V : FC_V;
         FC_T *block = dTp + kb * job->dt_block + interior;
-        long first = (long)kb * FC_V * pixels;
+        ptrdiff_t first = (ptrdiff_t)kb * FC_V * pixels;
         FC_NAME(transpose_bordered)(dy + first, y ? y + first : NULL, count, out_h, out_w, block, job->dt_cols);
         FC_NAME(dw_one_channel)(x, f->in_w, block, job->dt_cols, out_h, out_w, FH, FW,
-                                dw + (long)kb * FH * FW * FC_V, db + kb * FC_V, count);
+                                dw + (ptrdiff_t)kb * FH * FW * FC_V, db + kb * FC_V, count);
     }
     if (dx)
         FC_NAME(dx_one_channel)(dTp, job->dt_block, job->dt_cols, job->w_blocks, job->weights, FH, FW, f->src_h,
@@ -272,9 +275,9 @@ static void FC_NAME(backward_task_body)(void *arg, int thread)
     FC_T *dTp = dT;  /* the one-channel path's bordered dout */
     if (job->one_channel)
         memset(dTp, 0, (size_t)job->transposed * sizeof(FC_T));
-    long g;
+    ptrdiff_t g;
     while ((g = fc_next_task(&job->next)) < job->groups) {
-        long first = g * job->batch / job->groups, end = (g + 1) * job->batch / job->groups;
+        ptrdiff_t first = g * job->batch / job->groups, end = (g + 1) * job->batch / job->groups;
         FC_T *dw = (FC_T *)job->dw_groups + g * job->dw_group_elements;
         double *db = job->db_groups + g * K;
         memset(dw, 0, (size_t)job->dw_group_elements * sizeof(FC_T));
@@ -282,27 +285,27 @@ static void FC_NAME(backward_task_body)(void *arg, int thread)
             memset(dT, 0, (size_t)job->transposed * sizeof(FC_T));
         for (int k = 0; k < K; k++)
             db[k] = 0;
-        for (long n = first; n < end; n++) {
+        for (ptrdiff_t n = first; n < end; n++) {
             const FC_T *dy = (const FC_T *)job->dout + n * K * pixels;
             const FC_T *y = job->relu_out ? (const FC_T *)job->relu_out + n * K * pixels : NULL;
             const FC_T *x = (const FC_T *)job->packed + n * f->image_stride;
-            FC_T *dx = job->dx ? (FC_T *)job->dx + n * (long)C * f->src_h * f->src_w : NULL;
+            FC_T *dx = job->dx ? (FC_T *)job->dx + n * (ptrdiff_t)C * f->src_h * f->src_w : NULL;
             if (job->one_channel) {
                 FC_NAME(backward_one_channel)(job, x, dy, y, dTp, dw, db, dx);
                 continue;
             }
             if (y) {  /* the ReLU's backward first, into scratch */
-                FC_NAME(relu_gradient)(dy, y, (long)K * pixels, masked);
+                FC_NAME(relu_gradient)(dy, y, (ptrdiff_t)K * pixels, masked);
                 dy = masked;
             }
             /* dout as (block, pixel, lane), and db */
             for (int kb = 0; kb < job->w_blocks; kb++) {
                 int count = K - kb * FC_V < FC_V ? K - kb * FC_V : FC_V;
-                FC_NAME(transpose_bordered)(dy + (long)kb * FC_V * pixels, NULL, count, f->out_h, f->out_w,
-                                            dT + (long)kb * pixels * FC_V, f->out_w);
+                FC_NAME(transpose_bordered)(dy + (ptrdiff_t)kb * FC_V * pixels, NULL, count, f->out_h, f->out_w,
+                                            dT + (ptrdiff_t)kb * pixels * FC_V, f->out_w);
             }
             for (int k = 0; k < K; k++)
-                db[k] += FC_NAME(row_sum)(dy + (long)k * pixels, pixels);
+                db[k] += FC_NAME(row_sum)(dy + (ptrdiff_t)k * pixels, pixels);
             for (int kb = 0; kb < job->w_blocks; kb += FC_NAME(dw_blocks)(job, x, dT, dw, kb))
                 ;
             if (dx) {
@@ -318,21 +321,21 @@ static void FC_NAME(sum_groups_task_body)(void *arg, int thread)
     fc_backward_job *job = arg;
     const fc_tile_pass *f = &job->forward;
     const int K = f->out_channels, C = f->in_channels;
-    const long taps = (long)f->filter_h * f->filter_w;
+    const ptrdiff_t taps = (ptrdiff_t)f->filter_h * f->filter_w;
     const FC_T *groups = job->dw_groups;
     FC_T *dw = job->dw;
-    long row;
+    ptrdiff_t row;
     (void)thread;
-    while ((row = fc_next_task(&job->next)) < (long)job->w_blocks * C) {
+    while ((row = fc_next_task(&job->next)) < (ptrdiff_t)job->w_blocks * C) {
         int kb = row / C, c = row % C;
-        for (long tap = 0; tap < taps; tap++) {
+        for (ptrdiff_t tap = 0; tap < taps; tap++) {
             /* the lanes' sums in group order, a vector at a time */
             const FC_T *src = groups + (row * taps + tap) * FC_V;
             VEC sum = FC_NAME(load)(src);
             for (int g = 1; g < job->groups; g++)
                 sum += FC_NAME(load)(src + g * job->dw_group_elements);
             for (int lane = 0; lane < FC_V && kb * FC_V + lane < K; lane++)
-                dw[(((long)kb * FC_V + lane) * C + c) * taps + tap] = sum[lane];
+                dw[(((ptrdiff_t)kb * FC_V + lane) * C + c) * taps + tap] = sum[lane];
         }
     }
 }

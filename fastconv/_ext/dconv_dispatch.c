@@ -14,9 +14,37 @@ const char *fc_dconv_variant_name(int variant)
     return variant >= 0 && variant < FC_VARIANTS ? names[variant] : 0;
 }
 
+#if defined(_WIN32) && defined(__x86_64__)
+/* Windows with GCC (MinGW-w64) or Clang (clang-cl, whose programs do not link the runtime that
+   __builtin_cpu_supports needs): the CPU's features from CPUID, and the registers the OS saves from XCR0 */
+#include <cpuid.h>
+
+static unsigned long long xcr0(void)
+{
+    unsigned lo, hi;
+    __asm__("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return ((unsigned long long)hi << 32) | lo;
+}
+
 static int cpu_runs(int variant)
 {
-#if defined(__GNUC__) && defined(__x86_64__)
+    unsigned a, b, c, d;
+    if (variant == FC_GENERIC)
+        return 1;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & bit_OSXSAVE) || !(c & bit_AVX) || !(c & bit_FMA))
+        return 0;
+    const unsigned long long saved = xcr0();
+    if ((saved & 0x6) != 0x6 || !__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(b & bit_AVX2))
+        return 0; /* no AVX2, or the OS does not save the ymm registers */
+    if (variant == FC_AVX2)
+        return 1;
+    /* AVX-512: the opmask and zmm registers saved too */
+    return variant == FC_AVX512 && (b & bit_AVX512F) && (saved & 0xe6) == 0xe6;
+}
+#else
+static int cpu_runs(int variant)
+{
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
     __builtin_cpu_init();
     switch (variant) {
     /* these also check that the OS saves the wider registers */
@@ -29,6 +57,7 @@ static int cpu_runs(int variant)
     return variant == FC_GENERIC;
 #endif
 }
+#endif
 
 const fc_dconv_functions_t *fc_dconv_functions(int variant, int is_double)
 {

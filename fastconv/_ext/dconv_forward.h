@@ -14,7 +14,7 @@
         _Pragma("GCC unroll 3") for (int kh = 0; kh < FH; kh++) {                                    \
             _Pragma("GCC unroll 3") for (int kw = 0; kw < FW; kw++) {                                \
                 const FC_T *ip = ic + kh * in_w + kw;                                                \
-                const FC_T *wp = w + ((long)(c * FH + kh) * FW + kw) * KT;                           \
+                const FC_T *wp = w + ((ptrdiff_t)(c * FH + kh) * FW + kw) * KT;                      \
                 VEC xv[PV];                                                                          \
                 _Pragma("GCC unroll 8") for (int j = 0; j < PV; j++) xv[j] = FC_NAME(load)(ip + j * FC_V); \
                 _Pragma("GCC unroll 16") for (int i = 0; i < KT; i++) {                              \
@@ -28,9 +28,9 @@
 /* Forward register tile: KT output channels x PV vectors of grid positions from p0 on.
    in: padded planes (channel c at in + c * plane); w: this block's packed weights. */
 #define FC_FORWARD_TILE(KT, PV)                                                                      \
-    static void FC_NAME(tile_##KT##_##PV)(const FC_T *in, long plane, int channels, int in_w,       \
+    static void FC_NAME(tile_##KT##_##PV)(const FC_T *in, ptrdiff_t plane, int channels, int in_w,   \
                                           int fh, int fw, const FC_T *w, const FC_T *bias,           \
-                                          FC_T *grid, long grid_stride, long p0)                     \
+                                          FC_T *grid, ptrdiff_t grid_stride, ptrdiff_t p0)           \
     {                                                                                                \
         VEC acc[KT][PV];                                                                             \
         _Pragma("GCC unroll 16") for (int i = 0; i < KT; i++)                                        \
@@ -50,8 +50,8 @@
     for (int c = c0; c < c1; c++) {                                                                  \
         _Pragma("GCC unroll 3") for (int kh = 0; kh < FH; kh++) {                                    \
             _Pragma("GCC unroll 3") for (int kw = 0; kw < FW; kw++) {                                \
-                const long offset = c * plane + kh * in_w + kw;                                      \
-                const FC_T *wp = w + ((long)(c * FH + kh) * FW + kw) * (KV * FC_V);                  \
+                const ptrdiff_t offset = c * plane + kh * in_w + kw;                                 \
+                const FC_T *wp = w + ((ptrdiff_t)(c * FH + kh) * FW + kw) * (KV * FC_V);             \
                 VEC wv[KV];                                                                          \
                 _Pragma("GCC unroll 8") for (int v = 0; v < KV; v++) wv[v] = FC_NAME(load)(wp + v * FC_V); \
                 _Pragma("GCC unroll 16") for (int p = 0; p < P; p++) {                               \
@@ -68,19 +68,20 @@
    the bias (c0 = 0) or to the sums already in the rows q0... of T (pixels, KV * FC_V), where the results
    go. Pixels past the last are computed as the last one (rows T has, unused). */
 #define FC_PIXEL_TILE(KV, P)                                                                         \
-    static void FC_NAME(pixels_##KV##_##P)(const FC_T *in, long plane, int channels, int in_w,      \
+    static void FC_NAME(pixels_##KV##_##P)(const FC_T *in, ptrdiff_t plane, int channels, int in_w,  \
                                            int out_w, int pixels, int fh, int fw, const FC_T *w,     \
                                            const FC_T *bias, FC_T *T, int q0, int c0, int c1)        \
     {                                                                                                \
         const FC_T *at[P];                                                                           \
         _Pragma("GCC unroll 16") for (int p = 0; p < P; p++) {                                       \
             int q = q0 + p < pixels ? q0 + p : pixels - 1;                                           \
-            at[p] = in + (long)(q / out_w) * in_w + q % out_w;                                       \
+            at[p] = in + (ptrdiff_t)(q / out_w) * in_w + q % out_w;                                  \
         }                                                                                            \
         VEC acc[P][KV];                                                                              \
         _Pragma("GCC unroll 16") for (int p = 0; p < P; p++)                                         \
             _Pragma("GCC unroll 8") for (int v = 0; v < KV; v++)                                     \
-                acc[p][v] = FC_NAME(load)(c0 ? T + (long)(q0 + p) * (KV * FC_V) + v * FC_V : bias + v * FC_V); \
+                acc[p][v] = FC_NAME(load)(c0 ? T + (ptrdiff_t)(q0 + p) * (KV * FC_V) + v * FC_V      \
+                                             : bias + v * FC_V);                                     \
         if (fh == 3 && fw == 3) {                                                                    \
             FC_PIXEL_TAPS(KV, P, 3, 3)                                                               \
         } else {                                                                                     \
@@ -88,12 +89,12 @@
         }                                                                                            \
         _Pragma("GCC unroll 16") for (int p = 0; p < P; p++)                                         \
             _Pragma("GCC unroll 8") for (int v = 0; v < KV; v++)                                     \
-                FC_NAME(store)(T + (long)(q0 + p) * (KV * FC_V) + v * FC_V, acc[p][v]);              \
+                FC_NAME(store)(T + (ptrdiff_t)(q0 + p) * (KV * FC_V) + v * FC_V, acc[p][v]);         \
     }
 
-typedef void (*FC_NAME(tile_fn))(const FC_T *, long, int, int, int, int, const FC_T *, const FC_T *,
-                                 FC_T *, long, long);
-typedef void (*FC_NAME(pixel_fn))(const FC_T *, long, int, int, int, int, int, int, const FC_T *, const FC_T *,
+typedef void (*FC_NAME(tile_fn))(const FC_T *, ptrdiff_t, int, int, int, int, const FC_T *, const FC_T *,
+                                 FC_T *, ptrdiff_t, ptrdiff_t);
+typedef void (*FC_NAME(pixel_fn))(const FC_T *, ptrdiff_t, int, int, int, int, int, int, const FC_T *, const FC_T *,
                                   FC_T *, int, int, int);
 
 FC_TILES(FORWARD)(FC_FORWARD_TILE)
@@ -129,22 +130,22 @@ static void FC_NAME(pad_planes)(const fc_tile_pass *p, const FC_T *src, FC_T *ds
 {
     const size_t e = sizeof(FC_T);
     const int right = p->in_w - p->border_w - p->src_w;
-    const long below = (long)(p->in_h - p->border_h - p->src_h) * p->in_w;
+    const ptrdiff_t below = (ptrdiff_t)(p->in_h - p->border_h - p->src_h) * p->in_w;
     for (int c = 0; c < p->in_channels; c++) {
         FC_T *d = dst + c * p->in_plane;
-        const FC_T *s = src + (long)c * p->src_h * p->src_w;
+        const FC_T *s = src + (ptrdiff_t)c * p->src_h * p->src_w;
         /* the top border and the left border of the first row are one run, as are each row's right
            border and the next row's left border */
         memset(d, 0, ((size_t)p->border_h * p->in_w + p->border_w) * e);
         for (int r = 0; r < p->src_h; r++) {
-            FC_T *row = d + (long)(p->border_h + r) * p->in_w + p->border_w;
-            FC_NAME(copy_row)(row, s + (long)r * p->src_w, p->src_w);
+            FC_T *row = d + (ptrdiff_t)(p->border_h + r) * p->in_w + p->border_w;
+            FC_NAME(copy_row)(row, s + (ptrdiff_t)r * p->src_w, p->src_w);
             for (int i = 0; i < right + (r + 1 < p->src_h ? p->border_w : 0); i++)
                 row[p->src_w + i] = 0;
         }
         memset(d + p->in_plane - below, 0, (size_t)below * e);
     }
-    long used = p->in_channels * p->in_plane;
+    ptrdiff_t used = p->in_channels * p->in_plane;
     memset(dst + used, 0, (size_t)(p->image_stride - used) * e);
 }
 
@@ -156,7 +157,7 @@ static void FC_NAME(run_pass)(const fc_tile_pass *p, const FC_T *in, const FC_T 
     if (p->channel_lanes) {
         /* output channels in the lanes: grid holds one block's (pixels, k_tile) results */
         FC_NAME(pixel_fn) tile = FC_NAME(pixel_tile)(p->k_tile / FC_V, p->vectors);
-        const long block_weights = (long)p->in_channels * p->filter_h * p->filter_w * p->k_tile;
+        const ptrdiff_t block_weights = (ptrdiff_t)p->in_channels * p->filter_h * p->filter_w * p->k_tile;
         const int pixels = p->out_h * p->out_w;
         for (int kb = 0; kb < p->k_blocks; kb++) {
             /* input channels a chunk at a time: the chunk's weights stay in the L1 cache for every tile */
@@ -170,22 +171,24 @@ static void FC_NAME(run_pass)(const fc_tile_pass *p, const FC_T *in, const FC_T 
                 int first = kb * p->k_tile + v;
                 int count = p->out_channels - first < FC_V ? p->out_channels - first : FC_V;
                 if (count > 0)
-                    FC_NAME(untranspose_block)(grid + v, p->k_tile, count, pixels, out + (long)first * pixels, pixels);
+                    FC_NAME(untranspose_block)(grid + v, p->k_tile, count, pixels, out + (ptrdiff_t)first * pixels,
+                                               pixels);
             }
         }
         return;
     }
     FC_NAME(tile_fn) tile = FC_NAME(forward_tile)(p->k_tile, p->vectors);
-    const long block_weights = (long)p->in_channels * p->filter_h * p->filter_w * p->k_tile;
-    const long step = (long)p->vectors * FC_V;
+    const ptrdiff_t block_weights = (ptrdiff_t)p->in_channels * p->filter_h * p->filter_w * p->k_tile;
+    const ptrdiff_t step = (ptrdiff_t)p->vectors * FC_V;
     for (int kb = 0; kb < p->k_blocks; kb++) {
         for (int t = 0; t < p->grid_tiles; t++)
             tile(in, p->in_plane, p->in_channels, p->in_w, p->filter_h, p->filter_w, weights + kb * block_weights,
                  bias + kb * p->k_tile, grid, p->grid_stride, t * step);
         for (int i = 0; i < p->k_tile && kb * p->k_tile + i < p->out_channels; i++) {
-            FC_T *o = out + (long)(kb * p->k_tile + i) * p->out_h * p->out_w;
+            FC_T *o = out + (ptrdiff_t)(kb * p->k_tile + i) * p->out_h * p->out_w;
             for (int oh = 0; oh < p->out_h; oh++)
-                FC_NAME(copy_row)(o + (long)oh * p->out_w, grid + i * p->grid_stride + (long)oh * p->in_w, p->out_w);
+                FC_NAME(copy_row)(o + (ptrdiff_t)oh * p->out_w, grid + i * p->grid_stride + (ptrdiff_t)oh * p->in_w,
+                                  p->out_w);
         }
     }
 }
@@ -195,9 +198,9 @@ static void FC_NAME(forward_task_body)(void *arg, int thread)
     fc_forward_job *job = arg;
     const fc_tile_pass *p = &job->pass;
     FC_T *grid = FC_NAME(aligned)(job->scratch, job->scratch_stride, thread);
-    const long x_image = (long)p->in_channels * p->src_h * p->src_w;
-    const long out_image = (long)p->out_channels * p->out_h * p->out_w;
-    long n;
+    const ptrdiff_t x_image = (ptrdiff_t)p->in_channels * p->src_h * p->src_w;
+    const ptrdiff_t out_image = (ptrdiff_t)p->out_channels * p->out_h * p->out_w;
+    ptrdiff_t n;
     while ((n = fc_next_task(&job->next)) < job->batch) {
         /* the image's padded planes: kept for backward, or (no backward) in the thread's scratch */
         FC_T *packed = job->packed ? (FC_T *)job->packed + n * p->image_stride : grid + p->k_tile * p->grid_stride;
@@ -209,7 +212,7 @@ static void FC_NAME(forward_task_body)(void *arg, int thread)
         if (job->relu)  /* while the image's output is still in cache */
             FC_NAME(relu_in_place)(out, out_image);
         if (job->pooled) {
-            const long plane = (long)p->out_h * p->out_w, pooled = (long)job->pooled_h * job->pooled_w;
+            const ptrdiff_t plane = (ptrdiff_t)p->out_h * p->out_w, pooled = (ptrdiff_t)job->pooled_h * job->pooled_w;
             for (int k = 0; k < p->out_channels; k++)
                 _Generic((FC_T)0, float: fc_pool2x2_plane_float, double: fc_pool2x2_plane_double)(
                     out + k * plane, p->out_h, p->out_w, (FC_T *)job->pooled + (n * p->out_channels + k) * pooled,

@@ -3,10 +3,16 @@
 #include <string.h>
 #include "dconv.h"
 
-#if defined(__GNUC__) && !defined(FASTCONV_NO_DIRECT_KERNELS)
+#if (defined(__GNUC__) || defined(__clang__)) && !defined(FASTCONV_NO_DIRECT_KERNELS)
 #define FC_VARIANT generic
 #define FC_VECTOR_BYTES 16
+/* the tiles for the target's vector registers: 32 on AArch64 (NEON), 16 elsewhere (SSE2); the plan's
+   fastconv._plan.REGISTERS["generic"] follows the same machine */
+#if defined(__aarch64__)
+#define FC_REGS 32
+#else
 #define FC_REGS 16
+#endif
 #include "dconv_variant.h"
 #else
 const fc_dconv_functions_t *fc_dconv_generic(int is_double) { (void)is_double; return 0; }

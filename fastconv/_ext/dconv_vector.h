@@ -24,11 +24,11 @@ static inline VEC FC_NAME(load)(const FC_T *p)
 
 static inline void FC_NAME(store)(FC_T *p, VEC v) { __builtin_memcpy(p, &v, sizeof v); }
 
-static inline FC_T *FC_NAME(aligned)(void *scratch, long stride, int thread)
+static inline FC_T *FC_NAME(aligned)(void *scratch, ptrdiff_t stride, int thread)
 {
     /* each thread's region starts on an FC_SCRATCH_ALIGNMENT boundary (the caller leaves room for it) */
-    unsigned long p = (unsigned long)((FC_T *)scratch + (long)thread * stride);
-    return (FC_T *)((p + FC_SCRATCH_ALIGNMENT - 1) & ~(unsigned long)(FC_SCRATCH_ALIGNMENT - 1));
+    uintptr_t p = (uintptr_t)((FC_T *)scratch + (ptrdiff_t)thread * stride);
+    return (FC_T *)((p + FC_SCRATCH_ALIGNMENT - 1) & ~(uintptr_t)(FC_SCRATCH_ALIGNMENT - 1));
 }
 
 /* dst[0:n] = src[0:n] for the short rows of an image, without a call per row: whole vectors, the
@@ -62,9 +62,9 @@ static inline VEC FC_NAME(zero_where_not_positive)(VEC v, VEC y)
 }
 
 /* ReLU of values[0:n], in place: the forward epilogue of a convolution followed by a ReLU. */
-static void FC_NAME(relu_in_place)(FC_T *values, long n)
+static void FC_NAME(relu_in_place)(FC_T *values, ptrdiff_t n)
 {
-    long i = 0;
+    ptrdiff_t i = 0;
     for (; i + FC_V <= n; i += FC_V) {
         VEC v = FC_NAME(load)(values + i);
         FC_NAME(store)(values + i, FC_NAME(zero_where_not_positive)(v, v));
@@ -75,9 +75,9 @@ static void FC_NAME(relu_in_place)(FC_T *values, long n)
 
 /* dst = dy with zeros where the ReLU is off at the forward's ReLU output y: the ReLU's backward, on one
    image. */
-static void FC_NAME(relu_gradient)(const FC_T *dy, const FC_T *y, long n, FC_T *dst)
+static void FC_NAME(relu_gradient)(const FC_T *dy, const FC_T *y, ptrdiff_t n, FC_T *dst)
 {
-    long i = 0;
+    ptrdiff_t i = 0;
     for (; i + FC_V <= n; i += FC_V)
         FC_NAME(store)(dst + i, FC_NAME(zero_where_not_positive)(FC_NAME(load)(dy + i), FC_NAME(load)(y + i)));
     for (; i < n; i++)
@@ -146,15 +146,15 @@ static void FC_NAME(transpose_bordered)(const FC_T *dy, const FC_T *y, int count
             VEC r[FC_V];
             if (y) {
                 _Pragma("GCC unroll 16") for (int i = 0; i < FC_V; i++)
-                    r[i] = FC_NAME(zero_where_not_positive)(FC_NAME(load)(dy + (long)i * pixels + q0),
-                                                            FC_NAME(load)(y + (long)i * pixels + q0));
+                    r[i] = FC_NAME(zero_where_not_positive)(FC_NAME(load)(dy + (ptrdiff_t)i * pixels + q0),
+                                                            FC_NAME(load)(y + (ptrdiff_t)i * pixels + q0));
             } else {
                 _Pragma("GCC unroll 16") for (int i = 0; i < FC_V; i++)
-                    r[i] = FC_NAME(load)(dy + (long)i * pixels + q0);
+                    r[i] = FC_NAME(load)(dy + (ptrdiff_t)i * pixels + q0);
             }
             FC_NAME(transpose_registers)(r);
             _Pragma("GCC unroll 16") for (int j = 0; j < FC_V; j++) {
-                FC_NAME(store)(dst + ((long)oh * dt_cols + ow) * FC_V, r[j]);
+                FC_NAME(store)(dst + ((ptrdiff_t)oh * dt_cols + ow) * FC_V, r[j]);
                 if (++ow == out_w) {
                     ow = 0;
                     oh++;
@@ -164,30 +164,31 @@ static void FC_NAME(transpose_bordered)(const FC_T *dy, const FC_T *y, int count
     }
 #endif
     for (int q = q0; q < pixels; q++) {
-        FC_T *d = dst + ((long)(q / out_w) * dt_cols + q % out_w) * FC_V;
+        FC_T *d = dst + ((ptrdiff_t)(q / out_w) * dt_cols + q % out_w) * FC_V;
         for (int i = 0; i < count; i++)
-            d[i] = y && fc_relu_off(y[(long)i * pixels + q]) ? 0 : dy[(long)i * pixels + q];
+            d[i] = y && fc_relu_off(y[(ptrdiff_t)i * pixels + q]) ? 0 : dy[(ptrdiff_t)i * pixels + q];
     }
 }
 
 /* The opposite of transpose_bordered with dt_cols = out_w: rows[j * row_stride + q] = T[q * t_stride + j] for j < count (channels)
    and q < pixels. */
-static void FC_NAME(untranspose_block)(const FC_T *T, long t_stride, int count, int pixels, FC_T *rows,
-                                       long row_stride)
+static void FC_NAME(untranspose_block)(const FC_T *T, ptrdiff_t t_stride, int count, int pixels, FC_T *rows,
+                                       ptrdiff_t row_stride)
 {
     int q0 = 0;
 #if defined(__GNUC__) && !defined(__clang__)
     for (; q0 + FC_V <= pixels; q0 += FC_V) {
         VEC r[FC_V];
-        _Pragma("GCC unroll 16") for (int i = 0; i < FC_V; i++) r[i] = FC_NAME(load)(T + (long)(q0 + i) * t_stride);
+        _Pragma("GCC unroll 16") for (int i = 0; i < FC_V; i++)
+            r[i] = FC_NAME(load)(T + (ptrdiff_t)(q0 + i) * t_stride);
         FC_NAME(transpose_registers)(r);
         for (int j = 0; j < count; j++)
-            FC_NAME(store)(rows + (long)j * row_stride + q0, r[j]);
+            FC_NAME(store)(rows + (ptrdiff_t)j * row_stride + q0, r[j]);
     }
 #endif
     for (int j = 0; j < count; j++)
         for (int q = q0; q < pixels; q++)
-            rows[(long)j * row_stride + q] = T[(long)q * t_stride + j];
+            rows[(ptrdiff_t)j * row_stride + q] = T[(ptrdiff_t)q * t_stride + j];
 }
 
 /* out[j] = the sum of the lanes of r[j], for j < n (lanes added in a fixed order). */

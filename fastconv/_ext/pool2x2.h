@@ -94,9 +94,11 @@ FC_POOL2X2_VECTOR(double, long long, 2, ((fc_pool_ivec_double){0, 2}), ((fc_pool
                                      int out_w)                                                     \
     {                                                                                               \
         (void)H;                                                                                    \
+        int unused; /* the index of each maximum, when source is NULL */                            \
         for (int oh = 0; oh < out_h; oh++)                                                          \
             for (int ow = 0; ow < out_w; ow++)                                                      \
-                fc_pool2x2_cell_##T(x, W, oh, ow, out + (long)oh * out_w + ow, source + (long)oh * out_w + ow); \
+                fc_pool2x2_cell_##T(x, W, oh, ow, out + (long)oh * out_w + ow,                      \
+                                    source ? source + (long)oh * out_w + ow : &unused);             \
     }
 FC_POOL2X2_PLANE(float)
 FC_POOL2X2_PLANE(double)
