@@ -4,6 +4,11 @@ Kernel results are compared with the reference backend in
 ``test_kernel_properties.py``; here the backend must also be importable (a
 failed build fails these tests rather than skipping them).
 """
+import os
+import shutil
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from threadpoolctl import threadpool_info
@@ -270,6 +275,35 @@ def test_compiled_tiles_are_the_plans(registers):
                     wanted |= {count for _, count in plan.channel_tiles}
     assert paired == wanted
     assert all(count <= _plan.PAIR_CHANNELS for count in paired)
+
+
+@pytest.mark.parametrize("machine, pointer_bits, registers", [
+    ("x86_64", 64, 16), ("AMD64", 64, 16), ("i686", 32, 16),       # SSE2
+    ("aarch64", 64, 32), ("arm64", 64, 32), ("ARM64", 64, 32),      # NEON on AArch64 (Linux, macOS, Windows)
+    ("aarch64", 32, 16), ("armv7l", 32, 16),                        # 32-bit ARM
+])
+def test_portable_variant_registers_follow_the_machine(machine, pointer_bits, registers):
+    # dconv_generic.c compiles the tiles of 32 registers where __aarch64__ is defined, of 16 elsewhere
+    assert _plan._portable_registers(machine, pointer_bits) == registers
+
+
+def test_plan_registers_are_those_of_this_machine():
+    bits = 64 if sys.maxsize > 2 ** 32 else 32
+    assert _plan.REGISTERS["generic"] == _plan._portable_registers(_plan._MACHINE, bits)
+    if _plan._MACHINE.lower() in ("x86_64", "amd64"):
+        assert _plan.REGISTERS == {"avx512": 32, "avx2": 16, "generic": 16}
+    assert _direct.compiled_variant("generic") in (None, (16, _plan.REGISTERS["generic"]))
+
+
+@pytest.mark.slow
+def test_kernels_and_pool_pass_their_c_test():
+    # tools/ctest: every variant this CPU runs, every forward tile, against a reference, without Python
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "tools", "ctest", "run.sh")
+    if not os.path.exists(script) or shutil.which("bash") is None or shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("needs the checkout's tools/ctest, bash and a C compiler")
+    result = subprocess.run(["bash", script, "native"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "dconv_test: ok" in result.stdout
 
 
 @pytest.mark.parametrize("geometry", [(3, 3, 2, 1), (2, 2, 1, 1), (3, 3, 1, 1), (2, 2, 2, 0), (4, 4, 3, 2)])
