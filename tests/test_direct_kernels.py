@@ -248,7 +248,7 @@ def test_one_two_and_three_threads_give_identical_bits(name, geometry, dtype, mo
     runs = []
     for threads in ("1", "2", "3"):
         monkeypatch.setenv("FASTCONV_NUM_THREADS", threads)
-        with fastconv.use_backend(name):
+        with forced_variant(name, host_variant(name)):
             runs.append(fast_run(*conv_problem(np.random.default_rng(11), geometry, dtype)))
     for other in runs[1:]:
         for one, two in zip(runs[0], other):
@@ -261,7 +261,7 @@ def test_subnormal_numbers_count_as_zero_in_the_kernels_only(name, dtype):
     on their own threads only: the caller's arithmetic keeps them."""
     if not _registry.backend_module(name).FLUSHES_SUBNORMALS:
         pytest.skip(f"the {name} kernels run as Python here, whose NumPy arithmetic keeps subnormals")
-    with fastconv.use_backend(name):
+    with forced_variant(name, host_variant(name)):
         assert_subnormals_count_as_zero(dtype, lambda x, w, b, dout, pad: fast_run(x, w, b, 1, pad, dout)[:4])
 
 
@@ -269,7 +269,7 @@ def test_subnormal_numbers_count_as_zero_in_the_kernels_only(name, dtype):
 def test_backward_does_not_read_the_callers_input(name, rng):
     x, w, b, stride, pad, dout = integer_problem(rng, NUMBA_GEOMETRIES[1], np.float64)
     expected = reference_run(x, w, b, stride, pad, dout)
-    with fastconv.use_backend(name):
+    with forced_variant(name, host_variant(name)):
         _, cache = kernels.conv_forward(x, w, b, stride, pad)
         x[...] = 7  # the caller reuses its input buffer
         got = kernels.conv_backward(dout, cache, w)
@@ -284,7 +284,7 @@ def test_kernels_called_from_several_threads_at_once_give_the_same_bits(name, mo
     problems = [integer_problem(rng, g, np.float32) for g in NUMBA_GEOMETRIES]
 
     def run(problem):
-        with fastconv.use_backend(name):
+        with forced_variant(name, host_variant(name)):
             return fast_run(*problem)
 
     expected = [run(p) for p in problems]

@@ -59,9 +59,9 @@ from fastconv.backends._shared import PoolCache
 
 NAME = "numba"
 
-# The compiled kernels read subnormal numbers as zero on their own threads; the pure-Python stand-ins
-# (NUMBA_DISABLE_JIT=1) compute with NumPy, which keeps them.
-FLUSHES_SUBNORMALS = not numba.config.DISABLE_JIT
+# The compiled kernels read subnormal numbers as zero on their own threads on x86 (MXCSR); elsewhere, and
+# in the pure-Python stand-ins (NUMBA_DISABLE_JIT=1), which compute with NumPy, they keep them.
+FLUSHES_SUBNORMALS = _simd._X86 and not numba.config.DISABLE_JIT
 
 # Pooling and ReLU cut their work into this many ranges per thread.
 RANGES_PER_THREAD = 4
