@@ -40,7 +40,7 @@ def _direct_geometry(geometry):
 def pytest_collection_modifyitems(config, items):
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
-        backend = params.get("backend", params.get("fast_backend", (params.get("fast") or (None,))[0]))
+        backend = params.get("backend", params.get("fast_backend", params.get("name", (params.get("fast") or (None,))[0])))
         if backend != "numba":
             continue
         geometry = params.get("geometry")

@@ -255,7 +255,7 @@ def test_one_two_and_three_threads_give_identical_bits(name, geometry, dtype, mo
             np.testing.assert_array_equal(one, two)
 
 
-@pytest.mark.parametrize("name", FAST_BACKENDS)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if n == "numba" else []) for n in FAST_BACKENDS])
 def test_subnormal_numbers_count_as_zero_in_the_kernels_only(name, dtype):
     """The direct kernels flush subnormals (late in training they would slow backward down twice over),
     on their own threads only: the caller's arithmetic keeps them."""

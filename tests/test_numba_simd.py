@@ -9,7 +9,7 @@ import pytest
 
 from fastconv import _plan
 
-from conftest import conv_problem
+from conftest import NUMBA_GEOMETRIES, conv_problem
 
 nb = pytest.importorskip("fastconv.backends.numba", reason="numba backend unavailable (is numba installed?)")
 from fastconv.backends import _numba_backward as backward  # noqa: E402
@@ -20,7 +20,7 @@ config, njit = nb.numba.config, nb.numba.njit
 
 def test_a_cache_given_as_workspace_refuses_backward(rng):
     """Called directly (the kernel interface refuses such a cache before the backend sees it)."""
-    x, Wt, b, stride, pad, dout = conv_problem(rng, (3, 5, 7, 7, 6, 3, 3, 1, 1), np.float64)
+    x, Wt, b, stride, pad, dout = conv_problem(rng, NUMBA_GEOMETRIES[1], np.float64)
     _, state = nb.conv_forward(x, Wt, b, stride, pad, None)
     _, later = nb.conv_forward(x, Wt, b, stride, pad, state)
     assert later.packed is not None
