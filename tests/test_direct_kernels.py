@@ -69,17 +69,35 @@ def random_geometries(count, seed):
 RANDOM = list(random_geometries(24, 5))
 
 
+# numba compiles each (variant, geometry, tile) anew: its slow set runs every geometry but the random ones on
+# the host's variant and these, the awkward ones, on every variant and with the channels-in-lanes tile
+NUMBA_AWKWARD = [
+    (3, 1, 16, 28, 28, 3, 3, 1, 1),  # one input channel
+    (2, 17, 20, 5, 9, 3, 2, 1, 0),  # non-square filters, channels past a whole vector
+    (2, 3, 4, 6, 5, 5, 5, 1, 4),  # the largest pad
+    (2, 4, 65, 2, 3, 2, 3, 1, 1),  # more filters than a tile holds
+    (2, 1, 20, 9, 8, 5, 5, 1, 2),  # one input channel, 25 taps in more than one tile, two blocks of filters
+]
+
+
 def cases(geometries, slow_geometries=()):
-    """(backend, variant, geometry) params: ``geometries`` on the host's variant in the default set; every
-    other variant, and ``slow_geometries`` on every variant, marked slow."""
+    """(backend and variant, geometry, tile kind) params: ``geometries`` on the host's variant in the default
+    set (numba: those of ``NUMBA_GEOMETRIES``, with the plan's grid tiles), the rest of the product slow."""
     params = []
     for name in FAST_BACKENDS:
         for variant in _plan.VARIANTS:
             for geometry in list(geometries) + list(slow_geometries):
-                slow = (variant != host_variant(name) or geometry in slow_geometries
-                        or (name == "numba" and geometry not in NUMBA_GEOMETRIES))
-                params.append(pytest.param((name, variant), geometry, id=f"{name}-{variant}-{geometry_id(geometry)}",
-                                           marks=[pytest.mark.slow] if slow else []))
+                for tile in ("grid", "pixels"):
+                    host = variant == host_variant(name)
+                    if name == "numba":
+                        if geometry in RANDOM or not ((host and tile == "grid") or geometry in NUMBA_AWKWARD):
+                            continue
+                        slow = not host or geometry not in NUMBA_GEOMETRIES or tile != "grid"
+                    else:
+                        slow = not host or geometry in slow_geometries
+                    params.append(pytest.param((name, variant), geometry, tile,
+                                               id=f"{name}-{variant}-{geometry_id(geometry)}-{tile}",
+                                               marks=[pytest.mark.slow] if slow else []))
     return params
 
 
@@ -127,13 +145,13 @@ def assert_exact(got, expected, dtype):
 
 # --------------------------------------------------------------------------- every kernel against the reference
 
-@pytest.mark.parametrize("fast,geometry", cases(REPRESENTATIVE, OTHERS), indirect=["fast"])
+@pytest.mark.parametrize("fast,geometry,tile_kind", cases(REPRESENTATIVE, OTHERS), indirect=["fast", "tile_kind"])
 def test_integer_data_equals_reference_bit_for_bit(fast, geometry, dtype, rng, tile_kind):
     problem = integer_problem(rng, geometry, dtype)
     assert_exact(fast_run(*problem), reference_run(*problem), dtype)
 
 
-@pytest.mark.parametrize("fast,geometry", cases(REPRESENTATIVE, OTHERS), indirect=["fast"])
+@pytest.mark.parametrize("fast,geometry,tile_kind", cases(REPRESENTATIVE, OTHERS), indirect=["fast", "tile_kind"])
 def test_fused_relu_on_integer_data_equals_reference_bit_for_bit(fast, geometry, dtype, rng, tile_kind):
     """conv_forward(relu=True) and its backward; integer data makes many outputs exactly zero."""
     problem = integer_problem(rng, geometry, dtype)
@@ -145,7 +163,7 @@ def poolable(geometries):
     return [g for g in geometries if min(output_size(g[3], g[5], g[7], g[8]), output_size(g[4], g[6], g[7], g[8])) >= 2]
 
 
-@pytest.mark.parametrize("fast,geometry", cases(poolable(REPRESENTATIVE), poolable(OTHERS)), indirect=["fast"])
+@pytest.mark.parametrize("fast,geometry,tile_kind", cases(poolable(REPRESENTATIVE), poolable(OTHERS)), indirect=["fast", "tile_kind"])
 def test_inference_pooled_in_the_kernel_on_integer_data_equals_reference_bit_for_bit(fast, geometry, dtype, rng,
                                                                                     tile_kind):
     """conv_relu_pool_forward: the output is pooled 2 x 2 in the kernel and never written."""
@@ -159,7 +177,7 @@ def test_inference_pooled_in_the_kernel_on_integer_data_equals_reference_bit_for
     np.testing.assert_array_equal(pooled, expected.astype(dtype))
 
 
-@pytest.mark.parametrize("fast,geometry", cases(REPRESENTATIVE[:3], REPRESENTATIVE[3:] + OTHERS + RANDOM), indirect=["fast"])
+@pytest.mark.parametrize("fast,geometry,tile_kind", cases(REPRESENTATIVE[:3], REPRESENTATIVE[3:] + OTHERS + RANDOM), indirect=["fast", "tile_kind"])
 def test_random_data_is_close_to_reference(fast, geometry, dtype, rng, tile_kind):
     problem = conv_problem(rng, geometry, dtype)
     for name, got, expected in zip(("out", "dx", "dW", "db"), fast_run(*problem), reference_run(*problem)):
@@ -178,6 +196,8 @@ def tile_cases():
     for name in FAST_BACKENDS:
         for variant in _plan.VARIANTS:
             registers = _plan.REGISTERS[variant]
+            if name == "numba" and variant != host_variant(name):
+                continue  # numba: the host's tiles; the other variants' through NUMBA_AWKWARD's plans
             for tile in _forward_tiles(registers):
                 # numba compiles each tile anew: every tile but the plan's usual ones is slow there
                 slow = variant != host_variant(name) or name != "cython"
@@ -223,6 +243,8 @@ def channel_tile_cases():
     params = []
     for name in FAST_BACKENDS:
         for variant in _plan.VARIANTS:
+            if name == "numba" and variant != host_variant(name):
+                continue
             for channels in sorted(set(_plan.CHANNEL_TILES[_plan.REGISTERS[variant]]) | {1, 23}):
                 slow = variant != host_variant(name) or name != "cython"  # numba: tested on its geometries
                 params.append(pytest.param((name, variant), channels, id=f"{name}-{variant}-C{channels}",
