@@ -360,8 +360,10 @@ class ConvPlan:
 
     @property
     def weight_tile_rows(self):
-        """Most input channels (or, for one input channel, filter taps) of one backward-weights tile."""
-        return PAIR_CHANNELS if self.pair_blocks else CHANNEL_TILES[self.registers][0]
+        """Most rows of one backward-weights tile: input channels (``channel_tiles`` are cut to it), or for
+        one input channel the filter taps of a tile (each tap one accumulator); ``PAIR_CHANNELS`` where two
+        blocks share the tile, else twice that (a 3 x 3 filter's 9 taps in one tile)."""
+        return PAIR_CHANNELS if self.pair_blocks else 2 * PAIR_CHANNELS
 
     @property
     def packed_input(self):

@@ -305,13 +305,10 @@ def test_kernels_called_from_several_threads_at_once_give_the_same_bits(name, mo
     rng = np.random.default_rng(3)
     problems = [integer_problem(rng, g, np.float32) for g in NUMBA_GEOMETRIES]
 
-    def run(problem):
-        with forced_variant(name, host_variant(name)):
-            return fast_run(*problem)
-
-    expected = [run(p) for p in problems]
-    with concurrent.futures.ThreadPoolExecutor(4) as executor:
-        results = list(executor.map(run, problems * 3))
+    with forced_variant(name, host_variant(name)):  # chosen once: the choice is process-wide
+        expected = [fast_run(*p) for p in problems]
+        with concurrent.futures.ThreadPoolExecutor(4) as executor:
+            results = list(executor.map(lambda p: fast_run(*p), problems * 3))
     for got, want in zip(results, expected * 3):
         for one, two in zip(got, want):
             np.testing.assert_array_equal(one, two)
