@@ -36,7 +36,9 @@ def _pool():
         from fastconv._ext import _parallel
     except ImportError as exc:
         return f"unknown (compiled extensions failed to import: {exc})"
-    return "threads (POSIX)" if _parallel.threaded() else "serial build (one thread)"
+    if not _parallel.threaded():
+        return "serial build (one thread)"
+    return "threads (Win32)" if sys.platform == "win32" else "threads (POSIX)"
 
 
 def _simd():
