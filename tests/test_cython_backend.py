@@ -41,8 +41,13 @@ def conv_problem(rng, batch, dtype=np.float64, channels=3, size=9, filters=4):
     return x, W, b
 
 
-def test_cython_is_the_preferred_backend(cython_backend):
-    assert fastconv.available_backends()[0] == "cython"
+def test_cython_is_the_default_only_where_it_is_fully_built(cython_backend, monkeypatch):
+    """With its direct kernels, its threads and a vector variant wider than the portable one, cython comes
+    first; a serial build (or one of the portable kernels only) leaves the default to numba."""
+    monkeypatch.delenv("FASTCONV_BACKEND", raising=False)
+    fully_built = cython_backend._THREADED and cython_backend.simd_variant() not in (None, "generic")
+    expected = "cython" if fully_built or "numba" not in fastconv.available_backends() else "numba"
+    assert fastconv.available_backends()[0] == expected
 
 
 def test_conv_layer_reuses_its_scratch_and_stays_correct_as_batch_and_dtype_change(cython_backend, rng, monkeypatch):
